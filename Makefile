@@ -1,0 +1,36 @@
+# One command sets up and runs the main job (`make`), one sets up and runs the tests (`make test`).
+PYTHON ?= python3
+VENV   ?= .venv
+# CPU build of torch on a CPU machine; on a GPU machine: make TORCH="torch==2.13.0 --index-url <your CUDA index>"
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+
+.PHONY: all setup regress bench zoo test test-slow clean
+
+all: regress
+
+$(BIN)/ttr: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/ttr
+
+regress: setup
+	$(BIN)/ttr regress
+
+zoo: setup
+	$(BIN)/ttr zoo
+
+bench: setup
+	$(BIN)/ttr bench
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) runs

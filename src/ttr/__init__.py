@@ -1,0 +1,20 @@
+"""ttr: sequence layers with associative memory, derived as test-time regression.
+
+Every layer is three ingredients, the weights of each association, the regressor's function class,
+and the optimizer; see `Recipe` and the named systems in `PRESETS` (`ttr zoo` prints them).
+"""
+
+from . import ops, oracle
+from .features import FEATURE_MAPS, FeatureMap, PositiveRandomFeatures
+from .layers import LayerState, ShortConv, TTRLayer
+from .oracle import BatchGD, Exact
+from .recipe import PRESETS, Linear, LocalConstant, Preset, Recipe, get_preset
+from .weights import FixedDecay, ScalarGate, Uniform, VectorGate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchGD", "Exact", "FEATURE_MAPS", "FeatureMap", "FixedDecay", "LayerState", "Linear", "LocalConstant",
+    "PRESETS", "PositiveRandomFeatures", "Preset", "Recipe", "ScalarGate", "ShortConv", "TTRLayer", "Uniform",
+    "VectorGate", "get_preset", "ops", "oracle",
+]

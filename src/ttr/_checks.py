@@ -1,0 +1,80 @@
+"""Input validation shared by every op: bad input raises ValueError naming the argument and what was seen."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _shape(x: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in x.shape) + "]"
+
+
+def check_tensor(name: str, x: Tensor, rank: int) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {_shape(x)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite values (nan or inf), which would poison the state")
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
+    """q, k: [B, T, H, Dk]; v: [B, T, H, Dv]. Returns (B, T, H, Dk, Dv)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, 4)
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [B, T, H, Dk], got q {_shape(q)} and k {_shape(k)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must match k in [B, T, H], got k {_shape(k)} and v {_shape(v)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, T, H, Dk = k.shape
+    return B, T, H, Dk, v.shape[-1]
+
+
+def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int) -> str | None:
+    """A log-gate g <= 0 is [B, T, H] (scalar per head) or [B, T, H, Dk] (per key channel).
+
+    Returns "scalar", "vector" or None.
+    """
+    if g is None:
+        return None
+    if not isinstance(g, Tensor) or not g.is_floating_point():
+        raise ValueError(f"g must be a floating-point torch.Tensor, got {getattr(g, 'dtype', type(g).__name__)}")
+    if tuple(g.shape) == (B, T, H):
+        kind = "scalar"
+    elif tuple(g.shape) == (B, T, H, Dk):
+        kind = "vector"
+    else:
+        raise ValueError(f"g must be [B, T, H] = [{B}, {T}, {H}] or [B, T, H, Dk] = [{B}, {T}, {H}, {Dk}], "
+                         f"got {_shape(g)}")
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("g has non-finite values; a log-gate must be finite (use a large negative value to forget)")
+    gmax = float(g.detach().max()) if g.numel() else 0.0
+    if gmax > 0:
+        raise ValueError(f"g is a log-gate and must be <= 0 (decay alpha = exp(g) <= 1), got max {gmax:.4g}")
+    return kind
+
+
+def check_state(name: str, s: Tensor | None, shape: tuple[int, ...]) -> None:
+    if s is None:
+        return
+    check_tensor(name, s, len(shape))
+    if tuple(s.shape) != tuple(shape):
+        dims = "[" + ", ".join(str(d) for d in shape) + "]"
+        raise ValueError(f"{name} must have shape {dims}, got {_shape(s)}")
+
+
+def check_mode(mode: str, allowed: tuple[str, ...]) -> None:
+    if mode not in allowed:
+        raise ValueError(f"mode must be one of {allowed}, got {mode!r}")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulate in float32 at least; float64 inputs (references, tests) stay float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,152 @@
+"""The `ttr` command: zoo (the named systems), regress (the single-forward-pass experiment), bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=console, transient=True)
+
+
+def cmd_zoo(args: argparse.Namespace) -> None:
+    from .recipe import PRESETS
+
+    table = Table(title="ttr zoo: named systems as test-time regression")
+    for col in ("name", "weights", "function class", "optimizer", "op"):
+        table.add_column(col, overflow="fold")
+    for p in PRESETS.values():
+        table.add_row(p.name, *p.recipe.describe().split(" | "), p.recipe.op_name)
+    console.print(table)
+    for p in PRESETS.values():
+        console.print(f"[bold]{p.name}[/bold]: {p.title} ({p.citation}); {p.parameterization}; "
+                      f"forms: {', '.join(p.recipe.forms)}")
+
+
+def cmd_regress(args: argparse.Namespace) -> None:
+    from .experiments import regress
+    from .recipe import PRESETS
+
+    cfg = regress.RegressConfig(dim=args.dim, length=args.length, n_seq=args.sequences, seed=args.seed,
+                                decay=args.decay, out=args.out)
+    with _progress() as bar:
+        task = bar.add_task("memories", total=len(PRESETS))
+        rows, curves = regress.run(cfg, progress=lambda: bar.advance(task))
+    results, plot = regress.save(cfg, rows, curves)
+    table = Table(title=f"Switching regression: d={cfg.dim}, T={cfg.length}, switch at {cfg.length // 4}, "
+                        f"{cfg.n_seq} sequences")
+    for col in ("memory", "mse before", "mse final", "1-cos before", "1-cos peak", "1-cos final", "recover"):
+        table.add_column(col, justify="left" if col == "memory" else "right")
+    for r in sorted(rows, key=lambda r: r.cos_final):
+        table.add_row(r.memory, f"{r.mse_before:.3g}", f"{r.mse_final:.3g}", f"{r.cos_before:.3g}",
+                      f"{r.cos_peak:.3g}", f"{r.cos_final:.3g}",
+                      "never" if r.recovery_steps is None else str(r.recovery_steps))
+    console.print(table)
+    console.print("before: t in [T/8, T/4); final: last quarter; peak: the first T/8 after the switch; recover: "
+                  "steps until the\ndirection error (smoothed over 16), past its peak, is within 10% of its final level.\n"
+                  f"saved {plot} and {results}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from . import bench
+
+    cfg = bench.BenchConfig(lengths=args.lengths, head_dims=args.head_dims, gates=tuple(args.gates.split(",")),
+                            heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
+                            recurrent_max_len=args.recurrent_max_len, repeats=args.repeats, device=args.device,
+                            out=args.out)
+    total = len(cfg.gates) * len(cfg.head_dims) * len(cfg.lengths)
+    with _progress() as bar:
+        task = bar.add_task("bench", total=total)
+
+        def step(desc: str) -> None:
+            bar.update(task, description=desc)
+            bar.advance(task)
+
+        matmul, rows = bench.run(cfg, progress=step)
+    path = bench.save(cfg, matmul, rows)
+    table = Table(title=f"linear_attention, B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size}, "
+                        f"{cfg.device}; matmul {matmul:.1f} GFLOP/s")
+    cols = ("gate", "D", "T", "chunk fwd ms", "chunk f+b ms", "rec f+b ms", "chunk vs rec", "sdpa f+b ms",
+            "chunk vs sdpa", "GFLOP/s", "% matmul", "peak MB", "MB/1k tok")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(r.gate, str(r.D), str(r.T), f"{r.chunk_fwd_ms:.2f}", f"{r.chunk_fwdbwd_ms:.2f}",
+                      "-" if r.recurrent_fwdbwd_ms is None else f"{r.recurrent_fwdbwd_ms:.0f}",
+                      "-" if r.speedup is None else f"{r.speedup:.0f}x", f"{r.sdpa_fwdbwd_ms:.1f}",
+                      f"{r.vs_sdpa:.2f}x", f"{r.chunk_gflops:.1f}", f"{100 * r.chunk_gflops / matmul:.0f}",
+                      f"{r.peak_mb:.0f}", f"{1000 * r.peak_mb / r.T:.1f}")
+    console.print(table)
+    console.print("chunk vs rec / vs sdpa: time ratio of forward+backward (higher = chunk faster). GFLOP/s: the "
+                  "chunk form's matrix-product flops (forward x3) per second of forward+backward.\n"
+                  f"saved {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttr", description="Test-time regression sequence layers: "
+                                     "the named systems, the single-forward-pass experiment, and benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("zoo", help="print the named systems: weights, function class, optimizer, op, forms")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("regress", help="every memory on the slides' switching-process regression, no learned "
+                       "parameters; prints a table and saves a PNG",
+                       description="Keys follow k_{t+1} = 0.999 k_t + 0.02 eps before T/4 and 0.9 k_t + 0.02 eps "
+                       "after; each memory predicts v_t = k_{t+1}/||k_{t+1}|| from the associations before t.")
+    p.add_argument("--dim", type=int, default=16, help="key dimension (default 16)")
+    p.add_argument("--length", type=int, default=1024, help="sequence length T (default 1024)")
+    p.add_argument("--sequences", type=int, default=64, help="sequences averaged (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--decay", type=float, default=0.95, help="decay of gated memories without parameters (0.95)")
+    p.add_argument("--out", default="runs/regress", help="output folder for regress.png and results.json")
+    p.set_defaults(func=cmd_regress)
+
+    p = sub.add_parser("bench", help="time chunk vs recurrent vs causal SDPA, GFLOP/s vs matmul, peak memory")
+    p.add_argument("--lengths", type=_ints, default=(512, 1024, 2048, 4096, 8192), help="T values, comma-separated")
+    p.add_argument("--head-dims", type=_ints, default=(64, 128), help="head dims, comma-separated (64,128)")
+    p.add_argument("--gates", default="none,scalar,vector", help="gate kinds among none,scalar,vector")
+    p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunk form (default 64)")
+    p.add_argument("--recurrent-max-len", type=int, default=4096, help="longest T timed in recurrent form")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--out", default="runs/bench/bench.json", help="JSON output path")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

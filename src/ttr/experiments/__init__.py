@@ -1,0 +1,1 @@
+"""Runners that print tables and save plots."""

@@ -1,0 +1,150 @@
+"""The slides' "solving regression with a single forward pass": every memory, no learned parameters.
+
+Keys come from the switching process (ttr.tasks.switching). At step t the memory holds the
+associations (k_i, v_i), i < t, and is queried with q_t = k_t to predict v_t = k_{t+1} / ||k_{t+1}||.
+The op sees keys and values shifted by one token (what a short convolution does in a layer), so its
+own association at t is (k_{t-1}, v_{t-1}). The answer is the regression's, y_t = m_t(q_t): scale 1.
+
+Two errors per step: the squared error ||y_t - v_t||^2, and the direction error 1 - cos(y_t, v_t).
+One unpreconditioned GD step (linear attention and its gated variants) overshoots in scale by roughly
+sum_i gamma_i ||k_i||^2, which the squared error shows and the direction error factors out; recovery
+after the switch is measured on the direction error so that memories of every scale compare.
+
+Defaults, and why:
+- dim 16, length 1024, 64 sequences (seed 0), Sigma = I: small enough to run in seconds, with
+  several hundred steps in each regime and a smooth average over sequences.
+- Gated memories have no data-dependent parameters here, so they get a constant decay: scalar gates
+  alpha = `decay` (0.95, a memory of ~20 steps), vector gates a spread of per-channel decays with
+  1 - alpha_c from 4 (1 - decay) down to (1 - decay) / 4 (timescales 5 to 80 steps, as GLA learns).
+  RetNet keeps its published first-head decay 1 - 2^-5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..recipe import PRESETS, Preset
+from ..tasks.switching import switching_keys
+from ..weights import FixedDecay, ScalarGate, Uniform, VectorGate
+
+SMOOTH = 16
+
+
+@dataclass
+class RegressConfig:
+    dim: int = 16
+    length: int = 1024
+    n_seq: int = 64
+    seed: int = 0
+    decay: float = 0.95
+    out: str = "runs/regress"
+
+
+@dataclass
+class Row:
+    memory: str
+    recipe: str
+    mse_before: float
+    mse_final: float
+    cos_before: float
+    cos_peak: float
+    cos_final: float
+    recovery_steps: int | None
+
+
+def parameter_free_gate(preset: Preset, decay: float, n_seq: int, length: int, dim: int) -> Tensor | None:
+    """The log-gate a gated memory uses when it has no learned parameters (see the module docstring)."""
+    w = preset.recipe.weights
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"decay must be in (0, 1), got {decay}")
+    if isinstance(w, Uniform):
+        return None
+    if isinstance(w, FixedDecay):
+        return FixedDecay.log_gamma(1).expand(n_seq, length, 1).clone()
+    if isinstance(w, ScalarGate):
+        return torch.full((n_seq, length, 1), math.log(decay), dtype=torch.float64)
+    if isinstance(w, VectorGate):
+        forget = (1.0 - decay) * torch.logspace(math.log10(4.0), math.log10(0.25), dim, dtype=torch.float64)
+        return torch.log1p(-forget).expand(n_seq, length, 1, dim).clone()
+    raise ValueError(f"no parameter-free gate for {w!r}")
+
+
+def memory_errors(preset: Preset, keys: Tensor, values: Tensor, decay: float) -> tuple[Tensor, Tensor]:
+    """Squared error ||m_t(k_t) - v_t||^2 and direction error 1 - cos(m_t(k_t), v_t): [n_seq, length] each."""
+    n_seq, length, dim = keys.shape
+    shift = torch.nn.functional.pad
+    k_mem = shift(keys, (0, 0, 1, 0))[:, :-1, None]     # association t is (k_{t-1}, v_{t-1})
+    v_mem = shift(values, (0, 0, 1, 0))[:, :-1, None]
+    g = parameter_free_gate(preset, decay, n_seq, length, dim)
+    y, _ = preset.recipe.op()(keys[:, :, None], k_mem, v_mem, g, scale=1.0, mode="chunk")
+    y = y[:, :, 0]
+    cos = torch.nn.functional.cosine_similarity(y, values, dim=-1)
+    return ((y - values) ** 2).sum(-1), 1.0 - cos
+
+
+def _smooth(x: Tensor) -> Tensor:
+    kernel = torch.ones(1, 1, SMOOTH, dtype=x.dtype) / SMOOTH
+    return torch.nn.functional.conv1d(x[None, None], kernel, padding="valid")[0, 0]
+
+
+def summarize(name: str, preset: Preset, mse: Tensor, cos: Tensor) -> Row:
+    """mse, cos: mean errors per step [length]. 'before' averages [T/8, T/4), 'final' the last quarter;
+    recovery: steps after the switch until the smoothed direction error, past its peak in the first T/8,
+    first comes within 10% of its final level."""
+    T = mse.shape[0]
+    switch = T // 4
+    final = cos[3 * T // 4:].mean().item()
+    smooth = _smooth(cos[switch:])
+    peak = int(smooth[: T // 8].argmax())
+    settled = (smooth[peak:] <= 1.1 * final).nonzero()
+    return Row(name, preset.recipe.describe(), mse[T // 8: switch].mean().item(), mse[3 * T // 4:].mean().item(),
+               cos[T // 8: switch].mean().item(), smooth[peak].item(), final,
+               peak + int(settled[0]) if len(settled) else None)
+
+
+def run(cfg: RegressConfig, progress=None) -> tuple[list[Row], dict[str, dict[str, list[float]]]]:
+    keys, values = switching_keys(cfg.n_seq, cfg.length, cfg.dim, seed=cfg.seed)
+    rows, curves = [], {}
+    for name, preset in PRESETS.items():
+        mse, cos = (e.mean(0) for e in memory_errors(preset, keys, values, cfg.decay))
+        if not bool(torch.isfinite(mse).all() and torch.isfinite(cos).all()):
+            raise RuntimeError(f"{name}: non-finite error, the memory diverged")
+        rows.append(summarize(name, preset, mse, cos))
+        curves[name] = {"mse": mse.tolist(), "cos": cos.tolist()}
+        if progress is not None:
+            progress()
+    return rows, curves
+
+
+def save(cfg: RegressConfig, rows: list[Row], curves: dict[str, list[float]]) -> tuple[Path, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.json"
+    results.write_text(json.dumps({"config": asdict(cfg), "rows": [asdict(r) for r in rows], "curves": curves}))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for metric, ax, label in (("mse", axes[0], "squared error ||y_t - v_t||^2"),
+                              ("cos", axes[1], "direction error 1 - cos(y_t, v_t)")):
+        for name, c in curves.items():
+            ax.plot(range(SMOOTH - 1, cfg.length), _smooth(torch.tensor(c[metric])).numpy(), label=name, lw=1.3)
+        ax.axvline(cfg.length // 4, color="k", ls="--", lw=0.8, label="switch (T/4)")
+        ax.set_yscale("log")
+        ax.set_xlabel("t")
+        ax.set_ylabel(f"{label}\n(mean of {cfg.n_seq} sequences, smoothed over {SMOOTH})")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Test-time regression in one forward pass, no learned parameters (d={cfg.dim}, T={cfg.length})")
+    fig.tight_layout()
+    plot = out / "regress.png"
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
+    return results, plot

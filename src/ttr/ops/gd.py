@@ -1,0 +1,155 @@
+"""Batch gradient descent, one step from zero: linear attention and its gated variants.
+
+Objective   M_t = argmin_M 1/2 sum_{i<=t} gamma_i^(t) || v_i - M phi(k_i) ||^2,  answer y_t = M_t (scale phi(q_t))
+Weights     gamma_i^(t) = alpha_{i+1} ... alpha_t, alpha = exp(g): uniform (g None), scalar per head
+            (g [B, T, H]: RetNet, Mamba-2) or per key channel (g [B, T, H, Dk]: GLA, RWKV-6, HGRN-2)
+Function    linear in the features: m(k) = M phi(k) (phi = identity: plain linear attention)
+Optimizer   one step of batch GD from M = 0 with learning rate 1. The gradient at zero is
+            -sum_i gamma_i^(t) v_i phi(k_i)^T, so M_t = sum_i gamma_i^(t) v_i phi(k_i)^T: the inverse
+            key covariance of the exact solution is dropped (no preconditioning). A vector gate weighs
+            each association's gradient per key channel.
+
+The state is S_t = M_t^T = sum_i gamma_i^(t) phi(k_i) v_i^T  [B, H, Dk, Dv]:
+    S_t = alpha_t S_{t-1} + phi(k_t) v_t^T       (alpha_t scales the rows of S for a vector gate)
+    o_t = S_t^T (scale phi(q_t))
+normalize=True answers the locally constant fit with weights phi(q)^T (gamma_i phi(k_i)) instead
+(Katharopoulos et al.): o_t = S_t^T phi(q_t) / (z_t^T phi(q_t)), z_t = sum_i gamma_i^(t) phi(k_i). The
+normalizer z rides along as one more value column, so the state is then [B, H, Dk, Dv + 1].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .._checks import check_log_gate, check_mode, check_qkv, check_state, compute_dtype
+from ..features import get_feature_map
+from ._chunk import causal_mask, decay_mask, from_chunks, masked_exp, to_chunks
+
+# Vector gates: the exact pairwise decay is formed within sub-chunks of this many tokens.
+SUB_CHUNK = 16
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    *,
+    feature_map: str | Callable[[Tensor], Tensor] | None = None,
+    normalize: bool = False,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """Linear attention as one step of batch GD. q, k: [B, T, H, Dk], v: [B, T, H, Dv].
+
+    Returns (o [B, T, H, Dv] in the input dtype, final state [B, H, D_phi, Dv(+1)] in float32/64 or None).
+    `scale` defaults to Dk^-1/2 (Dk before the feature map). Modes: "chunk" (training), "recurrent"
+    (token by token, the decoding path).
+    """
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    check_mode(mode, ("chunk", "recurrent"))
+    if not isinstance(chunk_size, int) or chunk_size < 1 or (chunk_size > SUB_CHUNK and chunk_size % SUB_CHUNK):
+        raise ValueError(f"chunk_size must be a positive int, a multiple of {SUB_CHUNK} above {SUB_CHUNK}, "
+                         f"got {chunk_size!r}")
+    phi = get_feature_map(feature_map)
+    if normalize and not phi.positive:
+        raise ValueError(f"normalize=True needs a positive feature map (phi(q)^T phi(k) >= 0), got {phi.name!r}")
+    out_dtype = q.dtype
+    dt = compute_dtype(q.dtype)
+    q, k, v = phi(q.to(dt)), phi(k.to(dt)), v.to(dt)
+    Df = k.shape[-1]
+    kind = check_log_gate(g, B, T, H, Df)
+    scale = Dk ** -0.5 if scale is None else float(scale)
+    q = q * scale
+    if normalize:
+        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    check_state("initial_state", initial_state, (B, H, Df, v.shape[-1]))
+    # g as [B, T, H, 1 or Dk]: one broadcasting rule serves scalar and vector gates.
+    g = None if g is None else (g.to(dt).unsqueeze(-1) if kind == "scalar" else g.to(dt))
+    s0 = None if initial_state is None else initial_state.to(dt)
+
+    if mode == "recurrent":
+        o, state = _recurrent(q, k, v, g, s0)
+    else:
+        o, state = _chunked(q, k, v, g, s0, chunk_size, vector=kind == "vector")
+    if normalize:
+        # Positive features: a zero normalizer means every weight is zero, and so is the numerator.
+        o = o[..., :-1] / o[..., -1:].clamp_min(torch.finfo(dt).tiny)
+    return o.to(out_dtype), (state if output_final_state else None)
+
+
+def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None) -> tuple[Tensor, Tensor]:
+    B, T, H, Dk = k.shape
+    state = q.new_zeros(B, H, Dk, v.shape[-1]) if s0 is None else s0
+    outs = []
+    for t in range(T):
+        if g is not None:
+            state = state * torch.exp(g[:, t]).unsqueeze(-1)
+        state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    return torch.stack(outs, dim=1), state
+
+
+def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None, C: int,
+             vector: bool) -> tuple[Tensor, Tensor]:
+    """Chunkwise form: within a chunk a masked (decayed) attention, across chunks the state.
+
+    With G the within-chunk cumulative log-gate, token i of a chunk sees
+        the chunk's start state decayed by exp(G_i)   and   token j <= i decayed by exp(G_i - G_j).
+    Every exponent formed is <= 0, so nothing overflows however strong the decay.
+    """
+    T = q.shape[1]
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
+    B, H, N = qc.shape[:3]
+    if g is None:
+        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~causal_mask(C, q.device), 0.0)
+        q_in, k_in, chunk_decay = qc, kc, None
+    else:
+        G = to_chunks(g, C).cumsum(-2)  # [B, H, N, C, 1 or Dk]
+        if vector:
+            scores = _vector_gate_scores(qc, kc, G)
+        else:
+            scores = (qc @ kc.transpose(-1, -2)) * decay_mask(G[..., 0])
+        G_last = G[..., -1:, :]
+        q_in = qc * torch.exp(G)             # start state -> token i
+        k_in = kc * torch.exp(G_last - G)    # token j -> end of chunk
+        chunk_decay = torch.exp(G_last).transpose(-1, -2)  # [B, H, N, 1 or Dk, 1]: rows of the state
+    o = scores @ vc
+    updates = k_in.transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
+    state = q.new_zeros(B, H, kc.shape[-1], vc.shape[-1]) if s0 is None else s0
+    starts = []
+    for n in range(N):
+        starts.append(state)
+        if chunk_decay is not None:
+            state = state * chunk_decay[:, :, n]
+        state = state + updates[:, :, n]
+    o = o + q_in @ torch.stack(starts, dim=2)
+    return from_chunks(o, T), state
+
+
+def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor) -> Tensor:
+    """A_ij = sum_d q_id k_jd exp(G_id - G_jd) for j <= i within a chunk, without overflow.
+
+    The chunk is cut into sub-chunks of SUB_CHUNK tokens. For sub-chunks a > b the decay factors
+    through the end e_b of sub-chunk b: exp(G_i - G_j) = exp(G_i - G_e) exp(G_e - G_j), both <= 1, so the
+    block is one matrix product. Within a sub-chunk the pairwise decay is formed exactly.
+    """
+    *lead, C, D = q.shape
+    c = min(SUB_CHUNK, C)
+    n = C // c
+    qs, ks, Gs = (x.reshape(*lead, n, c, D) for x in (q, k, G))
+    G_end = Gs[..., -1, :]                                      # [..., n, D]
+    k_to_end = ks * torch.exp(G_end.unsqueeze(-2) - Gs)         # [..., b, j, D]
+    below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
+    end_to_q = masked_exp(Gs.unsqueeze(-3) - G_end.unsqueeze(-2).unsqueeze(-4), below[:, :, None, None])
+    off = torch.einsum("...aid,...abid,...bjd->...aibj", qs, end_to_q, k_to_end)
+    pair = masked_exp(Gs.unsqueeze(-2) - Gs.unsqueeze(-3), causal_mask(c, q.device)[..., None])
+    diag = torch.einsum("...nid,...nijd,...njd->...nij", qs, pair, ks)
+    eye = torch.eye(n, dtype=q.dtype, device=q.device).reshape(n, 1, n, 1)
+    return (off + diag.unsqueeze(-2) * eye).reshape(*lead, C, C)

@@ -1,0 +1,92 @@
+"""The first ingredient: the weight gamma_i^(t) of association i in the regression solved at time t.
+
+Geometric decay is written with log-gates g_t <= 0, alpha_t = exp(g_t):
+
+    gamma_i^(t) = alpha_{i+1} alpha_{i+2} ... alpha_t = exp(G_t - G_i),   G_t = g_1 + ... + g_t,
+
+a scalar per head, or a vector over key channels (each channel forgets at its own rate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """gamma_i^(t) = 1: every association counts equally (linear attention, the mesa layer)."""
+
+    kind: str = "uniform"
+
+    def describe(self) -> str:
+        return "uniform"
+
+
+@dataclass(frozen=True)
+class FixedDecay:
+    """gamma_i^(t) = gamma_h^(t - i) with a fixed decay per head (RetNet: gamma_h = 1 - 2^(-5 - h))."""
+
+    kind: str = "fixed"
+
+    def describe(self) -> str:
+        return "fixed decay / head"
+
+    @staticmethod
+    def log_gamma(n_heads: int) -> Tensor:
+        """RetNet's per-head decays, in log space: [H]."""
+        h = torch.arange(n_heads, dtype=torch.float64)
+        return torch.log1p(-torch.pow(2.0, -5.0 - h))
+
+
+@dataclass(frozen=True)
+class ScalarGate:
+    """Data-dependent geometric decay, one scalar per head and token (Mamba-2, mLSTM, GateLoop)."""
+
+    kind: str = "scalar"
+
+    def describe(self) -> str:
+        return "gate, scalar / head"
+
+
+@dataclass(frozen=True)
+class VectorGate:
+    """Data-dependent geometric decay, one per key channel and token (GLA, RWKV-6, HGRN-2)."""
+
+    kind: str = "vector"
+
+    def describe(self) -> str:
+        return "gate, per key channel"
+
+
+Weights = Uniform | FixedDecay | ScalarGate | VectorGate
+
+
+def constant_log_gate(decay: float, shape: tuple[int, ...], **like) -> Tensor:
+    """A log-gate of constant decay alpha in (0, 1]: the parameter-free form of a gated memory."""
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    return torch.full(shape, math.log(decay), **like)
+
+
+def gamma_matrix(g: Tensor | None, T: int, *, batch: tuple[int, int] = (1, 1), dtype=torch.float64,
+                 device=None) -> Tensor:
+    """All weights at once: gamma[b, h, t, i, c] = exp(G_t - G_i) for i <= t, else 0.
+
+    g is None (uniform), [B, T, H] or [B, T, H, Dk]; the last axis c has size 1 or Dk.
+    This is the literal form the oracle uses: quadratic in T, for references only.
+    """
+    if g is None:
+        B, H = batch
+        ones = torch.ones(T, T, dtype=dtype, device=device)
+        return torch.tril(ones).expand(B, H, T, T).unsqueeze(-1)
+    g = g.to(dtype)
+    if g.dim() == 3:
+        g = g.unsqueeze(-1)
+    G = g.cumsum(1).transpose(1, 2)  # [B, H, T, C]
+    diff = G[:, :, :, None, :] - G[:, :, None, :, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=g.device).tril()[:, :, None]
+    return torch.exp(torch.where(causal, diff, torch.full_like(diff, -math.inf)))

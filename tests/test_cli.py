@@ -1,0 +1,40 @@
+"""The commands run end to end on small sizes and write what they say."""
+
+import json
+
+from ttr.cli import main
+
+
+def test_zoo_lists_every_preset(capsys):
+    import ttr
+
+    assert main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    for name in ttr.PRESETS:
+        assert name in out
+
+
+def test_regress_writes_table_plot_and_results(tmp_path, capsys):
+    assert main(["regress", "--length", "256", "--sequences", "8", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "regress.png").stat().st_size > 10_000
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["memory"]: r for r in res["rows"]}
+    # Forgetting is what lets a memory follow the switch: every gated memory ends below plain linear attention.
+    for gated in ("retnet", "mamba2", "gla"):
+        assert rows[gated]["cos_final"] < 0.7 * rows["linear_attention"]["cos_final"]
+    assert "mamba2" in capsys.readouterr().out
+
+
+def test_bench_small_grid_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--lengths", "64,100", "--head-dims", "16", "--repeats", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["matmul_gflops"] > 0
+    assert len(res["rows"]) == 6  # 3 gates x 1 head dim x 2 lengths
+    for row in res["rows"]:
+        assert row["chunk_fwdbwd_ms"] > 0 and row["recurrent_fwdbwd_ms"] > 0 and row["sdpa_fwdbwd_ms"] > 0
+
+
+def test_bad_argument_is_a_clear_error(tmp_path, capsys):
+    assert main(["regress", "--decay", "1.5", "--length", "64", "--out", str(tmp_path)]) == 2
+    assert "decay must be in (0, 1)" in capsys.readouterr().out

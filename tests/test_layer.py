@@ -1,0 +1,82 @@
+"""TTRLayer: pieces equal the whole (conv cache and memory state), gradients reach every parameter."""
+
+import pytest
+import torch
+
+import ttr
+from ttr.layers.conv import ShortConv
+from ttr.layers.gates import make_gate
+
+PIECES = [(0, 1), (1, 2), (2, 19), (19, 20), (20, 64), (64, 71)]
+
+
+@pytest.mark.parametrize("name", list(ttr.PRESETS))
+@pytest.mark.parametrize("conv_size", [0, 4])
+def test_pieces_equal_whole(name, conv_size):
+    torch.manual_seed(0)
+    layer = ttr.TTRLayer(32, 4, name, conv_size=conv_size, chunk_size=16).double()
+    x = torch.randn(2, 71, 32, dtype=torch.float64)
+    whole, state_whole = layer(x)
+    outs, state = [], None
+    for a, b in PIECES:
+        y, state = layer(x[:, a:b], state)
+        outs.append(y)
+    assert (torch.cat(outs, 1) - whole).abs().max() < 1e-10
+    assert (state.memory - state_whole.memory).abs().max() < 1e-10
+    if conv_size:
+        assert torch.equal(state.conv, state_whole.conv)
+
+
+@pytest.mark.parametrize("name", list(ttr.PRESETS))
+def test_every_parameter_gets_a_finite_gradient(name):
+    torch.manual_seed(0)
+    layer = ttr.TTRLayer(32, 2, name)
+    y, _ = layer(torch.randn(2, 40, 32))
+    y.square().mean().backward()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, pname
+
+
+def test_short_conv_is_causal_and_caches():
+    conv = ShortConv(3, 4).double()
+    x = torch.randn(1, 10, 3, dtype=torch.float64)
+    y, cache = conv(x)
+    x2 = x.clone()
+    x2[:, 6:] += 1.0  # changing the future leaves the past untouched
+    assert torch.equal(conv(x2)[0][:, :6], y[:, :6])
+    y_a, c = conv(x[:, :7])
+    y_b, _ = conv(x[:, 7:], c)
+    assert torch.allclose(torch.cat([y_a, y_b], 1), y, atol=1e-14)
+    assert torch.equal(cache, x[:, -3:])
+
+
+def test_shift_conv_makes_keys_previous_inputs():
+    """k_t = x_{t-1}: a short conv with weight on the previous step is the slides' bigram construction."""
+    conv = ShortConv(2, 2)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, 0, 0] = 1.0  # taps are ordered oldest first: tap 0 multiplies x_{t-1}
+        conv.bias.zero_()
+    x = torch.randn(1, 6, 2)
+    y, _ = conv(x)
+    assert torch.equal(y[:, 1:], x[:, :-1]) and torch.equal(y[:, 0], torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("name", list(ttr.PRESETS))
+def test_gates_are_log_gates_of_the_right_shape(name):
+    recipe = ttr.get_preset(name).recipe
+    gate = make_gate(recipe.weights, 16, 2, 8)
+    if gate is None:
+        assert isinstance(recipe.weights, ttr.Uniform)
+        return
+    g = gate(torch.randn(3, 5, 16) * 10)
+    assert g.shape in {(3, 5, 2), (3, 5, 2, 8)} and (g <= 0).all() and torch.isfinite(g).all()
+
+
+def test_layer_accepts_recipe_and_rejects_unknown_preset():
+    recipe = ttr.Recipe(ttr.ScalarGate(), ttr.Linear("elu1"), ttr.BatchGD())
+    y, _ = ttr.TTRLayer(16, 2, recipe)(torch.randn(1, 5, 16))
+    assert y.shape == (1, 5, 16)
+    with pytest.raises(ValueError, match="unknown preset"):
+        ttr.TTRLayer(16, 2, "no_such_memory")

@@ -1,0 +1,183 @@
+"""linear_attention: chunk == recurrent == oracle (outputs, final states, gradients), carried state,
+numerics under strong decay and bf16, and clear errors for bad input."""
+
+import pytest
+import torch
+
+from ttr import oracle
+from ttr.ops import linear_attention
+
+from conftest import F64_ATOL, make_gate, make_qkv, max_rel
+
+GATES = [None, "scalar", "vector"]
+# (feature map, normalize): every map unnormalized, the positive ones also normalized.
+MAPS = [("identity", False), ("elu1", False), ("relu", False), ("prf", False),
+        ("elu1", True), ("relu", True), ("prf", True)]
+
+
+def _initial_state(B, H, D, Dv, normalize, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, H, D, Dv + normalize, generator=gen, dtype=torch.float64)
+    return s.abs() if normalize else s  # a normalized memory's state holds positive weights
+
+
+def _oracle(q, k, v, g, fm, normalize, s0):
+    if normalize:
+        return oracle.local_constant(q, k, v, g, feature_map=fm, initial_state=s0)
+    return oracle.parametric(q, k, v, g, optimizer=oracle.BatchGD(), feature_map=fm, initial_state=s0)[0]
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("fm,normalize", MAPS)
+def test_chunk_recurrent_oracle_forward(gate, fm, normalize):
+    B, T, H, D, Dv = 2, 37, 2, 8, 6  # T = 2 * 16 + 5: not a multiple of the chunk
+    q, k, v = make_qkv(B, T, H, D, Dv)
+    g = make_gate(gate, B, T, H, D)
+    s0 = _initial_state(B, H, D, Dv, normalize)
+    kw = dict(feature_map=fm, normalize=normalize, initial_state=s0, output_final_state=True)
+    o_c, s_c = linear_attention(q, k, v, g, mode="chunk", chunk_size=16, **kw)
+    o_r, s_r = linear_attention(q, k, v, g, mode="recurrent", **kw)
+    o_o = _oracle(q, k, v, g, fm, normalize, s0)
+    assert (o_c - o_r).abs().max() < F64_ATOL
+    assert (s_c - s_r).abs().max() < F64_ATOL
+    assert max_rel(o_c, o_o) < F64_ATOL
+    if not normalize:
+        _, s_o = oracle.parametric(q, k, v, g, optimizer=oracle.BatchGD(), feature_map=fm, initial_state=s0)
+        assert (s_c - s_o).abs().max() < F64_ATOL
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("fm,normalize", [("identity", False), ("elu1", True), ("prf", False)])
+def test_gradients_match_oracle(gate, fm, normalize):
+    B, T, H, D, Dv = 1, 19, 2, 4, 3
+    q, k, v = make_qkv(B, T, H, D, Dv, requires_grad=True)
+    g = make_gate(gate, B, T, H, D, requires_grad=True)
+    s0 = _initial_state(B, H, D, Dv, normalize).requires_grad_()
+    leaves = [x for x in (q, k, v, g, s0) if x is not None]
+    w = torch.randn(B, T, H, Dv, dtype=torch.float64)
+
+    def grads(fn):
+        return torch.autograd.grad((fn() * w).sum(), leaves)
+
+    kw = dict(feature_map=fm, normalize=normalize, initial_state=s0)
+    g_c = grads(lambda: linear_attention(q, k, v, g, mode="chunk", chunk_size=8, **kw)[0])
+    g_r = grads(lambda: linear_attention(q, k, v, g, mode="recurrent", **kw)[0])
+    g_o = grads(lambda: _oracle(q, k, v, g, fm, normalize, s0))
+    for a, b, c in zip(g_c, g_r, g_o):
+        assert max_rel(a, c) < 1e-9
+        assert max_rel(b, c) < 1e-9
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_final_state_gradients_chunk_equal_recurrent(gate):
+    q, k, v = make_qkv(1, 29, 2, 8, 8, requires_grad=True)
+    g = make_gate(gate, 1, 29, 2, 8, requires_grad=True)
+    leaves = [x for x in (k, v, g) if x is not None]  # the state does not depend on q
+    w = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    res = []
+    for mode in ("chunk", "recurrent"):
+        _, s = linear_attention(q, k, v, g, mode=mode, chunk_size=16, output_final_state=True)
+        res.append(torch.autograd.grad((s * w).sum(), leaves))
+    for a, b in zip(*res):
+        assert max_rel(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 32, 64])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 70])
+def test_chunk_sizes_and_lengths(chunk_size, T):
+    q, k, v = make_qkv(1, T, 1, 8, 4)
+    g = make_gate("vector", 1, T, 1, 8)
+    o_c, s_c = linear_attention(q, k, v, g, mode="chunk", chunk_size=chunk_size, output_final_state=True)
+    o_r, s_r = linear_attention(q, k, v, g, mode="recurrent", output_final_state=True)
+    assert (o_c - o_r).abs().max() < F64_ATOL and (s_c - s_r).abs().max() < F64_ATOL
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_state_carried_across_calls_equals_one_call(gate, normalize):
+    B, T, H, D = 2, 53, 2, 8
+    q, k, v = make_qkv(B, T, H, D, 8)
+    g = make_gate(gate, B, T, H, D)
+    fm = "elu1" if normalize else None
+    whole, s_whole = linear_attention(q, k, v, g, feature_map=fm, normalize=normalize, output_final_state=True,
+                                      chunk_size=16)
+    outs, state = [], None
+    for (a, b), mode in zip([(0, 1), (1, 20), (20, 21), (21, 53)], ["recurrent", "chunk", "recurrent", "chunk"]):
+        gp = None if g is None else g[:, a:b]
+        o, state = linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], gp, feature_map=fm, normalize=normalize,
+                                    initial_state=state, output_final_state=True, mode=mode, chunk_size=16)
+        outs.append(o)
+    assert (torch.cat(outs, 1) - whole).abs().max() < F64_ATOL
+    assert (state - s_whole).abs().max() < F64_ATOL
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_strong_decay_stays_finite_in_float32(gate):
+    """Log-gates down to -60 per token: exp(-G) would overflow float32 within a chunk; the chunk form never forms it."""
+    q, k, v = make_qkv(1, 200, 2, 16, 16, dtype=torch.float32)
+    g = make_gate(gate, 1, 200, 2, 16, dtype=torch.float32, strength=0.0)
+    g = g * torch.linspace(1, 60, 200)[None, :, None, *([None] if gate == "vector" else [])]
+    o_c, s_c = linear_attention(q, k, v, g, output_final_state=True)
+    o_r, s_r = linear_attention(q, k, v, g, mode="recurrent", output_final_state=True)
+    assert torch.isfinite(o_c).all() and torch.isfinite(s_c).all()
+    assert max_rel(o_c, o_r) < 1e-5 and max_rel(s_c, s_r) < 1e-5
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_float32_matches_float64_oracle(gate):
+    q, k, v = make_qkv(2, 45, 2, 8, 8)
+    g = make_gate(gate, 2, 45, 2, 8)
+    o_o, _ = oracle.parametric(q, k, v, g, optimizer=oracle.BatchGD())
+    args = [x.float() for x in (q, k, v)] + [None if g is None else g.float()]
+    o32, _ = linear_attention(*args, chunk_size=16)
+    assert o32.dtype == torch.float32
+    assert max_rel(o32, o_o) < 1e-5
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    q, k, v = make_qkv(1, 300, 2, 16, 16, dtype=torch.bfloat16)
+    g = make_gate("scalar", 1, 300, 2, 16, dtype=torch.bfloat16)
+    o, s = linear_attention(q, k, v, g, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    ref, s_ref = linear_attention(*(x.double() for x in (q, k, v, g)), output_final_state=True)
+    # The inputs are exactly representable in float64; only the bf16 rounding of the output may differ.
+    assert max_rel(o, ref) < 1e-2
+    assert max_rel(s, s_ref) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():
+    q, k, v = make_qkv(2, 100, 2, 16, 16, dtype=torch.float32)
+    g = make_gate("vector", 2, 100, 2, 16, dtype=torch.float32)
+    o_cpu, s_cpu = linear_attention(q, k, v, g, output_final_state=True)
+    o_gpu, s_gpu = linear_attention(*(x.cuda() for x in (q, k, v, g)), output_final_state=True)
+    assert max_rel(o_gpu.cpu(), o_cpu) < 1e-5 and max_rel(s_gpu.cpu(), s_cpu) < 1e-5
+
+
+def _good():
+    q, k, v = make_qkv(1, 10, 2, 4, 3, dtype=torch.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda q, k, v: (q[0], k, v, None, {}), "q must have rank 4"),
+    (lambda q, k, v: (q, k[:, :, :1], v, None, {}), "same shape"),
+    (lambda q, k, v: (q, k, v[:, :, :1], None, {}), "v must match k"),
+    (lambda q, k, v: (q[..., :3], k, v, None, {}), "same shape"),
+    (lambda q, k, v: (q, k, v.double(), None, {}), "share a dtype"),
+    (lambda q, k, v: (q, k, v.long(), None, {}), "floating-point"),
+    (lambda q, k, v: (q, k.index_fill(1, torch.tensor([3]), float("nan")), v, None, {}), "k has non-finite"),
+    (lambda q, k, v: (q, k, v, torch.full((1, 10, 2), 0.1), {}), "must be <= 0"),
+    (lambda q, k, v: (q, k, v, torch.full((1, 10, 2), -float("inf")), {}), "g has non-finite"),
+    (lambda q, k, v: (q, k, v, torch.zeros(1, 10, 3), {}), r"g must be \[B, T, H\]"),
+    (lambda q, k, v: (q, k, v, torch.zeros(1, 10, 2, 5), {}), r"g must be \[B, T, H\]"),
+    (lambda q, k, v: (q, k, v, None, {"initial_state": torch.zeros(1, 2, 3, 3)}), "initial_state must have shape"),
+    (lambda q, k, v: (q, k, v, None, {"mode": "parallel"}), "mode must be one of"),
+    (lambda q, k, v: (q, k, v, None, {"chunk_size": 40}), "chunk_size"),
+    (lambda q, k, v: (q, k, v, None, {"normalize": True}), "positive feature map"),
+    (lambda q, k, v: (q, k, v, None, {"feature_map": "softmax"}), "feature_map must be one of"),
+])
+def test_bad_input_raises_clear_value_error(mutate, match):
+    q, k, v, g, kw = mutate(*_good())
+    with pytest.raises(ValueError, match=match):
+        linear_attention(q, k, v, g, **kw)
