@@ -35,6 +35,22 @@ def test_bench_small_grid_writes_json(tmp_path):
         assert row["chunk_fwdbwd_ms"] > 0 and row["recurrent_fwdbwd_ms"] > 0 and row["sdpa_fwdbwd_ms"] > 0
 
 
+def test_interrupted_bench_resumes_from_what_it_saved(tmp_path):
+    out = tmp_path / "b.json"
+    args = ["bench", "--lengths", "32,48", "--head-dims", "8", "--gates", "none,scalar", "--repeats", "1",
+            "--out", str(out)]
+    assert main(args) == 0
+    full = json.loads(out.read_text())
+    # An interruption after the first timed row: the file holds that row only, its memory not yet measured.
+    kept = dict(full["rows"][0], peak_mb=None)
+    out.write_text(json.dumps(dict(full, rows=[kept])))
+    assert main(args + ["--resume"]) == 0
+    resumed = json.loads(out.read_text())
+    assert len(resumed["rows"]) == 4
+    assert resumed["rows"][0]["chunk_fwdbwd_ms"] == kept["chunk_fwdbwd_ms"]  # reused, not re-timed
+    assert resumed["rows"][0]["peak_mb"] is not None
+
+
 def test_bad_argument_is_a_clear_error(tmp_path, capsys):
     assert main(["regress", "--decay", "1.5", "--length", "64", "--out", str(tmp_path)]) == 2
     assert "decay must be in (0, 1)" in capsys.readouterr().out

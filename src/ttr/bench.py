@@ -8,10 +8,11 @@ max_memory_allocated, on Linux CPUs the process's peak RSS (reset through /proc/
 
 from __future__ import annotations
 
+import ctypes
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +36,7 @@ class BenchConfig:
     repeats: int = 3
     device: str = "cpu"
     out: str = "runs/bench/bench.json"
+    resume: bool = False
 
 
 @dataclass
@@ -50,8 +52,7 @@ class BenchRow:
     sdpa_fwd_ms: float
     sdpa_fwdbwd_ms: float
     chunk_gflops: float
-    peak_mb: float
-    extra: dict = field(default_factory=dict)
+    peak_mb: float | None = None  # measured after all timings; None where it cannot be
 
     @property
     def speedup(self) -> float | None:
@@ -67,10 +68,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of fn after one warm-up call, in ms."""
-    fn()
-    _sync(device)
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> float:
+    """Median wall time of fn, after one warm-up call unless the call is long enough not to need it, in ms."""
+    if warmup:
+        fn()
+        _sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -88,8 +90,19 @@ def _rss_mb(field_name: str) -> float:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def peak_mb(fn: Callable[[], object], device: torch.device) -> float:
-    """Memory the call adds at its peak, in MiB (nan where it cannot be measured)."""
+def _release_freed_memory() -> None:
+    """Make RSS follow live tensors: a fixed mmap threshold (glibc's default one rises after big frees and
+    keeps them resident) puts large blocks in mmap, returned to the OS on free; trim hands back the rest."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+    libc.malloc_trim(0)
+
+
+def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Memory the call adds at its peak, in MiB (None where it cannot be measured)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -98,13 +111,14 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float:
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     try:
+        _release_freed_memory()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
         base = _rss_mb("VmRSS")
         fn()
         return _rss_mb("VmHWM") - base
     except OSError:
-        return float("nan")
+        return None
 
 
 def matmul_gflops(device: torch.device, repeats: int, n: int = 2048) -> float:
@@ -127,52 +141,88 @@ def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Call
     return run
 
 
-def bench_linear_attention(cfg: BenchConfig, gate: str, T: int, D: int, device: torch.device) -> BenchRow:
+def _linear_attention_problem(cfg: BenchConfig, gate: str, T: int, D: int, device: torch.device):
+    """Inputs (with gradients) and a maker of forward calls for each form."""
     B, H = cfg.batch, cfg.heads
-    q, k, v = (torch.randn(B, T, H, D, device=device, requires_grad=True) for _ in range(3))
+    gen = torch.Generator(device=device).manual_seed(T * D)
+    q, k, v = (torch.randn(B, T, H, D, device=device, generator=gen).requires_grad_() for _ in range(3))
     g_shape = {"none": None, "scalar": (B, T, H), "vector": (B, T, H, D)}[gate]
-    g = None if g_shape is None else F.logsigmoid(torch.randn(g_shape, device=device) + 4).requires_grad_()
+    g = None if g_shape is None else F.logsigmoid(torch.randn(g_shape, device=device, generator=gen) + 4)
+    g = None if g is None else g.requires_grad_()
     leaves = [x for x in (q, k, v, g) if x is not None]
 
     def call(mode: str) -> Callable[[], torch.Tensor]:
         extra = {"chunk_size": cfg.chunk_size} if mode == "chunk" else {}
         return lambda: ops.linear_attention(q, k, v, g, mode=mode, **extra)[0]
 
-    def no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                fn()
-        return run
+    return call, leaves
 
-    chunk_fwd = time_ms(no_grad(call("chunk")), device, cfg.repeats)
+
+def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            fn()
+    return run
+
+
+def time_linear_attention(cfg: BenchConfig, gate: str, T: int, D: int, device: torch.device) -> BenchRow:
+    call, leaves = _linear_attention_problem(cfg, gate, T, D, device)
+    chunk_fwd = time_ms(_no_grad(call("chunk")), device, cfg.repeats)
     chunk_fb = time_ms(_fwd_bwd(call("chunk"), leaves), device, cfg.repeats)
     rec_fwd = rec_fb = None
-    if T <= cfg.recurrent_max_len:
-        rec_fwd = time_ms(no_grad(call("recurrent")), device, 1)
-        rec_fb = time_ms(_fwd_bwd(call("recurrent"), leaves), device, 1)
-    qs, ks, vs = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    if T <= cfg.recurrent_max_len:  # thousands of small steps: long enough to need no warm-up
+        rec_fwd = time_ms(_no_grad(call("recurrent")), device, 1, warmup=False)
+        rec_fb = time_ms(_fwd_bwd(call("recurrent"), leaves), device, 1, warmup=False)
+    qs, ks, vs = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in leaves[:3])
     sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
-    sdpa_fwd = time_ms(no_grad(sdpa), device, cfg.repeats)
+    sdpa_fwd = time_ms(_no_grad(sdpa), device, cfg.repeats)
     sdpa_fb = time_ms(_fwd_bwd(sdpa, [qs, ks, vs]), device, cfg.repeats)
-    peak = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
-    gflops = 3 * chunk_flops(T, cfg.chunk_size, D, D, H, B) / chunk_fb / 1e6
+    gflops = 3 * chunk_flops(T, cfg.chunk_size, D, D, cfg.heads, cfg.batch) / chunk_fb / 1e6
     return BenchRow("linear_attention", gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, sdpa_fwd, sdpa_fb,
-                    gflops, peak)
+                    gflops)
+
+
+_SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_max_len")
+
+
+def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, int, int], BenchRow]:
+    """Rows of an earlier, interrupted run with the same settings, by (gate, D, T)."""
+    path = Path(cfg.out)
+    if not (cfg.resume and path.exists()):
+        return {}
+    old = json.loads(path.read_text())
+    if any(old["config"].get(key) != getattr(cfg, key) for key in _SAME_RUN):
+        return {}
+    names = {f.name for f in fields(BenchRow)}
+    rows = [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in old["rows"]]
+    return {(r.gate, r.D, r.T): r for r in rows}
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> tuple[float, list[BenchRow]]:
-    device = torch.device(cfg.device)
-    torch.manual_seed(0)
-    mm = matmul_gflops(device, cfg.repeats)
-    rows = []
+    """All timings first, then all peak-memory measurements: on the CPU the latter change how the
+    allocator returns memory (see _release_freed_memory), which must not touch the timings.
+    The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
     for gate in cfg.gates:
         if gate not in GATES:
             raise ValueError(f"gates must be among {GATES}, got {gate!r}")
-        for D in cfg.head_dims:
-            for T in cfg.lengths:
-                if progress is not None:
-                    progress(f"linear_attention g={gate} D={D} T={T}")
-                rows.append(bench_linear_attention(cfg, gate, T, D, device))
+    device = torch.device(cfg.device)
+    torch.manual_seed(0)
+    done = _resumable_rows(cfg)
+    mm = matmul_gflops(device, cfg.repeats)
+    grid = [(gate, D, T) for gate in cfg.gates for D in cfg.head_dims for T in cfg.lengths]
+    rows = []
+    for gate, D, T in grid:
+        if progress is not None:
+            progress(f"time g={gate} D={D} T={T}")
+        rows.append(done.get((gate, D, T)) or time_linear_attention(cfg, gate, T, D, device))
+        save(cfg, mm, rows)
+    for row in rows:
+        if progress is not None:
+            progress(f"memory g={row.gate} D={row.D} T={row.T}")
+        if row.peak_mb is None:
+            call, leaves = _linear_attention_problem(cfg, row.gate, row.T, row.D, device)
+            row.peak_mb = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
+            save(cfg, mm, rows)
     return mm, rows
 
 
@@ -184,5 +234,7 @@ def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow]) -> Path:
         "config": asdict(cfg), "device": device, "torch": torch.__version__, "matmul_gflops": matmul,
         "rows": [asdict(r) | {"speedup_vs_recurrent": r.speedup, "sdpa_over_chunk": r.vs_sdpa} for r in rows],
     }
-    out.write_text(json.dumps(payload, indent=1))
+    partial = out.with_suffix(".partial")
+    partial.write_text(json.dumps(payload, indent=1))
+    partial.replace(out)  # atomic: an interrupted write never leaves a broken file
     return out

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -19,6 +21,10 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), console=console, transient=True)
@@ -27,15 +33,14 @@ def _progress() -> Progress:
 def cmd_zoo(args: argparse.Namespace) -> None:
     from .recipe import PRESETS
 
-    table = Table(title="ttr zoo: named systems as test-time regression")
-    for col in ("name", "weights", "function class", "optimizer", "op"):
-        table.add_column(col, overflow="fold")
+    table = Table(title="ttr zoo: named systems as test-time regression", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("name", "weights", "function class", "optimizer", "op, forms"):
+        table.add_column(col, no_wrap=col in ("name", "op, forms"))
     for p in PRESETS.values():
-        table.add_row(p.name, *p.recipe.describe().split(" | "), p.recipe.op_name)
+        table.add_row(p.name, *p.recipe.describe().split(" | "), "\n".join([p.recipe.op_name, *p.recipe.forms]))
     console.print(table)
     for p in PRESETS.values():
-        console.print(f"[bold]{p.name}[/bold]: {p.title} ({p.citation}); {p.parameterization}; "
-                      f"forms: {', '.join(p.recipe.forms)}")
+        console.print(f"[bold]{p.name}[/bold]: {p.title} ({p.citation}); {p.parameterization}")
 
 
 def cmd_regress(args: argparse.Namespace) -> None:
@@ -68,8 +73,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cfg = bench.BenchConfig(lengths=args.lengths, head_dims=args.head_dims, gates=tuple(args.gates.split(",")),
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
                             recurrent_max_len=args.recurrent_max_len, repeats=args.repeats, device=args.device,
-                            out=args.out)
-    total = len(cfg.gates) * len(cfg.head_dims) * len(cfg.lengths)
+                            out=args.out, resume=args.resume)
+    total = 2 * len(cfg.gates) * len(cfg.head_dims) * len(cfg.lengths)
     with _progress() as bar:
         task = bar.add_task("bench", total=total)
 
@@ -78,22 +83,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
             bar.advance(task)
 
         matmul, rows = bench.run(cfg, progress=step)
-    path = bench.save(cfg, matmul, rows)
-    table = Table(title=f"linear_attention, B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size}, "
-                        f"{cfg.device}; matmul {matmul:.1f} GFLOP/s")
-    cols = ("gate", "D", "T", "chunk fwd ms", "chunk f+b ms", "rec f+b ms", "chunk vs rec", "sdpa f+b ms",
-            "chunk vs sdpa", "GFLOP/s", "% matmul", "peak MB", "MB/1k tok")
-    for c in cols:
-        table.add_column(c, justify="right")
+    path = Path(cfg.out)
+    table = Table(title=f"linear_attention: B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size}, "
+                        f"{cfg.device}; matmul {matmul:.0f} GFLOP/s", box=box.SIMPLE_HEAD, padding=(0, 1),
+                  collapse_padding=True)
+    for c in ("gate", "D", "T", "fwd", "f+b", "rec", "xrec", "sdpa", "xsdpa", "GF/s", "%mm", "MB"):
+        table.add_column(c, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(r.gate, str(r.D), str(r.T), f"{r.chunk_fwd_ms:.2f}", f"{r.chunk_fwdbwd_ms:.2f}",
-                      "-" if r.recurrent_fwdbwd_ms is None else f"{r.recurrent_fwdbwd_ms:.0f}",
-                      "-" if r.speedup is None else f"{r.speedup:.0f}x", f"{r.sdpa_fwdbwd_ms:.1f}",
-                      f"{r.vs_sdpa:.2f}x", f"{r.chunk_gflops:.1f}", f"{100 * r.chunk_gflops / matmul:.0f}",
-                      f"{r.peak_mb:.0f}", f"{1000 * r.peak_mb / r.T:.1f}")
+        table.add_row(r.gate, str(r.D), str(r.T), _ms(r.chunk_fwd_ms), _ms(r.chunk_fwdbwd_ms),
+                      _ms(r.recurrent_fwdbwd_ms), "-" if r.speedup is None else f"{r.speedup:.0f}",
+                      _ms(r.sdpa_fwdbwd_ms), f"{r.vs_sdpa:.1f}", f"{r.chunk_gflops:.0f}",
+                      f"{100 * r.chunk_gflops / matmul:.0f}", "-" if r.peak_mb is None else f"{r.peak_mb:.0f}")
     console.print(table)
-    console.print("chunk vs rec / vs sdpa: time ratio of forward+backward (higher = chunk faster). GFLOP/s: the "
-                  "chunk form's matrix-product flops (forward x3) per second of forward+backward.\n"
+    console.print("fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
+                  "SDPA forward+backward, ms; xrec, xsdpa: their time over the chunk form's (>1: chunk faster). "
+                  "GF/s: the chunk form's matrix-product flops (forward x3) per second of forward+backward, "
+                  "%mm: of the matmul. MB: memory the chunk forward+backward adds at its peak.\n"
                   f"saved {path}")
 
 
@@ -127,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recurrent-max-len", type=int, default=4096, help="longest T timed in recurrent form")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--out", default="runs/bench/bench.json", help="JSON output path")
+    p.add_argument("--out", default="runs/bench/bench.json", help="JSON output path, rewritten after every row")
+    p.add_argument("--resume", action="store_true", help="reuse the rows an interrupted run with the same "
+                   "settings left in --out")
     p.set_defaults(func=cmd_bench)
     return parser
 

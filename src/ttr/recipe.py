@@ -43,7 +43,7 @@ class LocalConstant:
             raise ValueError(f"LocalConstant needs a positive feature map, got {self.feature_map!r}")
 
     def describe(self) -> str:
-        return f"local constant, w=phi(q).phi(k), phi={self.feature_map}"
+        return f"local constant, kernel weights from phi={self.feature_map}"
 
 
 Regressor = Linear | LocalConstant

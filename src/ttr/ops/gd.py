@@ -26,10 +26,7 @@ from torch import Tensor
 
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, compute_dtype
 from ..features import get_feature_map
-from ._chunk import causal_mask, decay_mask, from_chunks, masked_exp, to_chunks
-
-# Vector gates: the exact pairwise decay is formed within sub-chunks of this many tokens.
-SUB_CHUNK = 16
+from ._chunk import causal_mask, decay_mask, from_chunks, to_chunks
 
 
 def linear_attention(
@@ -54,9 +51,8 @@ def linear_attention(
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_mode(mode, ("chunk", "recurrent"))
-    if not isinstance(chunk_size, int) or chunk_size < 1 or (chunk_size > SUB_CHUNK and chunk_size % SUB_CHUNK):
-        raise ValueError(f"chunk_size must be a positive int, a multiple of {SUB_CHUNK} above {SUB_CHUNK}, "
-                         f"got {chunk_size!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two, got {chunk_size!r}")
     phi = get_feature_map(feature_map)
     if normalize and not phi.positive:
         raise ValueError(f"normalize=True needs a positive feature map (phi(q)^T phi(k) >= 0), got {phi.name!r}")
@@ -124,32 +120,35 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | Non
     updates = k_in.transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
     state = q.new_zeros(B, H, kc.shape[-1], vc.shape[-1]) if s0 is None else s0
     starts = []
-    for n in range(N):
+    # unbind once: indexing inside the loop would make backward build a full-size zero gradient per chunk
+    decays = [None] * N if chunk_decay is None else chunk_decay.unbind(2)
+    for update, decay in zip(updates.unbind(2), decays):
         starts.append(state)
-        if chunk_decay is not None:
-            state = state * chunk_decay[:, :, n]
-        state = state + updates[:, :, n]
+        state = state + update if decay is None else state * decay + update
     o = o + q_in @ torch.stack(starts, dim=2)
     return from_chunks(o, T), state
 
 
 def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor) -> Tensor:
-    """A_ij = sum_d q_id k_jd exp(G_id - G_jd) for j <= i within a chunk, without overflow.
+    """A_ij = sum_d q_id k_jd exp(G_id - G_jd) for j <= i within a chunk of C = 2^n tokens, without overflow.
 
-    The chunk is cut into sub-chunks of SUB_CHUNK tokens. For sub-chunks a > b the decay factors
-    through the end e_b of sub-chunk b: exp(G_i - G_j) = exp(G_i - G_e) exp(G_e - G_j), both <= 1, so the
-    block is one matrix product. Within a sub-chunk the pairwise decay is formed exactly.
+    Built bottom-up by halving: a block [[L, 0], [X, R]] of 2h tokens has its cross part X (right half
+    attending to left half) factor through the left half's last token m:
+        exp(G_i - G_j) = exp(G_i - G_m) exp(G_m - G_j),   both <= 1,
+    so X is one matrix product, and no C x C x D tensor is ever formed.
     """
     *lead, C, D = q.shape
-    c = min(SUB_CHUNK, C)
-    n = C // c
-    qs, ks, Gs = (x.reshape(*lead, n, c, D) for x in (q, k, G))
-    G_end = Gs[..., -1, :]                                      # [..., n, D]
-    k_to_end = ks * torch.exp(G_end.unsqueeze(-2) - Gs)         # [..., b, j, D]
-    below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)
-    end_to_q = masked_exp(Gs.unsqueeze(-3) - G_end.unsqueeze(-2).unsqueeze(-4), below[:, :, None, None])
-    off = torch.einsum("...aid,...abid,...bjd->...aibj", qs, end_to_q, k_to_end)
-    pair = masked_exp(Gs.unsqueeze(-2) - Gs.unsqueeze(-3), causal_mask(c, q.device)[..., None])
-    diag = torch.einsum("...nid,...nijd,...njd->...nij", qs, pair, ks)
-    eye = torch.eye(n, dtype=q.dtype, device=q.device).reshape(n, 1, n, 1)
-    return (off + diag.unsqueeze(-2) * eye).reshape(*lead, C, C)
+    blocks = (q * k).sum(-1)[..., None, None]  # [..., C, 1, 1]: j = i, no decay
+    h = 1
+    while h < C:
+        nb = C // (2 * h)
+        qb, kb, Gb = (x.reshape(*lead, nb, 2, h, D) for x in (q, k, G))
+        G_m = Gb[..., 0, h - 1:, :]
+        q_right = qb[..., 1, :, :] * torch.exp(Gb[..., 1, :, :] - G_m)
+        k_left = kb[..., 0, :, :] * torch.exp(G_m - Gb[..., 0, :, :])
+        cross = q_right @ k_left.transpose(-1, -2)  # [..., nb, h, h]
+        left, right = blocks.reshape(*lead, nb, 2, h, h).unbind(-3)
+        top = torch.cat([left, torch.zeros_like(cross)], dim=-1)
+        blocks = torch.cat([top, torch.cat([cross, right], dim=-1)], dim=-2)
+        h *= 2
+    return blocks[..., 0, :, :]
