@@ -54,17 +54,18 @@ def cmd_regress(args: argparse.Namespace) -> None:
         rows, curves = regress.run(cfg, progress=lambda: bar.advance(task))
     results, plot = regress.save(cfg, rows, curves)
     table = Table(title=f"Switching regression: d={cfg.dim}, T={cfg.length}, switch at {cfg.length // 4}, "
-                        f"{cfg.n_seq} sequences")
+                        f"{cfg.n_seq} sequences", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
     for col in ("memory", "mse before", "mse final", "1-cos before", "1-cos peak", "1-cos final", "recover"):
-        table.add_column(col, justify="left" if col == "memory" else "right")
+        table.add_column(col, justify="left" if col == "memory" else "right", no_wrap=col == "memory")
     for r in sorted(rows, key=lambda r: r.cos_final):
         table.add_row(r.memory, f"{r.mse_before:.3g}", f"{r.mse_final:.3g}", f"{r.cos_before:.3g}",
                       f"{r.cos_peak:.3g}", f"{r.cos_final:.3g}",
                       "never" if r.recovery_steps is None else str(r.recovery_steps))
     console.print(table)
-    console.print("before: t in [T/8, T/4); final: last quarter; peak: the first T/8 after the switch; recover: "
-                  "steps until the\ndirection error (smoothed over 16), past its peak, is within 10% of its final level.\n"
-                  f"saved {plot} and {results}")
+    console.print("mse: squared error; 1-cos: direction error. before: t in [T/8, T/4); final: the last quarter; "
+                  "peak: the first T/8 after the switch; recover: steps after the switch until the direction "
+                  "error (smoothed over 16), past its peak, is within 10% of its final level.")
+    console.print(f"saved {plot} and {results}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
