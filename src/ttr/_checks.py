@@ -61,6 +61,21 @@ def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int) -> str | N
     return kind
 
 
+def check_step(name: str, x: Tensor, shape: tuple[int, ...], upper: float | None = None) -> None:
+    """A per-token step size: the given shape, finite, >= 0 and <= upper."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if tuple(x.shape) != tuple(shape):
+        dims = "[" + ", ".join(str(d) for d in shape) + "]"
+        raise ValueError(f"{name} must have shape {dims}, got {_shape(x)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite values")
+    lo, hi = float(x.detach().min()), float(x.detach().max())
+    if lo < 0 or (upper is not None and hi > upper):
+        raise ValueError(f"{name} must lie in [0, {upper if upper is not None else 'inf'}], got values in "
+                         f"[{lo:.4g}, {hi:.4g}]")
+
+
 def check_state(name: str, s: Tensor | None, shape: tuple[int, ...]) -> None:
     if s is None:
         return

@@ -32,6 +32,11 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+def _l2(x: Tensor) -> Tensor:
+    """x / ||x||: unit keys keep the delta rule's step beta in (0, 2) a contraction."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def _elu_plus_one(x: Tensor) -> Tensor:
     return F.elu(x) + 1.0
 
@@ -66,6 +71,7 @@ class PositiveRandomFeatures:
 
 FEATURE_MAPS: dict[str, FeatureMap] = {
     "identity": FeatureMap("identity", _identity, positive=False),
+    "l2": FeatureMap("l2", _l2, positive=False),
     "elu1": FeatureMap("elu1", _elu_plus_one, positive=True, citation="Katharopoulos et al., 2020"),
     "relu": FeatureMap("relu", F.relu, positive=True, citation="Kasai et al., 2021"),
     "prf": FeatureMap("prf", PositiveRandomFeatures(), positive=True, citation="Choromanski et al., 2021"),

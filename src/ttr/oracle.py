@@ -164,3 +164,51 @@ def local_constant(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
                 problem = Problem(torch.ones(len(w), 1, dtype=torch.float64), Y, w[:, None])
                 ys[b, t, h] = (Exact().fit(problem) @ torch.ones(1, dtype=torch.float64))
     return ys
+
+
+def _loss_gradient(loss: Callable[[Tensor], Tensor], M: Tensor) -> Tensor:
+    """Gradient of a written-out loss at M, by autograd, itself differentiable (create_graph)."""
+    M_leaf = M + torch.zeros_like(M, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss(M_leaf), M_leaf, create_graph=True)
+    return grad
+
+
+def online_sgd(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, *, weight_decay: Tensor | None = None,
+               implicit: bool = False, scale: float | None = None,
+               initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Online learning of M, one association at a time, then y_t = M_t (scale q_t).
+
+    Explicit (SGD):  M <- M - lr_t grad[ 1/2 ||v_t - M k_t||^2 + weight_decay_t / 2 ||M||_F^2 ](M), by autograd.
+    implicit=True (Longhorn's proximal step):  M <- argmin_M 1/2 ||M - M_prev||_F^2 + lr_t / 2 ||v_t - M k_t||^2,
+    solved as the linear system M (I + lr_t k_t k_t^T) = M_prev + lr_t v_t k_t^T.
+
+    k [B, T, H, n, Dk], v [B, T, H, n, Dv], lr [B, T, H, n] take n steps per token (DeltaProduct), read
+    after the last; 4-d k, v and 3-d lr mean n = 1. Returns (y [B, T, H, Dv], final M^T [B, H, Dk, Dv]).
+    """
+    q, k, v, lr, weight_decay, initial_state = _float64(q, k, v, lr, weight_decay, initial_state)
+    if k.dim() == 4:
+        k, v, lr = k.unsqueeze(3), v.unsqueeze(3), lr.unsqueeze(3)
+        weight_decay = None if weight_decay is None else weight_decay.unsqueeze(3)
+    B, T, H, n, Dk = k.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    final = torch.zeros(B, H, Dk, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            M = torch.zeros(v.shape[-1], Dk, dtype=torch.float64) if initial_state is None else initial_state[b, h].T
+            for t in range(T):
+                for j in range(n):
+                    k_j, v_j, lr_j = k[b, t, h, j], v[b, t, h, j], lr[b, t, h, j]
+                    if implicit:
+                        system = torch.eye(Dk, dtype=torch.float64) + lr_j * torch.outer(k_j, k_j)
+                        M = torch.linalg.solve(system, (M + lr_j * torch.outer(v_j, k_j)).T).T  # system is symmetric
+                        continue
+                    wd = 0.0 if weight_decay is None else weight_decay[b, t, h, j]
+
+                    def loss(M_: Tensor) -> Tensor:
+                        return 0.5 * ((v_j - M_ @ k_j) ** 2).sum() + 0.5 * wd * (M_ ** 2).sum()
+
+                    M = M - lr_j * _loss_gradient(loss, M)
+                ys[b, t, h] = M @ (scale * q[b, t, h])
+            final[b, h] = M.T
+    return ys, final

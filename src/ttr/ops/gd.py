@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, compute_dtype
 from ..features import get_feature_map
-from ._chunk import causal_mask, decay_mask, from_chunks, to_chunks
+from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
 
 
 def linear_attention(
@@ -51,8 +51,7 @@ def linear_attention(
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_mode(mode, ("chunk", "recurrent"))
-    if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     phi = get_feature_map(feature_map)
     if normalize and not phi.positive:
         raise ValueError(f"normalize=True needs a positive feature map (phi(q)^T phi(k) >= 0), got {phi.name!r}")

@@ -1,0 +1,116 @@
+"""Online SGD, one association at a time: the delta rule and its gated form.
+
+Objective   the running regression loss L_t(M) = sum_{i<=t} 1/2 || v_i - M k_i ||^2, visited online
+Weights     uniform (DeltaNet), or decayed by alpha_t = exp(g_t) (Gated DeltaNet: weight decay, see below)
+Function    linear: m(k) = M k (keys L2-normalized by default, so beta in (0, 2) is a contraction)
+Optimizer   one SGD step per token on the newest term, step size beta_t:
+                M_t = M_{t-1} - beta_t (M_{t-1} k_t - v_t) k_t^T = M_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T
+
+With a gate, the field's form (Gated DeltaNet) is M_t = alpha_t M_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T:
+decay, then the SGD step at the decayed weights. It is the slides' L2-regularized SGD,
+M_t = M_{t-1} [(1 - eta lambda) I - eta k k^T] + eta v k^T, after the invertible map
+    eta_t = alpha_t beta_t,  lambda_t = (1 - alpha_t) / (alpha_t beta_t),  on targets v_t / alpha_t
+(check: alpha M (I - beta k k^T) = M [(1 - eta lambda) I - eta k k^T] and beta v = eta (v / alpha)).
+
+The state is S_t = M_t^T [B, H, Dk, Dv]:  S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+o_t = S_t^T (scale q_t).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
+from ..features import FEATURE_MAPS
+from ._chunk import check_chunk_size, decay_mask, from_chunks, to_chunks
+
+
+def delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    *,
+    qk_l2norm: bool = True,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """The (gated) delta rule. q, k: [B, T, H, Dk], v: [B, T, H, Dv], beta: [B, T, H] in [0, 2],
+    g: a log-gate [B, T, H] or None. Returns (o [B, T, H, Dv], final state [B, H, Dk, Dv] or None).
+
+    qk_l2norm=True normalizes q and k to unit length first (as DeltaNet does); without it beta_t ||k_t||^2
+    must stay in [0, 2] for the step to be a contraction, which the op does not check.
+    """
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    check_mode(mode, ("chunk", "recurrent"))
+    check_chunk_size(chunk_size)
+    check_step("beta", beta, (B, T, H), upper=2.0)
+    if check_log_gate(g, B, T, H, Dk) == "vector":
+        raise ValueError(f"g must be a scalar log-gate [B, T, H] for the delta rule, got shape {list(g.shape)}")
+    check_state("initial_state", initial_state, (B, H, Dk, Dv))
+    out_dtype = q.dtype
+    dt = compute_dtype(q.dtype)
+    q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
+    if qk_l2norm:
+        q, k = FEATURE_MAPS["l2"](q), FEATURE_MAPS["l2"](k)
+    q = q * (Dk ** -0.5 if scale is None else float(scale))
+    g = None if g is None else g.to(dt)
+    s0 = None if initial_state is None else initial_state.to(dt)
+    if mode == "recurrent":
+        o, state = _recurrent(q, k, v, beta, g, s0)
+    else:
+        o, state = _chunked(q, k, v, beta, g, s0, chunk_size)
+    return o.to(out_dtype), (state if output_final_state else None)
+
+
+def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
+               s0: Tensor | None) -> tuple[Tensor, Tensor]:
+    B, T, H, Dk = k.shape
+    state = q.new_zeros(B, H, Dk, v.shape[-1]) if s0 is None else s0
+    outs = []
+    for t in range(T):
+        if g is not None:
+            state = state * torch.exp(g[:, t])[..., None, None]
+        k_t = k[:, t]
+        error = torch.einsum("bhk,bhkv->bhv", k_t, state) - v[:, t]  # M k - v, the gradient's residual
+        state = state - beta[:, t, :, None, None] * k_t[..., :, None] * error[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    return torch.stack(outs, dim=1), state
+
+
+def _chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0: Tensor | None,
+             C: int) -> tuple[Tensor, Tensor]:
+    """WY / UT form. Within a chunk starting from state S_0, write S_t = e^{G_t} S_0 + sum_{i<=t}
+    e^{G_t - G_i} k_i u_i^T with u_t = beta_t (v_t - alpha_t S_{t-1}^T k_t). The u's solve one unit
+    lower-triangular system per chunk,
+        (I + diag(beta) (tril_{-1}(K K^T) * Gamma)) U = diag(beta) (V - diag(e^G) K S_0),  Gamma_ti = e^{G_t - G_i},
+    so U = U' - W' S_0 with U', W' from one batched triangular solve for all chunks; only the chunk-to-chunk
+    pass of the state is sequential.
+    """
+    T = q.shape[1]
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
+    bc = to_chunks(beta, C)[..., None]                              # [B, H, N, C, 1]; padding: beta = 0
+    G = to_chunks(g, C).cumsum(-1) if g is not None else qc.new_zeros(qc.shape[:-1])
+    gamma = decay_mask(G)                                           # [B, H, N, C, C], e^{G_t - G_i}, i <= t
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    system = eye + bc * (kc @ kc.transpose(-1, -2) * gamma).tril(-1)
+    decay_in = torch.exp(G)[..., None]                               # e^{G_t}: start state -> token t
+    rhs = torch.cat([bc * vc, bc * decay_in * kc], dim=-1)
+    sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    u_free, w = sol.split([vc.shape[-1], kc.shape[-1]], dim=-1)      # U = u_free - w @ S_0
+    scores = qc @ kc.transpose(-1, -2) * gamma
+    q_in = qc * decay_in
+    k_out = kc * torch.exp(G[..., -1:] - G)[..., None]              # token i -> end of chunk
+    chunk_decay = torch.exp(G[..., -1])[..., None, None]             # [B, H, N, 1, 1]
+    state = q.new_zeros(q.shape[0], q.shape[2], kc.shape[-1], vc.shape[-1]) if s0 is None else s0
+    outs = []
+    for u_n, w_n, p_n, qi_n, ko_n, d_n in zip(*(x.unbind(2) for x in (u_free, w, scores, q_in, k_out, chunk_decay))):
+        u = u_n - w_n @ state
+        outs.append(qi_n @ state + p_n @ u)
+        state = d_n * state + ko_n.transpose(-1, -2) @ u
+    return from_chunks(torch.stack(outs, dim=2), T), state
