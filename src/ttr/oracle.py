@@ -212,3 +212,67 @@ def online_sgd(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, *, weight_decay: Ten
                 ys[b, t, h] = M @ (scale * q[b, t, h])
             final[b, h] = M.T
     return ys, final
+
+
+def _per_sample_gradients(losses: Callable[[list[Tensor]], Tensor], weights: list[Tensor], n: int) -> list[Tensor]:
+    """Each of n losses' own gradient with respect to weights, by autograd on per-sample copies."""
+    copies = [w.expand(n, *w.shape) + torch.zeros(n, *w.shape, dtype=w.dtype, requires_grad=True) for w in weights]
+    return list(torch.autograd.grad(losses(copies).sum(), copies, create_graph=True))
+
+
+def minibatch_gd(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, *, batch_size: int,
+                 initial_state: Tensor | tuple[Tensor, Tensor] | None = None, mlp: bool = False,
+                 scale: float | None = None, momentum: Tensor | None = None,
+                 g: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Mini-batch GD on 1/2 ||v_i - f_W(k_i)||^2: inside a mini-batch every gradient is taken at its
+    first weights W_0 (by autograd, one copy of W per association).
+
+    Plain (TTT):  W_t = W_0 - sum_{i<=t in batch} lr_i grad l_i(W_0).
+    With momentum eta and decay alpha = exp(g) (Titans, linear f only):
+        m_t = eta_t m_{t-1} - lr_t grad l_t(W_0),  W_t = alpha_t W_{t-1} + m_t.
+    f_W(k) = W k, or W2 gelu(W1 k) with mlp=True (initial_state = (W1, W2) then). y_t = f_{W_t}(scale q_t).
+    Returns (y, final weights): [W^T] for linear, [W1, W2] for the MLP, [W^T, m^T] with momentum.
+    """
+    q, k, v, lr, momentum, g = _float64(q, k, v, lr, momentum, g)
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    scale = Dk ** -0.5 if scale is None else scale
+
+    def f(W: list[Tensor], x: Tensor) -> Tensor:
+        if mlp:
+            return torch.einsum("...vd,...d->...v", W[1], torch.nn.functional.gelu(torch.einsum("...dk,...k->...d", W[0], x)))
+        return torch.einsum("...vk,...k->...v", W[0], x)
+
+    ys = torch.zeros(B, T, H, Dv, dtype=torch.float64)
+    finals = []
+    for b in range(B):
+        for h in range(H):
+            if mlp:
+                W = [initial_state[0][b, h].double(), initial_state[1][b, h].double()]
+            elif initial_state is None:
+                W = [torch.zeros(Dv, Dk, dtype=torch.float64)]
+            else:
+                W = [(initial_state[0] if momentum is not None else initial_state)[b, h].double().T]
+            m = None
+            if momentum is not None:
+                m = torch.zeros(Dv, Dk, dtype=torch.float64) if initial_state is None else initial_state[1][b, h].double().T
+            for start in range(0, T, batch_size):
+                idx = range(start, min(start + batch_size, T))
+                K, V = k[b, list(idx), h], v[b, list(idx), h]
+                grads = _per_sample_gradients(
+                    lambda Ws: 0.5 * ((V - f(Ws, K)) ** 2).sum(-1), W, len(idx))
+                W_0 = W
+                for j, t in enumerate(idx):
+                    if momentum is None:
+                        W = [w0 - sum(lr[b, i, h] * gr[i - start] for i in range(start, t + 1))
+                             for w0, gr in zip(W_0, grads)]
+                    else:
+                        m = momentum[b, t, h] * m - lr[b, t, h] * grads[0][j]
+                        decay = 1.0 if g is None else torch.exp(g[b, t, h])
+                        W = [decay * W[0] + m]
+                    ys[b, t, h] = f(W, scale * q[b, t, h])
+            finals.append([w.T for w in W] if not mlp else W)
+            if m is not None:
+                finals[-1].append(m.T)
+    stacked = [torch.stack([fin[i] for fin in finals]).reshape(B, H, *finals[0][i].shape) for i in range(len(finals[0]))]
+    return ys, stacked

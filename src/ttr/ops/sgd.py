@@ -114,3 +114,47 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0
         outs.append(qi_n @ state + p_n @ u)
         state = d_n * state + ko_n.transpose(-1, -2) @ u
     return from_chunks(torch.stack(outs, dim=2), T), state
+
+
+def delta_product(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    g: Tensor | None = None,
+    *,
+    qk_l2norm: bool = True,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """DeltaProduct: n online SGD steps per token, each with its own key, value and step size.
+
+    k [B, T, H, n, Dk], v [B, T, H, n, Dv], beta [B, T, H, n]; q [B, T, H, Dk] reads the memory after the
+    token's n-th step, and g (a log-gate [B, T, H]) decays it once, before the first. The state moves
+    through a product of n generalized Householder factors per token (Siems et al., 2025). It is the
+    delta rule on the sequence of T n sub-steps, read every n-th.
+    """
+    if k.dim() != 5 or v.dim() != 5:
+        raise ValueError(f"k and v must be [B, T, H, n, D] for delta_product, got {list(k.shape)} and {list(v.shape)}")
+    B, T, H, n, Dk = k.shape
+    if q.shape != (B, T, H, Dk) or v.shape[:4] != (B, T, H, n):
+        raise ValueError(f"q must be [B, T, H, Dk] = {[B, T, H, Dk]} and v [B, T, H, n, Dv] matching k, got "
+                         f"q {list(q.shape)}, v {list(v.shape)}")
+    if beta.shape != (B, T, H, n):
+        raise ValueError(f"beta must have shape {[B, T, H, n]}, got {list(beta.shape)}")
+    q_sub = torch.zeros(B, T, n, H, Dk, dtype=q.dtype, device=q.device)
+    q_sub[:, :, -1] = q
+    g_sub = None
+    if g is not None:
+        g_sub = torch.zeros(B, T, n, H, dtype=g.dtype, device=g.device)
+        g_sub[:, :, 0] = g
+        g_sub = g_sub.reshape(B, T * n, H)
+    o, state = delta_rule(q_sub.reshape(B, T * n, H, Dk), k.transpose(2, 3).reshape(B, T * n, H, Dk),
+                          v.transpose(2, 3).reshape(B, T * n, H, -1), beta.transpose(2, 3).reshape(B, T * n, H),
+                          g_sub, qk_l2norm=qk_l2norm, scale=Dk ** -0.5 if scale is None else scale,
+                          initial_state=initial_state, output_final_state=output_final_state, mode=mode,
+                          chunk_size=chunk_size)
+    return o.reshape(B, T, n, H, -1)[:, :, -1], state
