@@ -1,7 +1,7 @@
 """Sequence ops: each solves its regression problem in a chunk (training) and a recurrent (decoding) form."""
 
 from .gd import linear_attention
-from .minibatch import titans, ttt_linear, ttt_mlp
+from .minibatch import MiniBatchState, titans, ttt_linear, ttt_mlp
 from .sgd import delta_product, delta_rule
 
-__all__ = ["delta_product", "delta_rule", "linear_attention", "titans", "ttt_linear", "ttt_mlp"]
+__all__ = ["MiniBatchState", "delta_product", "delta_rule", "linear_attention", "titans", "ttt_linear", "ttt_mlp"]

@@ -21,6 +21,8 @@ c = L_A e^{G^E}: one product of two triangular masks per chunk.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,10 +32,22 @@ from ..features import FEATURE_MAPS
 from ._chunk import causal_mask, decay_mask, from_chunks, to_chunks
 
 
-def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale):
+@dataclass
+class MiniBatchState:
+    """Where a mini-batch learner stands between calls: its weights now, the weights its current
+    mini-batch started from (every gradient of that mini-batch is taken there), and how many of the
+    mini-batch's tokens are done. Handing it to the next call continues the same mini-batch, so a
+    sequence fed in pieces (or token by token) equals the sequence fed whole."""
+
+    weights: tuple[Tensor, ...]
+    start: tuple[Tensor, ...]
+    offset: int = 0
+
+
+def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale, lr_name="lr"):
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_mode(mode, ("chunk", "recurrent"))
-    check_step("lr", lr, (B, T, H))
+    check_step(lr_name, lr, (B, T, H))
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dt = compute_dtype(q.dtype)
@@ -41,6 +55,63 @@ def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale):
     if qk_l2norm:
         q, k = FEATURE_MAPS["l2"](q), FEATURE_MAPS["l2"](k)
     return q * (Dk ** -0.5 if scale is None else float(scale)), k, v, lr
+
+
+def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ...]], names: list[str],
+            batch_size: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor], int]:
+    """(weights, start weights, offset) from an initial state: None, the weights, or a MiniBatchState."""
+    if initial_state is None:
+        return list(fresh), list(fresh[: len(shapes)]), 0
+    if isinstance(initial_state, MiniBatchState):
+        weights, start, offset = initial_state.weights, initial_state.start, initial_state.offset
+        if not 0 <= offset < batch_size:
+            raise ValueError(f"initial_state.offset must be in [0, batch_size={batch_size}), got {offset}")
+    else:
+        weights = initial_state if isinstance(initial_state, (tuple, list)) else (initial_state,)
+        start, offset = weights, 0
+    if len(weights) != len(fresh) or len(start) < len(shapes):
+        raise ValueError(f"initial_state must hold {', '.join(names)}; got {len(weights)} tensors")
+    for name, w, shape in zip(names, weights, [*shapes, *shapes][: len(fresh)]):
+        check_state(f"initial_state ({name})", w, shape)
+    return [w.to(dtype) for w in weights], [w.to(dtype) for w in start[: len(shapes)]], offset
+
+
+def _segments(T: int, batch_size: int, offset: int) -> tuple[int, int]:
+    """Split T tokens into a head that finishes the mini-batch in progress and the rest."""
+    head = min((batch_size - offset) % batch_size, T)
+    return head, T - head
+
+
+def _run_chunks(body, tensors: list[Tensor], head: int, batch_size: int, offset: int, weights: list[Tensor],
+                start: list[Tensor], T: int):
+    """Run a chunk body over the head segment (if any) and then over whole mini-batches.
+
+    body(chunks, weights, start, row) -> (out [B, H, C, Dv], weights after `row`), with chunks [B, H, C, ...]
+    and `row` the chunk's last real token (a padded tail has rows past it). When a chunk completes its
+    mini-batch, the next one starts from the new weights.
+    """
+    outs = []
+    pieces = []
+    if head:
+        pieces.append(([x[:, :head].movedim(1, 2) for x in tensors], head - 1, head == batch_size - offset))
+    rest = T - head
+    if rest:
+        chunked = [to_chunks(x[:, head:], batch_size) for x in tensors]
+        N = chunked[0].shape[2]
+        for n in range(N):
+            row = batch_size - 1 if n < N - 1 else (rest - 1) % batch_size
+            pieces.append(([x[:, :, n] for x in chunked], row, row == batch_size - 1))
+    for chunks, row, complete in pieces:
+        out, weights = body(chunks, weights, start, row)
+        if complete:
+            start = weights[: len(start)]
+        outs.append(out[..., : row + 1, :])
+    return torch.cat(outs, dim=2).movedim(2, 1), weights, start
+
+
+def _final(weights, start, offset, T, batch_size) -> MiniBatchState:
+    end = (offset + T) % batch_size
+    return MiniBatchState(tuple(weights), tuple(weights[: len(start)]) if end == 0 else tuple(start), end)
 
 
 def ttt_linear(
@@ -52,39 +123,42 @@ def ttt_linear(
     batch_size: int = 16,
     qk_l2norm: bool = True,
     scale: float | None = None,
-    initial_state: Tensor | None = None,
+    initial_state: Tensor | MiniBatchState | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, MiniBatchState | None]:
     """TTT-Linear. q, k: [B, T, H, Dk], v: [B, T, H, Dv], lr: [B, T, H] >= 0 (inner learning rate).
 
-    State S = W^T [B, H, Dk, Dv]. The chunk form uses chunks of `batch_size` tokens (the mini-batches).
+    Weights are held as S = W^T [B, H, Dk, Dv]; initial_state is S or a MiniBatchState. The chunk
+    form's chunks are the mini-batches.
     """
     out_dtype = q.dtype
     B, T, H, Dk, Dv = check_qkv(q, k, v)
-    check_state("initial_state", initial_state, (B, H, Dk, Dv))
     q, k, v, lr = _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale)
-    state = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(q.dtype)
+    zero = q.new_zeros(B, H, Dk, Dv)
+    (state,), (start,), offset = _resume(initial_state, (zero,), [(B, H, Dk, Dv)], ["S"], batch_size, q.dtype)
     if mode == "recurrent":
         outs = []
         for t in range(T):
-            if t % batch_size == 0:
-                start = state  # the mini-batch's first weights: every gradient below is taken there
+            if (offset + t) % batch_size == 0:
+                start = state
             error = torch.einsum("bhk,bhkv->bhv", k[:, t], start) - v[:, t]
             state = state - lr[:, t, :, None, None] * k[:, t, :, :, None] * error[..., None, :]
             outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
-        o = torch.stack(outs, dim=1)
+        o, weights = torch.stack(outs, dim=1), [state]
     else:
-        qc, kc, vc, lc = (to_chunks(x, batch_size) for x in (q, k, v, lr))  # padding: lr = 0
-        lc = lc[..., None]
-        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~causal_mask(batch_size, q.device), 0.0)
-        outs = []
-        for q_n, k_n, v_n, l_n, p_n in zip(*(x.unbind(2) for x in (qc, kc, vc, lc, scores))):
-            step = l_n * (k_n @ state - v_n)                                # eta_i times the residual at W_0
-            outs.append(q_n @ state - p_n @ step)
-            state = state - k_n.transpose(-1, -2) @ step
-        o = from_chunks(torch.stack(outs, dim=2), T)
-    return o.to(out_dtype), (state if output_final_state else None)
+        def body(chunks, weights, start, row):
+            q_n, k_n, v_n, l_n = chunks
+            (state,), (start,) = weights, start
+            scores = (q_n @ k_n.transpose(-1, -2)).masked_fill(~causal_mask(q_n.shape[-2], q.device), 0.0)
+            step = l_n[..., None] * (k_n @ start - v_n)                       # eta_i times the residual at W_0
+            out = q_n @ state - scores @ step
+            return out, [state - k_n.transpose(-1, -2) @ step]
+
+        head, _ = _segments(T, batch_size, offset)
+        o, weights, (start,) = _run_chunks(body, [q, k, v, lr], head, batch_size, offset, [state], [start], T)
+    final = _final(weights, [start], offset, T, batch_size)
+    return o.to(out_dtype), (final if output_final_state else None)
 
 
 def gelu_derivative(z: Tensor) -> Tensor:
@@ -98,30 +172,33 @@ def ttt_mlp(
     v: Tensor,
     lr: Tensor,
     *,
-    initial_state: tuple[Tensor, Tensor],
+    initial_state: tuple[Tensor, Tensor] | MiniBatchState,
     batch_size: int = 16,
     qk_l2norm: bool = True,
     scale: float | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
-) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+) -> tuple[Tensor, MiniBatchState | None]:
     """TTT-MLP: the memory f(k) = W2 gelu(W1 k) learned by mini-batch GD. q, k: [B, T, H, Dk],
-    v: [B, T, H, Dv], lr: [B, T, H]. initial_state = (W1 [B, H, Dh, Dk], W2 [B, H, Dv, Dh]) is required: the
-    starting weights are what a layer learns (from zero weights W1 would get no gradient).
+    v: [B, T, H, Dv], lr: [B, T, H]. initial_state = (W1 [B, H, Dh, Dk], W2 [B, H, Dv, Dh]) or a
+    MiniBatchState is required: the starting weights are what a layer learns (from zero weights W1
+    would get no gradient).
     """
     out_dtype = q.dtype
     B, T, H, Dk, Dv = check_qkv(q, k, v)
-    if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
-        raise ValueError("initial_state must be the pair (W1 [B, H, Dh, Dk], W2 [B, H, Dv, Dh]) for ttt_mlp")
-    Dh = initial_state[0].shape[2] if initial_state[0].dim() == 4 else -1
-    check_state("initial_state[0] (W1)", initial_state[0], (B, H, Dh, Dk))
-    check_state("initial_state[1] (W2)", initial_state[1], (B, H, Dv, Dh))
+    first = initial_state.weights[0] if isinstance(initial_state, MiniBatchState) else (
+        initial_state[0] if isinstance(initial_state, (tuple, list)) and initial_state else None)
+    if not isinstance(first, Tensor) or first.dim() != 4:
+        raise ValueError("initial_state must be (W1 [B, H, Dh, Dk], W2 [B, H, Dv, Dh]) or a MiniBatchState for ttt_mlp")
+    Dh = first.shape[2]
     q, k, v, lr = _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale)
-    W1, W2 = (w.to(q.dtype) for w in initial_state)
+    weights, start, offset = _resume(initial_state, (first, first), [(B, H, Dh, Dk), (B, H, Dv, Dh)],
+                                     ["W1", "W2"], batch_size, q.dtype)
     if mode == "recurrent":
+        (W1, W2), (W1_0, W2_0) = weights, start
         outs = []
         for t in range(T):
-            if t % batch_size == 0:
+            if (offset + t) % batch_size == 0:
                 W1_0, W2_0 = W1, W2
             z = torch.einsum("bhdk,bhk->bhd", W1_0, k[:, t])
             a = F.gelu(z)
@@ -131,25 +208,26 @@ def ttt_mlp(
             W2 = W2 - eta * e[..., :, None] * a[..., None, :]
             W1 = W1 - eta * delta[..., :, None] * k[:, t, :, None, :]
             outs.append(torch.einsum("bhvd,bhd->bhv", W2, F.gelu(torch.einsum("bhdk,bhk->bhd", W1, q[:, t]))))
-        o = torch.stack(outs, dim=1)
+        o, weights, start = torch.stack(outs, dim=1), [W1, W2], [W1_0, W2_0]
     else:
-        qc, kc, vc, lc = (to_chunks(x, batch_size) for x in (q, k, v, lr))
-        lc = lc[..., None]
-        mask = causal_mask(batch_size, q.device)
-        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)
-        outs = []
-        for q_n, k_n, v_n, l_n, p_n in zip(*(x.unbind(2) for x in (qc, kc, vc, lc, scores))):
-            z = k_n @ W1.transpose(-1, -2)                                   # [B, H, C, Dh], at W_0
+        def body(chunks, weights, start, row):
+            q_n, k_n, v_n, l_n = chunks
+            (W1, W2), (W1_0, W2_0) = weights, start
+            mask = causal_mask(q_n.shape[-2], q.device)
+            scores = (q_n @ k_n.transpose(-1, -2)).masked_fill(~mask, 0.0)
+            z = k_n @ W1_0.transpose(-1, -2)                                   # [B, H, C, Dh], at W_0
             a = F.gelu(z)
-            step2 = l_n * (a @ W2.transpose(-1, -2) - v_n)                   # eta_i e_i
-            step1 = (step2 @ W2) * gelu_derivative(z)                        # eta_i delta_i
-            hidden = F.gelu(q_n @ W1.transpose(-1, -2) - p_n @ step1)        # gelu(W1_t q_t)
+            step2 = l_n[..., None] * (a @ W2_0.transpose(-1, -2) - v_n)        # eta_i e_i
+            step1 = (step2 @ W2_0) * gelu_derivative(z)                        # eta_i delta_i
+            hidden = F.gelu(q_n @ W1.transpose(-1, -2) - scores @ step1)       # gelu(W1_t q_t)
             read = (hidden @ a.transpose(-1, -2)).masked_fill(~mask, 0.0)
-            outs.append(hidden @ W2.transpose(-1, -2) - read @ step2)
-            W1 = W1 - step1.transpose(-1, -2) @ k_n
-            W2 = W2 - step2.transpose(-1, -2) @ a
-        o = from_chunks(torch.stack(outs, dim=2), T)
-    return o.to(out_dtype), ((W1, W2) if output_final_state else None)
+            out = hidden @ W2.transpose(-1, -2) - read @ step2                 # W2_t gelu(W1_t q_t)
+            return out, [W1 - step1.transpose(-1, -2) @ k_n, W2 - step2.transpose(-1, -2) @ a]
+
+        head, _ = _segments(T, batch_size, offset)
+        o, weights, start = _run_chunks(body, [q, k, v, lr], head, batch_size, offset, weights, start, T)
+    final = _final(weights, start, offset, T, batch_size)
+    return o.to(out_dtype), (final if output_final_state else None)
 
 
 def titans(
@@ -163,13 +241,13 @@ def titans(
     batch_size: int = 16,
     qk_l2norm: bool = True,
     scale: float | None = None,
-    initial_state: tuple[Tensor, Tensor] | None = None,
+    initial_state: tuple[Tensor, Tensor] | MiniBatchState | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
-) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+) -> tuple[Tensor, MiniBatchState | None]:
     """Titans' linear memory: mini-batch gradients with momentum and decay. q, k: [B, T, H, Dk],
     v: [B, T, H, Dv]; theta [B, T, H] >= 0 (learning rate), momentum [B, T, H] in (0, 1], g a log-gate
-    [B, T, H] (memory decay alpha = exp(g)) or None. State: (memory M^T, momentum^T), each [B, H, Dk, Dv].
+    [B, T, H] (memory decay alpha = exp(g)) or None. Weights: (memory M^T, momentum^T), each [B, H, Dk, Dv].
     """
     out_dtype = q.dtype
     B, T, H, Dk, Dv = check_qkv(q, k, v)
@@ -178,48 +256,40 @@ def titans(
         raise ValueError("momentum must lie in (0, 1]: a zero momentum coefficient is the plain TTT-Linear update")
     if check_log_gate(g, B, T, H, Dk) == "vector":
         raise ValueError(f"g must be a scalar log-gate [B, T, H] for titans, got shape {list(g.shape)}")
-    if initial_state is not None:
-        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
-            raise ValueError("initial_state must be the pair (memory, momentum), each [B, H, Dk, Dv]")
-        for name, s in zip(("memory", "momentum"), initial_state):
-            check_state(f"initial_state ({name})", s, (B, H, Dk, Dv))
-    q, k, v, theta = _prepare(q, k, v, theta, batch_size, mode, qk_l2norm, scale)
+    q, k, v, theta = _prepare(q, k, v, theta, batch_size, mode, qk_l2norm, scale, lr_name="theta")
     log_eta = momentum.to(q.dtype).log()
     g = torch.zeros_like(log_eta) if g is None else g.to(q.dtype)
-    memory, mom = (q.new_zeros(B, H, Dk, Dv),) * 2 if initial_state is None else (s.to(q.dtype) for s in initial_state)
+    zero = q.new_zeros(B, H, Dk, Dv)
+    weights, start, offset = _resume(initial_state, (zero, zero), [(B, H, Dk, Dv)], ["memory", "momentum"],
+                                     batch_size, q.dtype)
     if mode == "recurrent":
+        (memory, mom), (start,) = weights, start
         outs = []
         for t in range(T):
-            if t % batch_size == 0:
+            if (offset + t) % batch_size == 0:
                 start = memory
             error = torch.einsum("bhk,bhkv->bhv", k[:, t], start) - v[:, t]
             mom = log_eta[:, t, :, None, None].exp() * mom - theta[:, t, :, None, None] * k[:, t, :, :, None] * error[..., None, :]
             memory = g[:, t, :, None, None].exp() * memory + mom
             outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], memory))
-        o = torch.stack(outs, dim=1)
+        o, weights, start = torch.stack(outs, dim=1), [memory, mom], [start]
     else:
-        qc, kc, vc, tc = (to_chunks(x, batch_size) for x in (q, k, v, theta))    # padding: theta = 0
-        GA, GE = to_chunks(g, batch_size).cumsum(-1), to_chunks(log_eta, batch_size).cumsum(-1)
-        L_A, L_E = decay_mask(GA), decay_mask(GE)
-        D = L_A @ L_E                                       # total weight of g_i in M_t
-        c = (L_A @ GE.exp()[..., None])                     # weight of momentum_0 in M_t: [.., C, 1]
-        scores = qc @ kc.transpose(-1, -2) * D
-        tc = tc[..., None]
-        # The state leaves each chunk at its last token; in the padded last chunk that is token T - 1
-        # (padding is no no-op here: momentum keeps flowing into the memory).
-        N, C = qc.shape[2], batch_size
-        rows = torch.full((N,), C - 1, device=q.device)
-        rows[-1] = (T - 1) % C
-        chunk = torch.arange(N, device=q.device)
-        at_end = [x[:, :, chunk, rows] for x in (D, L_E, GE.exp(), GA.exp(), c[..., 0])]
-        parts = (qc, kc, vc, tc, scores, GA.exp()[..., None], c, *(x[..., None] for x in at_end))
-        outs = []
-        for q_n, k_n, v_n, t_n, p_n, a_n, c_n, d_end, e_end, eta_end, alpha_end, c_end in zip(
-                *(x.unbind(2) for x in parts)):
-            step = t_n * (k_n @ memory - v_n)                                 # theta_i times residual at M_0
-            outs.append(a_n * (q_n @ memory) + c_n * (q_n @ mom) - p_n @ step)
-            memory, mom = (alpha_end[..., None] * memory + c_end[..., None] * mom
-                           - k_n.transpose(-1, -2) @ (d_end * step),
-                           eta_end[..., None] * mom - k_n.transpose(-1, -2) @ (e_end * step))
-        o = from_chunks(torch.stack(outs, dim=2), T)
-    return o.to(out_dtype), ((memory, mom) if output_final_state else None)
+        def body(chunks, weights, start, row):
+            q_n, k_n, v_n, t_n, g_n, le_n = chunks
+            (memory, mom), (start,) = weights, start
+            GA, GE = g_n.cumsum(-1), le_n.cumsum(-1)
+            L_A, L_E = decay_mask(GA), decay_mask(GE)
+            D = L_A @ L_E                                      # weight of g_i in M_t
+            c = L_A @ GE.exp()[..., None]                      # weight of momentum_0 in M_t: [B, H, C, 1]
+            step = t_n[..., None] * (k_n @ start - v_n)        # theta_i times the residual at M_0
+            out = GA.exp()[..., None] * (q_n @ memory) + c * (q_n @ mom) - (q_n @ k_n.transpose(-1, -2) * D) @ step
+            # leave at the last real token: in a padded tail, momentum would keep flowing into the memory
+            return out, [GA[..., row, None, None].exp() * memory + c[..., row, None, :] * mom
+                         - k_n.transpose(-1, -2) @ (D[..., row, :, None] * step),
+                         GE[..., row, None, None].exp() * mom - k_n.transpose(-1, -2) @ (L_E[..., row, :, None] * step)]
+
+        head, _ = _segments(T, batch_size, offset)
+        o, weights, start = _run_chunks(body, [q, k, v, theta, g, log_eta], head, batch_size, offset, weights,
+                                        start, T)
+    final = _final(weights, start, offset, T, batch_size)
+    return o.to(out_dtype), (final if output_final_state else None)
