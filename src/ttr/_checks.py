@@ -72,7 +72,7 @@ def check_step(name: str, x: Tensor, shape: tuple[int, ...], upper: float | None
         raise ValueError(f"{name} has non-finite values")
     lo, hi = float(x.detach().min()), float(x.detach().max())
     if lo < 0 or (upper is not None and hi > upper):
-        raise ValueError(f"{name} must lie in [0, {upper if upper is not None else 'inf'}], got values in "
+        raise ValueError(f"{name} must lie in [0, {'inf' if upper is None else format(upper, 'g')}], got values in "
                          f"[{lo:.4g}, {hi:.4g}]")
 
 

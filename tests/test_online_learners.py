@@ -1,0 +1,227 @@
+"""The online learners (issue: SGD family): chunk == recurrent == the literal optimizer (ttr.oracle),
+outputs, states and gradients, odd lengths, initial states, carried state, and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttr import ops, oracle
+from ttr.features import FEATURE_MAPS
+from ttr.ops import MiniBatchState
+
+from conftest import F64_ATOL, make_gate, make_qkv, max_rel
+
+l2 = FEATURE_MAPS["l2"]
+
+
+def _rand(*shape, lo=0.0, hi=1.0, seed=5, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = lo + (hi - lo) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+    return x.requires_grad_(requires_grad)
+
+
+# ----------------------------------------------------------------------------------------- delta rule
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("T,chunk", [(37, 16), (16, 16), (5, 64), (70, 32)])
+def test_delta_rule_is_online_sgd(gated, T, chunk):
+    """DeltaNet: M_t = M_{t-1} - beta_t grad 1/2||v_t - M k_t||^2; gated: the slides' L2-regularized SGD
+    with eta = alpha beta, lambda = (1 - alpha) / (alpha beta), on targets v / alpha."""
+    B, H, D = 2, 2, 6
+    q, k, v = make_qkv(B, T, H, D, 5)
+    beta = _rand(B, T, H, lo=0.1, hi=2.0)
+    g = make_gate("scalar", B, T, H) if gated else None
+    s0 = torch.randn(B, H, D, 5, dtype=torch.float64)
+    o_c, s_c = ops.delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True, chunk_size=chunk)
+    o_r, s_r = ops.delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True, mode="recurrent")
+    if gated:
+        a = g.exp()
+        o_o, s_o = oracle.online_sgd(l2(q), l2(k), v / a[..., None], a * beta, weight_decay=(1 - a) / (a * beta),
+                                     initial_state=s0)
+    else:
+        o_o, s_o = oracle.online_sgd(l2(q), l2(k), v, beta, initial_state=s0)
+    for x, y in ((o_c, o_o), (o_r, o_o), (s_c, s_o), (s_r, s_o)):
+        assert (x - y).abs().max() < F64_ATOL
+
+
+def test_longhorn_step_is_the_implicit_update():
+    """Longhorn's proximal step argmin ||M - M_prev||^2/2 + delta/2 ||v - M k||^2 is the delta rule with
+    beta = delta / (1 + delta ||k||^2) (the slides print 1 / (1 + delta ||k||^2)); raw keys, any delta > 0."""
+    q, k, v = make_qkv(2, 23, 2, 5, 4)
+    delta = _rand(2, 23, 2, lo=0.0, hi=20.0)
+    beta = delta / (1 + delta * (k * k).sum(-1))
+    o, s = ops.delta_rule(q, k, v, beta, qk_l2norm=False, output_final_state=True, chunk_size=8)
+    o_o, s_o = oracle.online_sgd(q, k, v, delta, implicit=True)
+    assert max_rel(o, o_o) < F64_ATOL and max_rel(s, s_o) < F64_ATOL
+
+
+def test_delta_product_is_n_sgd_steps_per_token():
+    B, T, H, D, n = 2, 19, 2, 5, 3
+    q, _, _ = make_qkv(B, T, H, D, 4)
+    gen = torch.Generator().manual_seed(9)
+    k = torch.randn(B, T, H, n, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, T, H, n, 4, generator=gen, dtype=torch.float64)
+    beta = _rand(B, T, H, n, lo=0.0, hi=2.0)
+    s0 = torch.randn(B, H, D, 4, dtype=torch.float64)
+    o_o, s_o = oracle.online_sgd(l2(q), l2(k), v, beta, initial_state=s0)
+    for mode in ("chunk", "recurrent"):
+        o, s = ops.delta_product(q, k, v, beta, initial_state=s0, output_final_state=True, mode=mode, chunk_size=16)
+        assert (o - o_o).abs().max() < F64_ATOL and (s - s_o).abs().max() < F64_ATOL
+
+
+def test_delta_rule_gradients_match_oracle():
+    B, T, H, D = 1, 13, 2, 4
+    q, k, v = make_qkv(B, T, H, D, 3, requires_grad=True)
+    beta = _rand(B, T, H, lo=0.2, hi=1.8, requires_grad=True)
+    g = make_gate("scalar", B, T, H, requires_grad=True)
+    s0 = torch.randn(B, H, D, 3, dtype=torch.float64, requires_grad=True)
+    leaves, w = [q, k, v, beta, g, s0], torch.randn(B, T, H, 3, dtype=torch.float64)
+
+    def grads(fn):
+        return torch.autograd.grad((fn() * w).sum(), leaves)
+
+    def literal():
+        a = g.exp()
+        return oracle.online_sgd(l2(q), l2(k), v / a[..., None], a * beta, weight_decay=(1 - a) / (a * beta),
+                                 initial_state=s0)[0]
+
+    g_o = grads(literal)
+    for mode in ("chunk", "recurrent"):
+        g_m = grads(lambda: ops.delta_rule(q, k, v, beta, g, initial_state=s0, mode=mode, chunk_size=4)[0])
+        for a, b in zip(g_m, g_o):
+            assert max_rel(a, b) < 1e-9
+
+
+def test_delta_rule_state_carried_across_calls():
+    q, k, v = make_qkv(2, 50, 2, 8, 8)
+    beta = _rand(2, 50, 2, hi=2.0)
+    g = make_gate("scalar", 2, 50, 2)
+    whole, s_whole = ops.delta_rule(q, k, v, beta, g, output_final_state=True, chunk_size=16)
+    outs, state = [], None
+    for (a, b), mode in zip([(0, 3), (3, 4), (4, 37), (37, 50)], ["chunk", "recurrent", "chunk", "recurrent"]):
+        o, state = ops.delta_rule(q[:, a:b], k[:, a:b], v[:, a:b], beta[:, a:b], g[:, a:b], initial_state=state,
+                                  output_final_state=True, mode=mode, chunk_size=16)
+        outs.append(o)
+    assert (torch.cat(outs, 1) - whole).abs().max() < F64_ATOL and (state - s_whole).abs().max() < F64_ATOL
+
+
+def test_delta_rule_long_float32_stays_finite_and_matches_recurrent():
+    T = 16384
+    q, k, v = make_qkv(1, T, 1, 16, 16, dtype=torch.float32)
+    beta = _rand(1, T, 1, hi=2.0).float()
+    g = make_gate("scalar", 1, T, 1, dtype=torch.float32)
+    o_c, s_c = ops.delta_rule(q, k, v, beta, g, output_final_state=True)
+    o_r, s_r = ops.delta_rule(q, k, v, beta, g, output_final_state=True, mode="recurrent")
+    assert torch.isfinite(o_c).all() and torch.isfinite(s_c).all()
+    assert max_rel(o_c, o_r) < 1e-4 and max_rel(s_c, s_r) < 1e-4
+
+
+def test_delta_rule_bfloat16_accumulates_in_float32():
+    q, k, v = make_qkv(1, 200, 2, 16, 16, dtype=torch.bfloat16)
+    beta = _rand(1, 200, 2, hi=1.0).bfloat16()
+    o, s = ops.delta_rule(q, k, v, beta, output_final_state=True)
+    ref, s_ref = ops.delta_rule(q.double(), k.double(), v.double(), beta.double(), output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert max_rel(o, ref) < 1e-2 and max_rel(s, s_ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------------- mini-batch GD
+
+def _minibatch_cases(B, T, H, D):
+    lr = _rand(B, T, H, hi=0.5)
+    momentum = _rand(B, T, H, lo=0.1, hi=1.0, seed=6)
+    g = make_gate("scalar", B, T, H)
+    gen = torch.Generator().manual_seed(11)
+    W = (0.5 * torch.randn(B, H, 10, D, generator=gen, dtype=torch.float64),
+         0.5 * torch.randn(B, H, D, 10, generator=gen, dtype=torch.float64))
+    pair = (torch.randn(B, H, D, D, generator=gen, dtype=torch.float64),
+            torch.randn(B, H, D, D, generator=gen, dtype=torch.float64))
+    return {
+        "ttt_linear": (lambda q, k, v, sl, **kw: ops.ttt_linear(q, k, v, lr[:, sl], **kw), pair[0],
+                       lambda q, k, v: oracle.minibatch_gd(l2(q), l2(k), v, lr, batch_size=4, initial_state=pair[0])),
+        "ttt_mlp": (lambda q, k, v, sl, **kw: ops.ttt_mlp(q, k, v, lr[:, sl], **kw), W,
+                    lambda q, k, v: oracle.minibatch_gd(l2(q), l2(k), v, lr, batch_size=4, initial_state=W, mlp=True)),
+        "titans": (lambda q, k, v, sl, **kw: ops.titans(q, k, v, lr[:, sl], momentum[:, sl], g[:, sl], **kw), pair,
+                   lambda q, k, v: oracle.minibatch_gd(l2(q), l2(k), v, lr, batch_size=4, initial_state=pair,
+                                                       momentum=momentum, g=g)),
+    }
+
+
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans"])
+def test_minibatch_learners_equal_literal_minibatch_gd(name):
+    B, T, H, D = 2, 21, 2, 6  # 5 mini-batches of 4 and one token
+    q, k, v = make_qkv(B, T, H, D, D)
+    op, init, literal = _minibatch_cases(B, T, H, D)[name]
+    y_o, w_o = literal(q, k, v)
+    for mode in ("chunk", "recurrent"):
+        y, state = op(q, k, v, slice(None), batch_size=4, initial_state=init, output_final_state=True, mode=mode)
+        assert (y - y_o).abs().max() < F64_ATOL
+        for a, b in zip(state.weights, w_o):
+            assert (a - b).abs().max() < F64_ATOL
+        assert state.offset == 1
+
+
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans"])
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_minibatch_state_carried_mid_batch_equals_whole(name, mode):
+    B, T, H, D = 2, 21, 2, 6
+    q, k, v = make_qkv(B, T, H, D, D)
+    op, init, _ = _minibatch_cases(B, T, H, D)[name]
+    whole, s_whole = op(q, k, v, slice(None), batch_size=4, initial_state=init, output_final_state=True, mode=mode)
+    outs, state = [], init
+    for a, b in [(0, 1), (1, 6), (6, 7), (7, 16), (16, 21)]:  # cuts inside and on mini-batch boundaries
+        o, state = op(q[:, a:b], k[:, a:b], v[:, a:b], slice(a, b), batch_size=4, initial_state=state,
+                      output_final_state=True, mode=mode)
+        outs.append(o)
+    assert (torch.cat(outs, 1) - whole).abs().max() < F64_ATOL
+    assert isinstance(state, MiniBatchState) and state.offset == s_whole.offset == 1
+    for a, b in zip(state.weights + state.start, s_whole.weights + s_whole.start):
+        assert (a - b).abs().max() < F64_ATOL
+
+
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans"])
+def test_minibatch_gradients_match_oracle(name):
+    B, T, H, D = 1, 9, 1, 4
+    q, k, v = make_qkv(B, T, H, D, D, requires_grad=True)
+    op, init, literal = _minibatch_cases(B, T, H, D)[name]
+    w = torch.randn(B, T, H, D, dtype=torch.float64)
+    g_o = torch.autograd.grad((literal(q, k, v)[0] * w).sum(), [q, k, v])
+    for mode in ("chunk", "recurrent"):
+        y, _ = op(q, k, v, slice(None), batch_size=4, initial_state=init, mode=mode)
+        for a, b in zip(torch.autograd.grad((y * w).sum(), [q, k, v]), g_o):
+            assert max_rel(a, b) < 1e-9
+
+
+def test_ttt_linear_with_batch_one_is_deltanet():
+    q, k, v = make_qkv(2, 17, 2, 6, 6)
+    lr = _rand(2, 17, 2, hi=1.5)
+    y_ttt, _ = ops.ttt_linear(q, k, v, lr, batch_size=1)
+    y_delta, _ = ops.delta_rule(q, k, v, lr)
+    assert (y_ttt - y_delta).abs().max() < F64_ATOL
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def _qkv32():
+    return make_qkv(1, 10, 2, 4, 4, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda q, k, v: ops.delta_rule(q, k, v, torch.full((1, 10, 2), 2.5)), r"beta must lie in \[0, 2\]"),
+    (lambda q, k, v: ops.delta_rule(q, k, v, torch.full((1, 10, 2), -0.1)), r"beta must lie in \[0, 2\]"),
+    (lambda q, k, v: ops.delta_rule(q, k, v, torch.ones(1, 10, 3)), "beta must have shape"),
+    (lambda q, k, v: ops.delta_rule(q, k, v, torch.full((1, 10, 2), float("nan"))), "beta has non-finite"),
+    (lambda q, k, v: ops.delta_rule(q, k, v, torch.ones(1, 10, 2), torch.zeros(1, 10, 2, 4)), "scalar log-gate"),
+    (lambda q, k, v: ops.delta_rule(q, k, v, torch.ones(1, 10, 2), torch.ones(1, 10, 2)), "must be <= 0"),
+    (lambda q, k, v: ops.delta_rule(q, k, v[:, :, :1], torch.ones(1, 10, 2)), "v must match k"),
+    (lambda q, k, v: ops.ttt_linear(q, k, v, -torch.ones(1, 10, 2)), r"lr must lie in \[0, inf\]"),
+    (lambda q, k, v: ops.ttt_linear(q, k, v, torch.ones(1, 10, 2), batch_size=0), "batch_size"),
+    (lambda q, k, v: ops.ttt_mlp(q, k, v, torch.ones(1, 10, 2), initial_state=None), "initial_state must be"),
+    (lambda q, k, v: ops.titans(q, k, v, torch.ones(1, 10, 2), torch.zeros(1, 10, 2)), r"momentum must lie in \(0, 1\]"),
+    (lambda q, k, v: ops.titans(q, k, v, torch.ones(1, 10, 2), torch.ones(1, 10, 2),
+                                initial_state=(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 3, 4))), "momentum"),
+    (lambda q, k, v: ops.delta_product(q, k, v, torch.ones(1, 10, 2)), r"\[B, T, H, n, D\]"),
+])
+def test_bad_input_raises_clear_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(*_qkv32())
