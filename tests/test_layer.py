@@ -2,12 +2,21 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ttr
 from ttr.layers.conv import ShortConv
 from ttr.layers.gates import make_gate
+from ttr.ops import MiniBatchState
 
 PIECES = [(0, 1), (1, 2), (2, 19), (19, 20), (20, 64), (64, 71)]
+
+
+def _tensors(memory):
+    """The tensors a layer's memory state holds, whatever its kind."""
+    if isinstance(memory, MiniBatchState):
+        return [*memory.weights, *memory.start]
+    return list(memory) if isinstance(memory, tuple) else [memory]
 
 
 @pytest.mark.parametrize("name", list(ttr.PRESETS))
@@ -22,7 +31,8 @@ def test_pieces_equal_whole(name, conv_size):
         y, state = layer(x[:, a:b], state)
         outs.append(y)
     assert (torch.cat(outs, 1) - whole).abs().max() < 1e-10
-    assert (state.memory - state_whole.memory).abs().max() < 1e-10
+    for a, b in zip(_tensors(state.memory), _tensors(state_whole.memory), strict=True):
+        assert (a - b).abs().max() < 1e-10
     if conv_size:
         assert torch.equal(state.conv, state_whole.conv)
 
@@ -65,13 +75,34 @@ def test_shift_conv_makes_keys_previous_inputs():
 
 @pytest.mark.parametrize("name", list(ttr.PRESETS))
 def test_gates_are_log_gates_of_the_right_shape(name):
-    recipe = ttr.get_preset(name).recipe
-    gate = make_gate(recipe.weights, 16, 2, 8)
+    weights = ttr.get_preset(name).recipe.weights
+    gate = make_gate(weights, 16, 2, 8)
     if gate is None:
-        assert isinstance(recipe.weights, ttr.Uniform)
+        assert isinstance(weights, ttr.Uniform)
         return
     g = gate(torch.randn(3, 5, 16) * 10)
-    assert g.shape in {(3, 5, 2), (3, 5, 2, 8)} and (g <= 0).all() and torch.isfinite(g).all()
+    want = (3, 5, 2, 8) if isinstance(weights, ttr.VectorGate) else (3, 5, 2)
+    assert g.shape == want and (g <= 0).all() and torch.isfinite(g).all()
+
+
+def test_retnet_decays_per_head():
+    assert torch.allclose(ttr.FixedDecay.log_gamma(4), torch.log(1 - 2.0 ** (-5 - torch.arange(4.0))).double())
+    gate = make_gate(ttr.FixedDecay(), 8, 4, 2)
+    assert torch.allclose(gate(torch.randn(2, 3, 8))[0, 0].exp(), 1 - 2.0 ** (-5 - torch.arange(4.0)))
+
+
+def test_gla_gate_is_logsigmoid_over_sixteen():
+    gate = make_gate(ttr.VectorGate(), 8, 2, 4)
+    with torch.no_grad():
+        gate.up.weight.zero_()
+        gate.up.bias.zero_()
+    assert torch.allclose(gate(torch.randn(1, 2, 8)), torch.full((1, 2, 2, 4), float(F.logsigmoid(torch.tensor(0.0))) / 16))
+
+
+def test_deltaproduct_layer_makes_n_keys_per_token():
+    layer = ttr.TTRLayer(16, 2, "deltaproduct")
+    assert layer.n_steps == 2 and layer.qkv.out_features == 5 * 16
+    assert layer.inputs["beta"](torch.randn(1, 3, 16)).shape == (1, 3, 2, 2)
 
 
 def test_layer_accepts_recipe_and_rejects_unknown_preset():

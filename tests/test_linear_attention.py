@@ -181,3 +181,40 @@ def test_bad_input_raises_clear_value_error(mutate, match):
     q, k, v, g, kw = mutate(*_good())
     with pytest.raises(ValueError, match=match):
         linear_attention(q, k, v, g, **kw)
+
+
+def test_scale_is_applied_as_given_and_defaults_to_input_dk():
+    """scale multiplies phi(q); its default is Dk^-1/2 with Dk the input head dim, not the feature dim."""
+    q, k, v = make_qkv(1, 13, 2, 3, 4)
+    phi = __import__("ttr").PositiveRandomFeatures(n_features=7, seed=2)
+    for scale in (None, 0.3):
+        o, _ = linear_attention(q, k, v, feature_map=phi, scale=scale, chunk_size=4)
+        want = oracle.parametric(q, k, v, optimizer=oracle.BatchGD(), feature_map=phi,
+                                 scale=3 ** -0.5 if scale is None else scale)[0]
+        assert max_rel(o, want) < F64_ATOL
+
+
+def test_normalized_all_zero_features_give_zero_not_nan():
+    """relu features of an all-negative query vanish: the fit has no weight, and the answer is 0, not nan."""
+    q, k, v = make_qkv(1, 9, 1, 4, 3)
+    q = q.clone()
+    q[:, 0] = -q[:, 0].abs() - 0.1
+    k = k.abs()
+    o, _ = linear_attention(q, k, v, feature_map="relu", normalize=True, chunk_size=4)
+    assert torch.isfinite(o).all() and torch.equal(o[:, 0], torch.zeros_like(o[:, 0]))
+    assert max_rel(o, oracle.local_constant(q, k, v, feature_map="relu")) < F64_ATOL
+
+
+def test_final_state_only_when_asked():
+    q, k, v = make_qkv(1, 5, 1, 4, 4)
+    assert linear_attention(q, k, v)[1] is None and linear_attention(q, k, v, mode="recurrent")[1] is None
+
+
+def test_feature_maps_are_their_closed_forms():
+    from ttr.features import FEATURE_MAPS
+
+    x = torch.randn(5, 7, dtype=torch.float64)
+    assert torch.equal(FEATURE_MAPS["relu"](x), x.clamp_min(0))
+    assert torch.allclose(FEATURE_MAPS["elu1"](x), torch.where(x > 0, x + 1, torch.exp(x)), atol=1e-15)
+    assert torch.allclose(FEATURE_MAPS["l2"](x), x / x.norm(dim=-1, keepdim=True), atol=1e-15)
+    assert torch.equal(FEATURE_MAPS["identity"](x), x)

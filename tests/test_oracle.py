@@ -65,3 +65,20 @@ def test_local_constant_is_weighted_mean():
     for t in range(9):
         w = fk[0, : t + 1, 0] @ fq[0, t, 0]
         assert torch.allclose(y[0, t, 0], (w[:, None] * v[0, : t + 1, 0]).sum(0) / w.sum(), atol=F64_ATOL)
+
+
+def test_local_constant_with_gate_and_carried_state_is_weighted_mean():
+    """The carried state (sum gamma phi(k) v^T, sum gamma phi(k)) enters as earlier associations would."""
+    q, k, v = make_qkv(1, 7, 1, 3, 2)
+    g = make_gate("vector", 1, 7, 1, 3)
+    fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    # the state of three earlier associations, decayed to the start of the call
+    k0, v0 = torch.rand(3, 3, dtype=torch.float64) + 0.1, torch.randn(3, 2, dtype=torch.float64)
+    s0 = torch.cat([k0.T @ v0, k0.sum(0)[:, None]], dim=1)[None, None]
+    y = oracle.local_constant(q, k, v, g, feature_map="elu1", initial_state=s0)
+    G = g[0, :, 0].cumsum(0)
+    for t in range(7):
+        w_old = (torch.exp(G[t]) * k0) @ fq[0, t, 0]
+        w_new = torch.stack([(torch.exp(G[t] - G[i]) * fk[0, i, 0]) @ fq[0, t, 0] for i in range(t + 1)])
+        want = ((w_old[:, None] * v0).sum(0) + (w_new[:, None] * v[0, : t + 1, 0]).sum(0)) / (w_old.sum() + w_new.sum())
+        assert torch.allclose(y[0, t, 0], want, atol=F64_ATOL)

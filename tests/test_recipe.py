@@ -4,20 +4,27 @@ import pytest
 import torch
 
 import ttr
-from ttr.experiments.regress import parameter_free_gate
+from ttr.experiments.regress import initial_state, parameter_free_inputs
 
 from conftest import F64_ATOL, make_qkv, max_rel
 
 
 @pytest.mark.parametrize("name", list(ttr.PRESETS))
 def test_preset_op_equals_its_recipe_oracle(name):
+    """Every named system, chunk and recurrent, equals the literal solver of the regression its recipe names."""
     preset = ttr.get_preset(name)
-    q, k, v = make_qkv(2, 27, 1, 8, 5)
-    g = parameter_free_gate(preset, 0.9, 2, 27, 8)
-    s0 = None
+    B, T, D = 2, 19, 6  # 19 tokens: two mini-batches of 16 for TTT and Titans, the second partial
+    q, k, v = make_qkv(B, T, 1, D, D)
+    opt = preset.recipe.optimizer
+    if isinstance(opt, ttr.OnlineSGD) and opt.steps_per_token > 1:
+        gen = torch.Generator().manual_seed(4)
+        k, v = (torch.randn(B, T, 1, opt.steps_per_token, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    inputs = parameter_free_inputs(preset, 0.9, 0.5, B, T, D)
+    init = initial_state(preset, B, D)
+    reference = preset.recipe.oracle(q, k, v, initial_state=init, **inputs)
     for mode in ("chunk", "recurrent"):
-        o, _ = preset.recipe.op()(q, k, v, g, mode=mode, initial_state=s0)
-        assert max_rel(o, preset.recipe.oracle(q, k, v, g)) < F64_ATOL
+        o, _ = preset.recipe.op()(q, k, v, **inputs, mode=mode, initial_state=init)
+        assert max_rel(o, reference) < F64_ATOL, mode
 
 
 def test_recipe_without_an_op_says_so():
@@ -46,6 +53,7 @@ def test_positive_random_features_approximate_the_softmax_kernel():
 
 
 def test_presets_cover_the_issue_systems():
-    assert {"linear_attention", "retnet", "mamba2", "gla"} <= set(ttr.PRESETS)
+    assert {"linear_attention", "retnet", "mamba2", "gla", "deltanet", "longhorn", "gated_deltanet", "titans",
+            "deltaproduct", "ttt_linear", "ttt_mlp"} <= set(ttr.PRESETS)
     kinds = {type(ttr.get_preset(n).recipe.weights) for n in ("linear_attention", "retnet", "mamba2", "gla")}
     assert kinds == {ttr.Uniform, ttr.FixedDecay, ttr.ScalarGate, ttr.VectorGate}

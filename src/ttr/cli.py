@@ -48,7 +48,7 @@ def cmd_regress(args: argparse.Namespace) -> None:
     from .recipe import PRESETS
 
     cfg = regress.RegressConfig(dim=args.dim, length=args.length, n_seq=args.sequences, seed=args.seed,
-                                decay=args.decay, out=args.out)
+                                decay=args.decay, step=args.step, out=args.out)
     with _progress() as bar:
         task = bar.add_task("memories", total=len(PRESETS))
         rows, curves = regress.run(cfg, progress=lambda: bar.advance(task))
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequences", type=int, default=64, help="sequences averaged (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--decay", type=float, default=0.95, help="decay of gated memories without parameters (0.95)")
+    p.add_argument("--step", type=float, default=0.5, help="step size of online learners without parameters (0.5)")
     p.add_argument("--out", default="runs/regress", help="output folder for regress.png and results.json")
     p.set_defaults(func=cmd_regress)
 

@@ -159,8 +159,11 @@ def local_constant(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
                 Y = v[b, : t + 1, h]
                 if initial_state is not None:
                     carried = (start[b, t, h][:, None] * initial_state[b, h]).T @ fq[b, t, h]  # [Dv + 1]
-                    w = torch.cat([w, carried[-1:]])
-                    Y = torch.cat([Y, (carried[:-1] / carried[-1])[None]])
+                    if carried[-1] > 0:  # a carried association of zero weight adds nothing
+                        w = torch.cat([w, carried[-1:]])
+                        Y = torch.cat([Y, (carried[:-1] / carried[-1])[None]])
+                if not bool(w.gt(0).any()):  # no weight at all: the op answers 0
+                    continue
                 problem = Problem(torch.ones(len(w), 1, dtype=torch.float64), Y, w[:, None])
                 ys[b, t, h] = (Exact().fit(problem) @ torch.ones(1, dtype=torch.float64))
     return ys

@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from . import ops, oracle
@@ -46,14 +47,67 @@ class LocalConstant:
         return f"local constant, kernel weights from phi={self.feature_map}"
 
 
-Regressor = Linear | LocalConstant
-Optimizer = BatchGD | Exact
+@dataclass(frozen=True)
+class MLP:
+    """m(k) = W2 gelu(W1 k): a two-layer MLP memory (nonlinear), hidden width `expansion` x Dk."""
+
+    expansion: int = 4
+
+    def describe(self) -> str:
+        return f"2-layer MLP (gelu, {self.expansion}x)"
+
+
+@dataclass(frozen=True)
+class OnlineSGD:
+    """One SGD step per token on the newest association (`steps_per_token` steps with their own k, v).
+
+    step="learned": a step size beta_t in [0, 2] per token (DeltaNet); step="implicit": Longhorn's
+    proximal step with strength delta_t >= 0, i.e. beta_t = delta_t / (1 + delta_t ||k_t||^2).
+    With decaying weights (a gate) it is SGD with weight decay (Gated DeltaNet).
+    """
+
+    step: str = "learned"
+    steps_per_token: int = 1
+
+    def __post_init__(self) -> None:
+        if self.step not in ("learned", "implicit"):
+            raise ValueError(f"step must be 'learned' or 'implicit', got {self.step!r}")
+        if self.steps_per_token < 1 or (self.step == "implicit" and self.steps_per_token != 1):
+            raise ValueError(f"steps_per_token must be >= 1 (1 for the implicit step), got {self.steps_per_token}")
+
+
+@dataclass(frozen=True)
+class MiniBatchGD:
+    """Mini-batch GD: inside each mini-batch of `batch_size` tokens, every gradient is taken at its first
+    weights (TTT); momentum=True adds a momentum term and the weights' decay as a forget gate (Titans)."""
+
+    batch_size: int = 16
+    momentum: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+Regressor = Linear | LocalConstant | MLP
+Optimizer = BatchGD | Exact | OnlineSGD | MiniBatchGD
 
 
 def _describe_optimizer(opt: Optimizer) -> str:
     if isinstance(opt, BatchGD):
         return f"batch GD, {opt.steps} step" + ("s" if opt.steps != 1 else "") + (f", lr {opt.lr:g}" if opt.lr != 1 else "")
-    return "exact" + (f", ridge {opt.ridge:g}" if opt.ridge else "")
+    if isinstance(opt, Exact):
+        return "exact" + (f", ridge {opt.ridge:g}" if opt.ridge else "")
+    if isinstance(opt, OnlineSGD):
+        what = "online SGD, implicit step" if opt.step == "implicit" else "online SGD"
+        return what + (f", {opt.steps_per_token} steps/token" if opt.steps_per_token > 1 else "")
+    return f"mini-batch GD (b={opt.batch_size})" + (", momentum" if opt.momentum else "")
+
+
+def _l2_keys(r: Regressor) -> bool:
+    if not (isinstance(r, Linear) and r.feature_map in ("identity", "l2")):
+        raise ValueError(f"online learners take linear memories on raw or L2-normalized keys, got {r.describe()}")
+    return r.feature_map == "l2"
 
 
 @dataclass(frozen=True)
@@ -67,24 +121,70 @@ class Recipe:
     def op(self) -> Callable:
         """The op solving this regression, with the recipe's own keywords bound.
 
-        Call it as op(q, k, v, g, scale=..., initial_state=..., output_final_state=..., mode=...).
+        Call it as op(q, k, v, **inputs, scale=..., initial_state=..., output_final_state=..., mode=...),
+        with `inputs` the per-token tensors named by `self.inputs` (log-gate g, step sizes).
         """
-        r, o = self.regressor, self.optimizer
-        if isinstance(r, Linear) and isinstance(o, BatchGD) and o.steps == 1 and o.lr == 1.0:
+        r, o, w = self.regressor, self.optimizer, self.weights
+        if isinstance(o, BatchGD) and isinstance(r, Linear) and o.steps == 1 and o.lr == 1.0:
             return functools.partial(ops.linear_attention, feature_map=r.feature_map)
-        if isinstance(r, LocalConstant) and isinstance(o, Exact) and o.ridge == 0.0:
+        if isinstance(o, Exact) and isinstance(r, LocalConstant) and o.ridge == 0.0:
             return functools.partial(ops.linear_attention, feature_map=r.feature_map, normalize=True)
+        if isinstance(o, OnlineSGD) and isinstance(w, (Uniform, ScalarGate)):
+            fn = {("learned", True): ops.delta_rule, ("learned", False): ops.delta_product,
+                  ("implicit", True): ops.longhorn}[(o.step, o.steps_per_token == 1)]
+            if o.step == "implicit" and not isinstance(w, Uniform):
+                raise ValueError(f"no op implements {self.describe()} yet")
+            return functools.partial(fn, qk_l2norm=_l2_keys(r))
+        if isinstance(o, MiniBatchGD) and (isinstance(w, Uniform) or (o.momentum and isinstance(w, ScalarGate))):
+            if o.momentum:
+                return functools.partial(ops.titans, batch_size=o.batch_size, qk_l2norm=_l2_keys(r))
+            if isinstance(r, MLP):
+                return functools.partial(ops.ttt_mlp, batch_size=o.batch_size)
+            return functools.partial(ops.ttt_linear, batch_size=o.batch_size, qk_l2norm=_l2_keys(r))
         raise ValueError(f"no op implements {self.describe()} yet")
 
-    def oracle(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, scale: float | None = None,
-               initial_state: Tensor | None = None) -> Tensor:
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The op's per-token inputs besides q, k, v, by name."""
+        gate = () if isinstance(self.weights, Uniform) else ("g",)
+        o = self.optimizer
+        if isinstance(o, OnlineSGD):
+            return ("delta",) if o.step == "implicit" else ("beta", *gate)
+        if isinstance(o, MiniBatchGD):
+            return ("theta", "momentum", *gate) if o.momentum else ("lr",)
+        return gate
+
+    def oracle(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+               initial_state: Tensor | None = None, **inputs: Tensor) -> Tensor:
         """The same regression solved literally, in float64, by ttr.oracle: [B, T, H, Dv]."""
         r, o = self.regressor, self.optimizer
-        if isinstance(r, Linear):
+        g = inputs.get("g")
+        if isinstance(o, (BatchGD, Exact)) and isinstance(r, Linear):
             return oracle.parametric(q, k, v, g, optimizer=o, feature_map=r.feature_map, scale=scale,
                                      initial_state=initial_state)[0]
-        if isinstance(r, LocalConstant) and isinstance(o, Exact):
+        if isinstance(o, Exact) and isinstance(r, LocalConstant):
             return oracle.local_constant(q, k, v, g, feature_map=r.feature_map, initial_state=initial_state)
+        phi = get_feature_map("l2" if isinstance(r, MLP) else r.feature_map)  # the ops' key normalization
+        q, k = phi(q.double()), phi(k.double())
+        if isinstance(o, OnlineSGD) and o.step == "implicit":
+            return oracle.online_sgd(q, k, v, inputs["delta"], implicit=True, scale=scale,
+                                     initial_state=initial_state)[0]
+        if isinstance(o, OnlineSGD):
+            beta = inputs["beta"].double()
+            if g is None:
+                return oracle.online_sgd(q, k, v, beta, scale=scale, initial_state=initial_state)[0]
+            # Gated DeltaNet is L2-regularized SGD after the map in ttr.ops.sgd's docstring.
+            a = g.double().exp()
+            if beta.dim() == 4:  # DeltaProduct: the gate acts once per token, before its first step
+                a = torch.cat([a[..., None], torch.ones_like(beta[..., 1:])], dim=-1)
+            return oracle.online_sgd(q, k, v / a[..., None], a * beta, weight_decay=(1 - a) / (a * beta),
+                                     scale=scale, initial_state=initial_state)[0]
+        if isinstance(o, MiniBatchGD):
+            if o.momentum:
+                return oracle.minibatch_gd(q, k, v, inputs["theta"], batch_size=o.batch_size, momentum=inputs["momentum"],
+                                           g=g, scale=scale, initial_state=initial_state)[0]
+            return oracle.minibatch_gd(q, k, v, inputs["lr"], batch_size=o.batch_size, mlp=isinstance(r, MLP),
+                                       scale=scale, initial_state=initial_state)[0]
         raise ValueError(f"the oracle has no solver for {self.describe()}")
 
     @property
@@ -124,6 +224,20 @@ _PRESET_LIST = [
            "Dao & Gu, 2024", "g = -exp(A_log) softplus(W x + dt_bias), scalar per head"),
     Preset("gla", "Gated Linear Attention", Recipe(VectorGate(), Linear(), BatchGD()),
            "Yang et al., 2024", "g = logsigmoid(W2 W1 x + b) / 16, rank-16, per key channel"),
+    Preset("deltanet", "DeltaNet", Recipe(Uniform(), Linear("l2"), OnlineSGD()),
+           "Schlag et al., 2021; Yang et al., 2024", "beta = sigmoid(W x), L2-normalized q and k"),
+    Preset("gated_deltanet", "Gated DeltaNet", Recipe(ScalarGate(), Linear("l2"), OnlineSGD()),
+           "Yang et al., 2025", "alpha from the Mamba-2 gate (weight decay), beta = sigmoid(W x)"),
+    Preset("longhorn", "Longhorn", Recipe(Uniform(), Linear("l2"), OnlineSGD(step="implicit")),
+           "Liu et al., 2024", "delta = softplus(W x), beta = delta / (1 + delta ||k||^2)"),
+    Preset("deltaproduct", "DeltaProduct (n=2)", Recipe(Uniform(), Linear("l2"), OnlineSGD(steps_per_token=2)),
+           "Siems et al., 2025", "2 keys, values, betas per token, beta = 2 sigmoid(W x) in (0, 2)"),
+    Preset("ttt_linear", "TTT-Linear", Recipe(Uniform(), Linear("l2"), MiniBatchGD(16)),
+           "Sun et al., 2024", "eta = sigmoid(W x), mini-batch 16, no inner layer norm"),
+    Preset("ttt_mlp", "TTT-MLP", Recipe(Uniform(), MLP(4), MiniBatchGD(16)),
+           "Sun et al., 2024", "eta = 0.1 sigmoid(W x), mini-batch 16, learned initial MLP, no inner layer norm"),
+    Preset("titans", "Titans (linear memory)", Recipe(ScalarGate(), Linear("l2"), MiniBatchGD(16, momentum=True)),
+           "Behrouz et al., 2024", "theta, eta = sigmoid(W x), alpha from the Mamba-2 gate, mini-batch 16"),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 

@@ -17,6 +17,12 @@ Defaults, and why:
   alpha = `decay` (0.95, a memory of ~20 steps), vector gates a spread of per-channel decays with
   1 - alpha_c from 4 (1 - decay) down to (1 - decay) / 4 (timescales 5 to 80 steps, as GLA learns).
   RetNet keeps its published first-head decay 1 - 2^-5.
+- Online learners take a constant step `step` (0.5) on unit keys: beta for DeltaNet and Gated DeltaNet,
+  each of DeltaProduct's 2 steps (here both on the token's one association), Longhorn's delta = 1 (so
+  beta = 0.5). Mini-batch learners sum a mini-batch's gradients, so they take step / b per token (GD on
+  the mini-batch's mean loss): TTT-Linear's and TTT-MLP's inner learning rate, Titans' theta (momentum 0.5).
+  TTT-MLP starts from random weights (W1 ~ N(0, 1/d), W2 ~ N(0, 1/(4d)), seed 0), as a layer would
+  before training.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..recipe import PRESETS, Preset
+from ..recipe import MLP, PRESETS, MiniBatchGD, OnlineSGD, Preset
 from ..tasks.switching import switching_keys
 from ..weights import FixedDecay, ScalarGate, Uniform, VectorGate
 
@@ -43,6 +49,7 @@ class RegressConfig:
     n_seq: int = 64
     seed: int = 0
     decay: float = 0.95
+    step: float = 0.5
     out: str = "runs/regress"
 
 
@@ -75,15 +82,54 @@ def parameter_free_gate(preset: Preset, decay: float, n_seq: int, length: int, d
     raise ValueError(f"no parameter-free gate for {w!r}")
 
 
-def memory_errors(preset: Preset, keys: Tensor, values: Tensor, decay: float) -> tuple[Tensor, Tensor]:
+def parameter_free_inputs(preset: Preset, decay: float, step: float, n_seq: int, length: int,
+                          dim: int) -> dict[str, Tensor]:
+    """Every per-token input of the preset's op, as constants (see the module docstring)."""
+    if not 0.0 < step <= 1.0:
+        raise ValueError(f"step must be in (0, 1], got {step}")
+    opt = preset.recipe.optimizer
+    n = opt.steps_per_token if isinstance(opt, OnlineSGD) else 1
+    per_batch = step / opt.batch_size if isinstance(opt, MiniBatchGD) else step
+    const = {"beta": step, "delta": step / (1.0 - step), "lr": per_batch, "theta": per_batch, "momentum": 0.5}
+    inputs = {}
+    for name in preset.recipe.inputs:
+        if name == "g":
+            inputs["g"] = parameter_free_gate(preset, decay, n_seq, length, dim)
+        else:
+            shape = (n_seq, length, 1) + ((n,) if name == "beta" and n > 1 else ())
+            inputs[name] = torch.full(shape, const[name], dtype=torch.float64)
+    return inputs
+
+
+def initial_state(preset: Preset, n_seq: int, dim: int) -> tuple[Tensor, Tensor] | None:
+    """Starting weights for memories that need them (TTT-MLP), seeded; None for the others."""
+    r = preset.recipe.regressor
+    if not isinstance(r, MLP):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    hidden = r.expansion * dim
+    return (torch.randn(n_seq, 1, hidden, dim, generator=gen, dtype=torch.float64) * dim ** -0.5,
+            torch.randn(n_seq, 1, dim, hidden, generator=gen, dtype=torch.float64) * hidden ** -0.5)
+
+
+def memory_errors(preset: Preset, keys: Tensor, values: Tensor, decay: float, step: float) -> tuple[Tensor, Tensor]:
     """Squared error ||m_t(k_t) - v_t||^2 and direction error 1 - cos(m_t(k_t), v_t): [n_seq, length] each."""
     n_seq, length, dim = keys.shape
     shift = torch.nn.functional.pad
     k_mem = shift(keys, (0, 0, 1, 0))[:, :-1, None]     # association t is (k_{t-1}, v_{t-1})
     v_mem = shift(values, (0, 0, 1, 0))[:, :-1, None]
-    g = parameter_free_gate(preset, decay, n_seq, length, dim)
-    y, _ = preset.recipe.op()(keys[:, :, None], k_mem, v_mem, g, scale=1.0, mode="chunk")
-    y = y[:, :, 0]
+    opt = preset.recipe.optimizer
+    if isinstance(opt, OnlineSGD) and opt.steps_per_token > 1:
+        n = opt.steps_per_token
+        k_mem, v_mem = (x.unsqueeze(3).expand(-1, -1, -1, n, -1) for x in (k_mem, v_mem))
+    inputs = {name: None if x is None else x.float()
+              for name, x in parameter_free_inputs(preset, decay, step, n_seq, length, dim).items()}
+    init = initial_state(preset, n_seq, dim)
+    # float32, as a layer runs: the data need no more, and the float64 batched triangular solve of some
+    # BLAS builds is orders of magnitude slower
+    y, _ = preset.recipe.op()(keys[:, :, None].float(), k_mem.float(), v_mem.float(), **inputs, scale=1.0,
+                              initial_state=None if init is None else tuple(w.float() for w in init), mode="chunk")
+    y = y[:, :, 0].double()
     cos = torch.nn.functional.cosine_similarity(y, values, dim=-1)
     return ((y - values) ** 2).sum(-1), 1.0 - cos
 
@@ -112,7 +158,7 @@ def run(cfg: RegressConfig, progress=None) -> tuple[list[Row], dict[str, dict[st
     keys, values = switching_keys(cfg.n_seq, cfg.length, cfg.dim, seed=cfg.seed)
     rows, curves = [], {}
     for name, preset in PRESETS.items():
-        mse, cos = (e.mean(0) for e in memory_errors(preset, keys, values, cfg.decay))
+        mse, cos = (e.mean(0) for e in memory_errors(preset, keys, values, cfg.decay, cfg.step))
         if not bool(torch.isfinite(mse).all() and torch.isfinite(cos).all()):
             raise RuntimeError(f"{name}: non-finite error, the memory diverged")
         rows.append(summarize(name, preset, mse, cos))

@@ -1,7 +1,8 @@
-"""Gate modules: the weights ingredient of a recipe, as the published systems parameterize it.
+"""The per-token inputs of an op, made from x as the published systems parameterize them.
 
-Each maps x [B, T, d_model] to a log-gate (or None): [B, T, H] for scalar decays, [B, T, H, Dk] for
-per-key-channel decays. The ops know nothing of these; they only take g.
+Gates (the weights ingredient) map x [B, T, d_model] to a log-gate: [B, T, H] for scalar decays,
+[B, T, H, Dk] for per-key-channel decays. Step sizes (the optimizer ingredient) map x to [B, T, H]
+(or [B, T, H, n] for n steps per token). The ops know nothing of these modules; they take tensors.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..recipe import MLP, OnlineSGD, Recipe
 from ..weights import FixedDecay, ScalarGate, Uniform, VectorGate, Weights
 
 
@@ -64,3 +66,39 @@ def make_gate(weights: Weights, d_model: int, n_heads: int, head_dim: int) -> nn
     if isinstance(weights, VectorGate):
         return GLAGate(d_model, n_heads, head_dim)
     raise ValueError(f"no gate module for weights {weights!r}")
+
+
+class StepSize(nn.Module):
+    """A step size per head (and step) and token: scale * act(W x + b), act sigmoid or softplus.
+    `floor` keeps it away from zero where the op needs a positive value (a momentum coefficient)."""
+
+    def __init__(self, d_model: int, n_heads: int, act: str, n_steps: int = 1, scale: float = 1.0,
+                 floor: float = 0.0) -> None:
+        super().__init__()
+        if act not in ("sigmoid", "softplus"):
+            raise ValueError(f"act must be 'sigmoid' or 'softplus', got {act!r}")
+        self.proj = nn.Linear(d_model, n_heads * n_steps)
+        self.act, self.n_heads, self.n_steps, self.scale, self.floor = act, n_heads, n_steps, scale, floor
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.proj(x)
+        y = self.scale * (torch.sigmoid(z) if self.act == "sigmoid" else F.softplus(z))
+        y = y.clamp_min(self.floor) if self.floor else y
+        shape = (self.n_heads,) if self.n_steps == 1 else (self.n_heads, self.n_steps)
+        return y.view(*x.shape[:2], *shape)
+
+
+def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int) -> nn.ModuleDict:
+    """One module per input the recipe's op takes (recipe.inputs), keyed by the op's argument names."""
+    opt = recipe.optimizer
+    n_steps = opt.steps_per_token if isinstance(opt, OnlineSGD) else 1
+    makers = {
+        "g": lambda: make_gate(recipe.weights, d_model, n_heads, head_dim),
+        # DeltaProduct lets beta reach 2 (negative eigenvalues of the transition), DeltaNet keeps it below 1
+        "beta": lambda: StepSize(d_model, n_heads, "sigmoid", n_steps, scale=2.0 if n_steps > 1 else 1.0),
+        "delta": lambda: StepSize(d_model, n_heads, "softplus"),
+        "lr": lambda: StepSize(d_model, n_heads, "sigmoid", scale=0.1 if isinstance(recipe.regressor, MLP) else 1.0),
+        "theta": lambda: StepSize(d_model, n_heads, "sigmoid"),
+        "momentum": lambda: StepSize(d_model, n_heads, "sigmoid", floor=1e-4),
+    }
+    return nn.ModuleDict({name: makers[name]() for name in recipe.inputs})

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..recipe import Preset, Recipe, get_preset
+import inspect
+
+from ..recipe import MLP, OnlineSGD, Preset, Recipe, get_preset
 from .conv import ShortConv
-from .gates import make_gate
+from .gates import make_inputs
 
 
 @dataclass
@@ -42,13 +44,21 @@ class TTRLayer(nn.Module):
         if self.head_dim < 1:
             raise ValueError(f"head_dim must be >= 1, got d_model={d_model}, n_heads={n_heads}")
         inner = n_heads * self.head_dim
-        self.qkv = nn.Linear(d_model, 3 * inner, bias=False)
-        self.conv = ShortConv(3 * inner, conv_size) if conv_size > 0 else None
-        self.gate = make_gate(memory.weights, d_model, n_heads, self.head_dim)
+        # n keys and values per token for memories that take n steps per token (DeltaProduct)
+        self.n_steps = memory.optimizer.steps_per_token if isinstance(memory.optimizer, OnlineSGD) else 1
+        width = (1 + 2 * self.n_steps) * inner
+        self.qkv = nn.Linear(d_model, width, bias=False)
+        self.conv = ShortConv(width, conv_size) if conv_size > 0 else None
+        self.inputs = make_inputs(memory, d_model, n_heads, self.head_dim)
+        if isinstance(memory.regressor, MLP):  # the MLP memory's starting weights are learned
+            hidden = memory.regressor.expansion * self.head_dim
+            self.W1 = nn.Parameter(torch.randn(n_heads, hidden, self.head_dim) * self.head_dim ** -0.5)
+            self.W2 = nn.Parameter(torch.randn(n_heads, self.head_dim, hidden) * hidden ** -0.5)
         self.norm = nn.RMSNorm(self.head_dim) if norm else None
         self.out_gate = nn.Linear(d_model, inner, bias=False) if output_gate else None
         self.out = nn.Linear(inner, d_model, bias=False)
         self.op = memory.op()
+        self.takes_chunk_size = "chunk_size" in inspect.signature(self.op.func).parameters
         self.chunk_size, self.mode = chunk_size, mode
 
     def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
@@ -58,11 +68,17 @@ class TTRLayer(nn.Module):
         conv_cache = None
         if self.conv is not None:
             qkv, conv_cache = self.conv(qkv, state.conv)
-        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        g = None if self.gate is None else self.gate(x)
+        H, D, n = self.n_heads, self.head_dim, self.n_steps
+        q, k, v = qkv.split([H * D, n * H * D, n * H * D], dim=-1)
+        q = q.view(B, T, H, D)
+        k, v = (x.view(B, T, H, n, D) if n > 1 else x.view(B, T, H, D) for x in (k, v))
+        inputs = {name: module(x) for name, module in self.inputs.items()}
+        memory = state.memory
+        if memory is None and hasattr(self, "W1"):
+            memory = (self.W1.expand(B, -1, -1, -1), self.W2.expand(B, -1, -1, -1))
         mode = "recurrent" if T == 1 else self.mode
-        kwargs = {"chunk_size": self.chunk_size} if mode == "chunk" else {}
-        o, memory = self.op(q, k, v, g, initial_state=state.memory, output_final_state=True, mode=mode, **kwargs)
+        kwargs = {"chunk_size": self.chunk_size} if mode == "chunk" and self.takes_chunk_size else {}
+        o, memory = self.op(q, k, v, **inputs, initial_state=memory, output_final_state=True, mode=mode, **kwargs)
         if self.norm is not None:
             o = self.norm(o)
         o = o.reshape(B, T, -1)

@@ -44,12 +44,16 @@ def delta_rule(
     g: a log-gate [B, T, H] or None. Returns (o [B, T, H, Dv], final state [B, H, Dk, Dv] or None).
 
     qk_l2norm=True normalizes q and k to unit length first (as DeltaNet does); without it beta_t ||k_t||^2
-    must stay in [0, 2] for the step to be a contraction, which the op does not check.
+    must lie in [0, 2] for the step to be a contraction (checked).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
-    check_step("beta", beta, (B, T, H), upper=2.0)
+    check_step("beta", beta, (B, T, H), upper=2.0 if qk_l2norm else None)
+    if not qk_l2norm:  # the step is a contraction while beta ||k||^2 <= 2
+        reach = float((beta.detach() * (k.detach().to(beta.dtype) ** 2).sum(-1)).max()) if beta.numel() else 0.0
+        if reach > 2.0 + 1e-6:
+            raise ValueError(f"beta * ||k||^2 must lie in [0, 2] with raw keys (qk_l2norm=False), got max {reach:.4g}")
     if check_log_gate(g, B, T, H, Dk) == "vector":
         raise ValueError(f"g must be a scalar log-gate [B, T, H] for the delta rule, got shape {list(g.shape)}")
     check_state("initial_state", initial_state, (B, H, Dk, Dv))
@@ -158,3 +162,33 @@ def delta_product(
                           initial_state=initial_state, output_final_state=output_final_state, mode=mode,
                           chunk_size=chunk_size)
     return o.reshape(B, T, n, H, -1)[:, :, -1], state
+
+
+def longhorn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    delta: Tensor,
+    *,
+    qk_l2norm: bool = True,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor | None]:
+    """Longhorn: the implicit (proximal) online step, delta [B, T, H] >= 0 its strength.
+
+        M_t = argmin_M 1/2 ||M - M_{t-1}||_F^2 + delta_t / 2 ||v_t - M k_t||^2.
+    Setting the gradient to zero, M (I + delta k k^T) = M_{t-1} + delta v k^T, and Sherman-Morrison,
+    (I + delta k k^T)^-1 = I - delta k k^T / (1 + delta ||k||^2), give
+        M_t = M_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,   beta_t = delta_t / (1 + delta_t ||k_t||^2):
+    the delta rule with that step (the slides print 1 / (1 + delta ||k||^2), which drops the numerator).
+    beta_t ||k_t||^2 < 1 for every delta_t, so the step never overshoots.
+    """
+    B, T, H, _, _ = check_qkv(q, k, v)
+    check_step("delta", delta, (B, T, H))
+    k_sq = torch.ones_like(delta) if qk_l2norm else (k.to(delta.dtype) ** 2).sum(-1)
+    beta = delta / (1.0 + delta * k_sq)
+    return delta_rule(q, k, v, beta, qk_l2norm=qk_l2norm, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
