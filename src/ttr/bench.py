@@ -1,6 +1,6 @@
 """`ttr bench`: speed and memory of each op and form, as ratios measured in one run.
 
-For every gate kind, head dim and length it times the chunk and recurrent forms (forward, and
+For every op, gate kind, head dim and length it times the chunk and recurrent forms (forward, and
 forward + backward), torch's causal scaled_dot_product_attention as the quadratic reference, and a
 large matmul for the machine's attainable GFLOP/s. Peak memory is the growth over the call: on CUDA
 max_memory_allocated, on Linux CPUs the process's peak RSS (reset through /proc/self/clear_refs).
@@ -22,6 +22,17 @@ import torch.nn.functional as F
 from . import ops
 
 GATES = ("none", "scalar", "vector")
+# the ops benchmarked and the gate kinds each takes
+CASES: dict[str, tuple[str, ...]] = {
+    "linear_attention": GATES,
+    "delta_rule": ("none", "scalar"),
+    "longhorn": ("none",),
+    "delta_product": ("none",),
+    "ttt_linear": ("none",),
+    "ttt_mlp": ("none",),
+    "titans": ("scalar",),
+}
+MINI_BATCH = 16  # TTT's and Titans' mini-batch (their chunk), as in the presets
 
 
 @dataclass
@@ -29,6 +40,7 @@ class BenchConfig:
     lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
     head_dims: tuple[int, ...] = (64, 128)
     gates: tuple[str, ...] = GATES
+    ops: tuple[str, ...] = tuple(CASES)
     heads: int = 4
     batch: int = 1
     chunk_size: int = 64
@@ -126,10 +138,22 @@ def matmul_gflops(device: torch.device, repeats: int, n: int = 2048) -> float:
     return 2 * n ** 3 / time_ms(lambda: a @ b, device, repeats + 2) / 1e6
 
 
-def chunk_flops(T: int, C: int, Dk: int, Dv: int, heads: int, batch: int) -> float:
-    """Matrix-product flops of the chunk form's forward: scores, intra outputs, state updates, inter outputs."""
+def chunk_flops(op: str, T: int, C: int, Dk: int, Dv: int, heads: int, batch: int) -> float:
+    """Matrix-product flops of an op's chunk form, forward (the products as computed, masks included)."""
     Tp = -(-T // C) * C
-    return 2.0 * batch * heads * Tp * (C * (Dk + Dv) + 2 * Dk * Dv)
+    b, Dh = MINI_BATCH, 4 * Dk
+    per_token = {
+        "linear_attention": 2 * (C * (Dk + Dv) + 2 * Dk * Dv),
+        # K K^T, Q K^T, the triangular solve, W S, Q S, P U, K^T U
+        "delta_rule": C * (5 * Dk + 3 * Dv) + 6 * Dk * Dv,
+        "longhorn": C * (5 * Dk + 3 * Dv) + 6 * Dk * Dv,
+        "delta_product": 2 * (C * (5 * Dk + 3 * Dv) + 6 * Dk * Dv),  # two sub-steps per token
+        "ttt_linear": 2 * b * (Dk + Dv) + 6 * Dk * Dv,
+        "titans": 2 * b * (Dk + Dv) + 8 * Dk * Dv + 2 * b * b,
+        "ttt_mlp": 6 * Dk * Dh + 8 * Dh * Dv + 2 * b * (2 * Dh + Dv + Dk),
+    }[op]
+    return float(batch * heads * (Tp if op in ("linear_attention", "delta_rule", "longhorn", "delta_product")
+                                   else -(-T // b) * b) * per_token)
 
 
 def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
@@ -141,21 +165,45 @@ def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Call
     return run
 
 
-def _linear_attention_problem(cfg: BenchConfig, gate: str, T: int, D: int, device: torch.device):
-    """Inputs (with gradients) and a maker of forward calls for each form."""
+def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.device):
+    """Inputs (leaves with gradients) for one op, and a maker of its forward calls for each form."""
     B, H = cfg.batch, cfg.heads
     gen = torch.Generator(device=device).manual_seed(T * D)
-    q, k, v = (torch.randn(B, T, H, D, device=device, generator=gen).requires_grad_() for _ in range(3))
-    g_shape = {"none": None, "scalar": (B, T, H), "vector": (B, T, H, D)}[gate]
-    g = None if g_shape is None else F.logsigmoid(torch.randn(g_shape, device=device, generator=gen) + 4)
-    g = None if g is None else g.requires_grad_()
-    leaves = [x for x in (q, k, v, g) if x is not None]
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, generator=gen)
+
+    n = (2,) if op == "delta_product" else ()
+    q, k, v = rand(B, T, H, D), rand(B, T, H, *n, D), rand(B, T, H, *n, D)
+    g = {"none": None, "scalar": F.logsigmoid(rand(B, T, H) + 4), "vector": F.logsigmoid(rand(B, T, H, D) + 4)}[gate]
+    extra = {
+        "linear_attention": lambda: {"g": g},
+        "delta_rule": lambda: {"beta": torch.sigmoid(rand(B, T, H)), "g": g},
+        "longhorn": lambda: {"delta": F.softplus(rand(B, T, H))},
+        "delta_product": lambda: {"beta": 2 * torch.sigmoid(rand(B, T, H, 2))},
+        "ttt_linear": lambda: {"lr": torch.sigmoid(rand(B, T, H)) / MINI_BATCH},
+        "ttt_mlp": lambda: {"lr": torch.sigmoid(rand(B, T, H)) / MINI_BATCH,
+                            "initial_state": (rand(B, H, 4 * D, D) * D ** -0.5, rand(B, H, D, 4 * D) * (4 * D) ** -0.5)},
+        "titans": lambda: {"theta": torch.sigmoid(rand(B, T, H)) / MINI_BATCH,
+                           "momentum": 0.05 + 0.9 * torch.sigmoid(rand(B, T, H)), "g": g},
+    }[op]()
+    for x in (q, k, v, *extra.values()):
+        for t in (x if isinstance(x, tuple) else (x,)):
+            if t is not None:
+                t.requires_grad_()
+    leaves = [t for x in (q, k, v, *extra.values()) if x is not None for t in (x if isinstance(x, tuple) else (x,))]
+    fn = getattr(ops, op)
 
     def call(mode: str) -> Callable[[], torch.Tensor]:
-        extra = {"chunk_size": cfg.chunk_size} if mode == "chunk" else {}
-        return lambda: ops.linear_attention(q, k, v, g, mode=mode, **extra)[0]
+        chunk = {"chunk_size": cfg.chunk_size} if mode == "chunk" and op in CHUNKED else {}
+        if op in ("ttt_linear", "ttt_mlp", "titans"):
+            chunk = {"batch_size": MINI_BATCH}
+        return lambda: fn(q, k, v, **extra, mode=mode, **chunk)[0]
 
     return call, leaves
+
+
+CHUNKED = ("linear_attention", "delta_rule", "longhorn", "delta_product")
 
 
 def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -165,28 +213,27 @@ def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return run
 
 
-def time_linear_attention(cfg: BenchConfig, gate: str, T: int, D: int, device: torch.device) -> BenchRow:
-    call, leaves = _linear_attention_problem(cfg, gate, T, D, device)
+def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.device) -> BenchRow:
+    call, leaves = _problem(cfg, op, gate, T, D, device)
     chunk_fwd = time_ms(_no_grad(call("chunk")), device, cfg.repeats)
     chunk_fb = time_ms(_fwd_bwd(call("chunk"), leaves), device, cfg.repeats)
     rec_fwd = rec_fb = None
     if T <= cfg.recurrent_max_len:  # thousands of small steps: long enough to need no warm-up
         rec_fwd = time_ms(_no_grad(call("recurrent")), device, 1, warmup=False)
         rec_fb = time_ms(_fwd_bwd(call("recurrent"), leaves), device, 1, warmup=False)
-    qs, ks, vs = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in leaves[:3])
+    qs, ks, vs = (torch.randn(cfg.batch, cfg.heads, T, D, device=device, requires_grad=True) for _ in range(3))
     sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
     sdpa_fwd = time_ms(_no_grad(sdpa), device, cfg.repeats)
     sdpa_fb = time_ms(_fwd_bwd(sdpa, [qs, ks, vs]), device, cfg.repeats)
-    gflops = 3 * chunk_flops(T, cfg.chunk_size, D, D, cfg.heads, cfg.batch) / chunk_fb / 1e6
-    return BenchRow("linear_attention", gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, sdpa_fwd, sdpa_fb,
-                    gflops)
+    gflops = 3 * chunk_flops(op, T, cfg.chunk_size, D, D, cfg.heads, cfg.batch) / chunk_fb / 1e6
+    return BenchRow(op, gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, sdpa_fwd, sdpa_fb, gflops)
 
 
 _SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_max_len")
 
 
-def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, int, int], BenchRow]:
-    """Rows of an earlier, interrupted run with the same settings, by (gate, D, T)."""
+def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, str, int, int], BenchRow]:
+    """Rows of an earlier, interrupted run with the same settings, by (op, gate, D, T)."""
     path = Path(cfg.out)
     if not (cfg.resume and path.exists()):
         return {}
@@ -195,7 +242,7 @@ def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, int, int], BenchRow]:
         return {}
     names = {f.name for f in fields(BenchRow)}
     rows = [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in old["rows"]]
-    return {(r.gate, r.D, r.T): r for r in rows}
+    return {(r.op, r.gate, r.D, r.T): r for r in rows}
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> tuple[float, list[BenchRow]]:
@@ -205,22 +252,26 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> tupl
     for gate in cfg.gates:
         if gate not in GATES:
             raise ValueError(f"gates must be among {GATES}, got {gate!r}")
+    for op in cfg.ops:
+        if op not in CASES:
+            raise ValueError(f"ops must be among {tuple(CASES)}, got {op!r}")
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     done = _resumable_rows(cfg)
     mm = matmul_gflops(device, cfg.repeats)
-    grid = [(gate, D, T) for gate in cfg.gates for D in cfg.head_dims for T in cfg.lengths]
+    grid = [(op, gate, D, T) for op in cfg.ops for gate in CASES[op] if gate in cfg.gates
+            for D in cfg.head_dims for T in cfg.lengths]
     rows = []
-    for gate, D, T in grid:
+    for op, gate, D, T in grid:
         if progress is not None:
-            progress(f"time g={gate} D={D} T={T}")
-        rows.append(done.get((gate, D, T)) or time_linear_attention(cfg, gate, T, D, device))
+            progress(f"time {op} g={gate} D={D} T={T}")
+        rows.append(done.get((op, gate, D, T)) or time_op(cfg, op, gate, T, D, device))
         save(cfg, mm, rows)
     for row in rows:
         if progress is not None:
-            progress(f"memory g={row.gate} D={row.D} T={row.T}")
+            progress(f"memory {row.op} g={row.gate} D={row.D} T={row.T}")
         if row.peak_mb is None:
-            call, leaves = _linear_attention_problem(cfg, row.gate, row.T, row.D, device)
+            call, leaves = _problem(cfg, row.op, row.gate, row.T, row.D, device)
             row.peak_mb = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
             save(cfg, mm, rows)
     return mm, rows

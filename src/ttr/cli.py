@@ -21,6 +21,10 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+_OP_SHORT = {"linear_attention": "la", "delta_rule": "dr", "longhorn": "lh", "delta_product": "dp",
+             "ttt_linear": "ttt", "ttt_mlp": "mlp", "titans": "tit"}
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}" if x < 10 else f"{x:.0f}"
 
@@ -72,10 +76,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
     cfg = bench.BenchConfig(lengths=args.lengths, head_dims=args.head_dims, gates=tuple(args.gates.split(",")),
+                            ops=tuple(args.ops.split(",")),
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
                             recurrent_max_len=args.recurrent_max_len, repeats=args.repeats, device=args.device,
                             out=args.out, resume=args.resume)
-    total = 2 * len(cfg.gates) * len(cfg.head_dims) * len(cfg.lengths)
+    n_cases = sum(g in cfg.gates for op in cfg.ops for g in bench.CASES.get(op, ()))
+    total = 2 * n_cases * len(cfg.head_dims) * len(cfg.lengths)
     with _progress() as bar:
         task = bar.add_task("bench", total=total)
 
@@ -85,18 +91,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         matmul, rows = bench.run(cfg, progress=step)
     path = Path(cfg.out)
-    table = Table(title=f"linear_attention: B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size}, "
-                        f"{cfg.device}; matmul {matmul:.0f} GFLOP/s", box=box.SIMPLE_HEAD, padding=(0, 1),
-                  collapse_padding=True)
-    for c in ("gate", "D", "T", "fwd", "f+b", "rec", "xrec", "sdpa", "xsdpa", "GF/s", "%mm", "MB"):
-        table.add_column(c, justify="right", no_wrap=True)
+    table = Table(title=f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch "
+                        f"{bench.MINI_BATCH}), {cfg.device}; matmul {matmul:.0f} GFLOP/s", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), collapse_padding=True)
+    for c in ("op", "g", "D", "T", "fwd", "f+b", "rec", "xrec", "sdpa", "xsdpa", "GF/s", "%mm", "MB"):
+        table.add_column(c, justify="left" if c == "op" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(r.gate, str(r.D), str(r.T), _ms(r.chunk_fwd_ms), _ms(r.chunk_fwdbwd_ms),
+        table.add_row(_OP_SHORT.get(r.op, r.op), r.gate[0], str(r.D), str(r.T), _ms(r.chunk_fwd_ms), _ms(r.chunk_fwdbwd_ms),
                       _ms(r.recurrent_fwdbwd_ms), "-" if r.speedup is None else f"{r.speedup:.0f}",
                       _ms(r.sdpa_fwdbwd_ms), f"{r.vs_sdpa:.1f}", f"{r.chunk_gflops:.0f}",
                       f"{100 * r.chunk_gflops / matmul:.0f}", "-" if r.peak_mb is None else f"{r.peak_mb:.0f}")
     console.print(table)
-    console.print("fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
+    console.print("op: la linear_attention, dr delta_rule, lh longhorn, dp delta_product, ttt ttt_linear, "
+                  "mlp ttt_mlp, tit titans; g: gate (n none, s scalar, v vector). "
+                  "fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
                   "SDPA forward+backward, ms; xrec, xsdpa: their time over the chunk form's (>1: chunk faster). "
                   "GF/s: the chunk form's matrix-product flops (forward x3) per second of forward+backward, "
                   "%mm: of the matmul. MB: memory the chunk forward+backward adds at its peak.\n"
@@ -128,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=_ints, default=(512, 1024, 2048, 4096, 8192), help="T values, comma-separated")
     p.add_argument("--head-dims", type=_ints, default=(64, 128), help="head dims, comma-separated (64,128)")
     p.add_argument("--gates", default="none,scalar,vector", help="gate kinds among none,scalar,vector")
+    p.add_argument("--ops", default=",".join(("linear_attention", "delta_rule", "longhorn", "delta_product",
+                                              "ttt_linear", "ttt_mlp", "titans")),
+                   help="ops to time, comma-separated (default: all)")
     p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunk form (default 64)")

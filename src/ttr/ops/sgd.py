@@ -103,21 +103,21 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0
     gamma = decay_mask(G)                                           # [B, H, N, C, C], e^{G_t - G_i}, i <= t
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     system = eye + bc * (kc @ kc.transpose(-1, -2) * gamma).tril(-1)
+    inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
     decay_in = torch.exp(G)[..., None]                               # e^{G_t}: start state -> token t
-    rhs = torch.cat([bc * vc, bc * decay_in * kc], dim=-1)
-    sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    u_free, w = sol.split([vc.shape[-1], kc.shape[-1]], dim=-1)      # U = u_free - w @ S_0
-    scores = qc @ kc.transpose(-1, -2) * gamma
-    q_in = qc * decay_in
+    u_free = inverse @ (bc * vc)                                     # U = u_free - w @ S_0
+    w = inverse @ (bc * decay_in * kc)
     k_out = kc * torch.exp(G[..., -1:] - G)[..., None]              # token i -> end of chunk
     chunk_decay = torch.exp(G[..., -1])[..., None, None]             # [B, H, N, 1, 1]
     state = q.new_zeros(q.shape[0], q.shape[2], kc.shape[-1], vc.shape[-1]) if s0 is None else s0
-    outs = []
-    for u_n, w_n, p_n, qi_n, ko_n, d_n in zip(*(x.unbind(2) for x in (u_free, w, scores, q_in, k_out, chunk_decay))):
-        u = u_n - w_n @ state
-        outs.append(qi_n @ state + p_n @ u)
-        state = d_n * state + ko_n.transpose(-1, -2) @ u
-    return from_chunks(torch.stack(outs, dim=2), T), state
+    starts, us = [], []
+    # only this pass is sequential; every product that can wait for it is batched over chunks below
+    for u_n, w_n, ko_n, d_n in zip(*(x.unbind(2) for x in (u_free, w, k_out, chunk_decay))):
+        starts.append(state)
+        us.append(u_n - w_n @ state)
+        state = d_n * state + ko_n.transpose(-1, -2) @ us[-1]
+    o = (qc * decay_in) @ torch.stack(starts, dim=2) + (qc @ kc.transpose(-1, -2) * gamma) @ torch.stack(us, dim=2)
+    return from_chunks(o, T), state
 
 
 def delta_product(
