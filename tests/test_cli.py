@@ -27,18 +27,23 @@ def test_regress_writes_table_plot_and_results(tmp_path, capsys):
 
 def test_bench_small_grid_writes_json(tmp_path):
     out = tmp_path / "b.json"
-    assert main(["bench", "--lengths", "64,100", "--head-dims", "16", "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["bench", "--lengths", "64,100", "--head-dims", "16", "--repeats", "1", "--recurrent-lengths", "100",
+                 "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["matmul_gflops"] > 0
-    assert len(res["rows"]) == 6  # 3 gates x 1 head dim x 2 lengths
+    from ttr.bench import CASES
+
+    assert len(res["rows"]) == 2 * sum(len(g) for g in CASES.values())  # every op and gate, 2 lengths
+    assert {r["op"] for r in res["rows"]} == set(CASES)
     for row in res["rows"]:
-        assert row["chunk_fwdbwd_ms"] > 0 and row["recurrent_fwdbwd_ms"] > 0 and row["sdpa_fwdbwd_ms"] > 0
+        assert row["chunk_fwdbwd_ms"] > 0 and row["sdpa_fwdbwd_ms"] > 0 and row["peak_mb"] is not None
+        assert (row["recurrent_fwdbwd_ms"] is not None) == (row["T"] == 100)
 
 
 def test_interrupted_bench_resumes_from_what_it_saved(tmp_path):
     out = tmp_path / "b.json"
-    args = ["bench", "--lengths", "32,48", "--head-dims", "8", "--gates", "none,scalar", "--repeats", "1",
-            "--out", str(out)]
+    args = ["bench", "--lengths", "32,48", "--head-dims", "8", "--gates", "none,scalar", "--ops", "linear_attention",
+            "--repeats", "1", "--out", str(out)]
     assert main(args) == 0
     full = json.loads(out.read_text())
     # An interruption after the first timed row: the file holds that row only, its memory not yet measured.

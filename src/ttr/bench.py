@@ -44,7 +44,7 @@ class BenchConfig:
     heads: int = 4
     batch: int = 1
     chunk_size: int = 64
-    recurrent_max_len: int = 4096
+    recurrent_lengths: tuple[int, ...] = (1024, 4096)
     repeats: int = 3
     device: str = "cpu"
     out: str = "runs/bench/bench.json"
@@ -213,23 +213,27 @@ def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return run
 
 
-def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.device) -> BenchRow:
+def time_sdpa(cfg: BenchConfig, T: int, D: int, device: torch.device) -> tuple[float, float]:
+    """Causal scaled_dot_product_attention, forward and forward+backward, ms: the quadratic reference."""
+    qs, ks, vs = (torch.randn(cfg.batch, cfg.heads, T, D, device=device, requires_grad=True) for _ in range(3))
+    sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
+    return time_ms(_no_grad(sdpa), device, cfg.repeats), time_ms(_fwd_bwd(sdpa, [qs, ks, vs]), device, cfg.repeats)
+
+
+def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.device,
+            sdpa: tuple[float, float]) -> BenchRow:
     call, leaves = _problem(cfg, op, gate, T, D, device)
     chunk_fwd = time_ms(_no_grad(call("chunk")), device, cfg.repeats)
     chunk_fb = time_ms(_fwd_bwd(call("chunk"), leaves), device, cfg.repeats)
     rec_fwd = rec_fb = None
-    if T <= cfg.recurrent_max_len:  # thousands of small steps: long enough to need no warm-up
+    if T in cfg.recurrent_lengths:  # thousands of small steps: long enough to need no warm-up
         rec_fwd = time_ms(_no_grad(call("recurrent")), device, 1, warmup=False)
         rec_fb = time_ms(_fwd_bwd(call("recurrent"), leaves), device, 1, warmup=False)
-    qs, ks, vs = (torch.randn(cfg.batch, cfg.heads, T, D, device=device, requires_grad=True) for _ in range(3))
-    sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
-    sdpa_fwd = time_ms(_no_grad(sdpa), device, cfg.repeats)
-    sdpa_fb = time_ms(_fwd_bwd(sdpa, [qs, ks, vs]), device, cfg.repeats)
     gflops = 3 * chunk_flops(op, T, cfg.chunk_size, D, D, cfg.heads, cfg.batch) / chunk_fb / 1e6
-    return BenchRow(op, gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, sdpa_fwd, sdpa_fb, gflops)
+    return BenchRow(op, gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, *sdpa, gflops)
 
 
-_SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_max_len")
+_SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_lengths")
 
 
 def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, str, int, int], BenchRow]:
@@ -261,11 +265,16 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> tupl
     mm = matmul_gflops(device, cfg.repeats)
     grid = [(op, gate, D, T) for op in cfg.ops for gate in CASES[op] if gate in cfg.gates
             for D in cfg.head_dims for T in cfg.lengths]
-    rows = []
+    rows, sdpa = [], {}
     for op, gate, D, T in grid:
         if progress is not None:
             progress(f"time {op} g={gate} D={D} T={T}")
-        rows.append(done.get((op, gate, D, T)) or time_op(cfg, op, gate, T, D, device))
+        row = done.get((op, gate, D, T))
+        if row is None:
+            if (T, D) not in sdpa:  # timed once per size, shared by every op of that size
+                sdpa[T, D] = time_sdpa(cfg, T, D, device)
+            row = time_op(cfg, op, gate, T, D, device, sdpa[T, D])
+        rows.append(row)
         save(cfg, mm, rows)
     for row in rows:
         if progress is not None:

@@ -78,7 +78,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     cfg = bench.BenchConfig(lengths=args.lengths, head_dims=args.head_dims, gates=tuple(args.gates.split(",")),
                             ops=tuple(args.ops.split(",")),
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
-                            recurrent_max_len=args.recurrent_max_len, repeats=args.repeats, device=args.device,
+                            recurrent_lengths=args.recurrent_lengths, repeats=args.repeats, device=args.device,
                             out=args.out, resume=args.resume)
     n_cases = sum(g in cfg.gates for op in cfg.ops for g in bench.CASES.get(op, ()))
     total = 2 * n_cases * len(cfg.head_dims) * len(cfg.lengths)
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunk form (default 64)")
-    p.add_argument("--recurrent-max-len", type=int, default=4096, help="longest T timed in recurrent form")
+    p.add_argument("--recurrent-lengths", type=_ints, default=(1024, 4096),
+                   help="T values at which the (slow) recurrent form is timed too (1024,4096)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--out", default="runs/bench/bench.json", help="JSON output path, rewritten after every row")
