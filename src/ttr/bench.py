@@ -242,7 +242,7 @@ def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, str, int, int], BenchRo
     if not (cfg.resume and path.exists()):
         return {}
     old = json.loads(path.read_text())
-    if any(old["config"].get(key) != getattr(cfg, key) for key in _SAME_RUN):
+    if any(old["config"].get(key) != json.loads(json.dumps(getattr(cfg, key))) for key in _SAME_RUN):  # tuples
         return {}
     names = {f.name for f in fields(BenchRow)}
     rows = [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in old["rows"]]
