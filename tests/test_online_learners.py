@@ -92,6 +92,37 @@ def test_delta_rule_gradients_match_oracle():
             assert max_rel(a, b) < 1e-9
 
 
+def test_delta_product_and_longhorn_gradients_match_oracle():
+    B, T, H, D, n = 1, 9, 1, 4, 2
+    q, _, _ = make_qkv(B, T, H, D, 3, requires_grad=True)
+    gen = torch.Generator().manual_seed(2)
+    k = torch.randn(B, T, H, n, D, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, T, H, n, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    beta = _rand(B, T, H, n, lo=0.2, hi=1.8, requires_grad=True)
+    g = make_gate("scalar", B, T, H, requires_grad=True)
+    w = torch.randn(B, T, H, 3, dtype=torch.float64)
+
+    def literal():  # the gate acts once per token, before its first step
+        a = torch.cat([g.exp()[..., None], torch.ones_like(beta[..., 1:])], dim=-1)
+        return oracle.online_sgd(l2(q), l2(k), v / a[..., None], a * beta, weight_decay=(1 - a) / (a * beta))[0]
+
+    leaves = [q, k, v, beta, g]
+    g_o = torch.autograd.grad((literal() * w).sum(), leaves)
+    for mode in ("chunk", "recurrent"):
+        o, _ = ops.delta_product(q, k, v, beta, g, mode=mode, chunk_size=4)
+        for a, b in zip(torch.autograd.grad((o * w).sum(), leaves), g_o):
+            assert max_rel(a, b) < 1e-9
+
+    k1, v1 = k[..., 0, :].detach().requires_grad_(), v[..., 0, :].detach().requires_grad_()
+    delta = _rand(B, T, H, hi=5.0, requires_grad=True)
+    leaves = [q, k1, v1, delta]
+    g_o = torch.autograd.grad((oracle.online_sgd(l2(q), l2(k1), v1, delta, implicit=True)[0] * w).sum(), leaves)
+    for mode in ("chunk", "recurrent"):
+        o, _ = ops.longhorn(q, k1, v1, delta, mode=mode, chunk_size=4)
+        for a, b in zip(torch.autograd.grad((o * w).sum(), leaves), g_o):
+            assert max_rel(a, b) < 1e-9
+
+
 def test_delta_rule_state_carried_across_calls():
     q, k, v = make_qkv(2, 50, 2, 8, 8)
     beta = _rand(2, 50, 2, hi=2.0)
