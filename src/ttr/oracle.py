@@ -279,3 +279,45 @@ def minibatch_gd(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, *, batch_size: int
                 finals[-1].append(m.T)
     stacked = [torch.stack([fin[i] for fin in finals]).reshape(B, H, *finals[0][i].shape) for i in range(len(finals[0]))]
     return ys, stacked
+
+
+def ridge_regression(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, beta: Tensor | None = None, *,
+                     lamb: Tensor | float, scale: float | None = None,
+                     initial_state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The exact memory, literally: at every t,
+        M_t = argmin_M sum_{i<=t} gamma_i^(t) beta_i ||v_i - M k_i||^2 + ||M Lambda^(1/2)||_F^2,
+    by least squares on the stacked system [sqrt(w) K; Lambda^(1/2)] M^T = [sqrt(w) V; 0] (torch.linalg.lstsq).
+    A carried state (H_kk, H_kv) adds its decayed normal-equation terms; then the normal equations
+    (K^T W K + e^{G_t} H_kk + Lambda) M^T = K^T W V + e^{G_t} H_kv are solved (torch.linalg.solve).
+    lamb: scalar, [H] or [H, Dk]. Returns (y [B, T, H, Dv], (H_kk, H_kv) at T).
+    """
+    q, k, v, g, beta = _float64(q, k, v, g, beta)
+    B, T, H, Dk = k.shape
+    scale = Dk ** -0.5 if scale is None else scale
+    lam = torch.as_tensor(lamb, dtype=torch.float64)
+    lam = lam.expand(H, Dk) if lam.dim() == 0 else (lam[:, None].expand(H, Dk) if lam.dim() == 1 else lam)
+    beta = torch.ones(B, T, H, dtype=torch.float64) if beta is None else beta
+    gamma = gamma_matrix(g, T, batch=(B, H))[..., 0]
+    start = _start_decay(g, B, T, H)[..., 0]
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                w = gamma[b, h, t, : t + 1] * beta[b, : t + 1, h]
+                K, V = k[b, : t + 1, h], v[b, : t + 1, h]
+                if initial_state is None:
+                    X = torch.cat([w.sqrt()[:, None] * K, torch.diag(lam[h].sqrt())])
+                    Y = torch.cat([w.sqrt()[:, None] * V, torch.zeros(Dk, V.shape[1], dtype=torch.float64)])
+                    Mt = torch.linalg.lstsq(X, Y).solution
+                else:
+                    A = K.T @ (w[:, None] * K) + start[b, t, h] * initial_state[0][b, h].double() + torch.diag(lam[h])
+                    Mt = torch.linalg.solve(A, K.T @ (w[:, None] * V) + start[b, t, h] * initial_state[1][b, h].double())
+                ys[b, t, h] = Mt.T @ (scale * q[b, t, h])
+    G_T = start[:, -1]  # [B, H]
+    w_T = gamma[:, :, -1] * beta.transpose(1, 2)  # [B, H, T]
+    kk = torch.einsum("bht,bthk,bthl->bhkl", w_T, k, k)
+    kv = torch.einsum("bht,bthk,bthv->bhkv", w_T, k, v)
+    if initial_state is not None:
+        kk = kk + G_T[..., None, None] * initial_state[0].double()
+        kv = kv + G_T[..., None, None] * initial_state[1].double()
+    return ys, (kk, kv)
