@@ -73,9 +73,9 @@ def mesa(
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
-    check_log_gate(g, B, T, H, 1)
     if g is not None and g.dim() != 3:
         raise ValueError(f"g must be a scalar log-gate [B, T, H] for mesa, got shape {list(g.shape)}")
+    check_log_gate(g, B, T, H, 1)
     if beta is not None:
         check_step("beta", beta, (B, T, H))
     if initial_state is not None:

@@ -1,0 +1,113 @@
+"""mesa (the exact memory): chunk == recurrent == literal per-token ridge regression, gradients, carried
+state, ill-conditioned keys, bad input. Groundwork of the second-order family."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttr import oracle
+from ttr.ops import mesa
+
+from conftest import F64_ATOL, make_gate, make_qkv, max_rel
+
+
+def _inputs(B, T, H, D, gated, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(B, T, H, D, D, seed=seed)
+    beta = 0.1 + torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+    g = make_gate("scalar", B, T, H) if gated else None
+    X = torch.randn(B, H, D, D, generator=gen, dtype=torch.float64)
+    state = (X @ X.transpose(-1, -2), torch.randn(B, H, D, D, generator=gen, dtype=torch.float64))
+    return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("lamb", [0.7, torch.tensor([0.5, 2.0]), torch.tensor([[0.5, 1.0, 2.0, 0.1, 1.0, 3.0]] * 2)])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_mesa_equals_per_token_ridge_regression(gated, lamb, with_state):
+    q, k, v, g, beta, state = _inputs(2, 37, 2, 6, gated)
+    state = state if with_state else None
+    y_o, s_o = oracle.ridge_regression(q, k, v, g, beta, lamb=lamb, initial_state=state)
+    for mode in ("chunk", "recurrent"):
+        y, s = mesa(q, k, v, g, beta, lamb=lamb, initial_state=state, output_final_state=True, mode=mode,
+                    chunk_size=16)
+        assert (y - y_o).abs().max() < 1e-9
+        assert max_rel(s[0], s_o[0]) < F64_ATOL and max_rel(s[1], s_o[1]) < F64_ATOL
+
+
+def test_mesa_with_one_association_per_direction_recalls_exactly():
+    """Orthonormal keys, tiny ridge: the exact memory recalls every stored value (linear attention would too,
+    but only because K^T K = I; with correlated keys only the exact memory does, see the next test)."""
+    keys = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0].T[None, :, None]
+    v = torch.randn(1, 8, 1, 8, dtype=torch.float64)
+    y, _ = mesa(keys, keys, v, lamb=1e-6, scale=1.0, chunk_size=4)
+    assert (y[:, -1:] - v[:, -1:]).abs().max() < 1e-5
+
+
+def test_mesa_recalls_correlated_keys_where_linear_attention_cannot():
+    from ttr.ops import linear_attention
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 8, generator=gen, dtype=torch.float64)
+    keys = F.normalize(base + 0.3 * torch.randn(8, 8, generator=gen, dtype=torch.float64), dim=-1)[None, :, None]
+    v = torch.randn(1, 8, 1, 4, generator=gen, dtype=torch.float64)
+    q = keys.clone()
+    y_mesa, _ = mesa(q, keys, v, lamb=1e-8, scale=1.0, chunk_size=4)
+    y_la, _ = linear_attention(q, keys, v, scale=1.0)
+    # at t = 8 the memory holds 8 associations in 8 dimensions: the exact one recalls the newest
+    assert (y_mesa[:, -1] - v[:, -1]).abs().max() < 1e-5
+    assert (y_la[:, -1] - v[:, -1]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_mesa_gradients_match_oracle(gated):
+    q, k, v, g, beta, state = _inputs(1, 11, 1, 4, gated)
+    leaves = [x.requires_grad_() for x in (q, k, v, beta)] + ([g.requires_grad_()] if gated else [])
+    w = torch.randn(1, 11, 1, 4, dtype=torch.float64)
+    g_o = torch.autograd.grad((oracle.ridge_regression(q, k, v, g, beta, lamb=0.5)[0] * w).sum(), leaves)
+    for mode in ("chunk", "recurrent"):
+        y, _ = mesa(q, k, v, g, beta, lamb=0.5, mode=mode, chunk_size=4)
+        for a, b in zip(torch.autograd.grad((y * w).sum(), leaves), g_o):
+            assert max_rel(a, b) < 1e-8
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_mesa_state_carried_across_calls(gated):
+    q, k, v, g, beta, _ = _inputs(2, 40, 2, 6, gated)
+    whole, s_whole = mesa(q, k, v, g, beta, lamb=0.3, output_final_state=True, chunk_size=16)
+    outs, state = [], None
+    for (a, b), mode in zip([(0, 5), (5, 6), (6, 40)], ["chunk", "recurrent", "chunk"]):
+        o, state = mesa(q[:, a:b], k[:, a:b], v[:, a:b], None if g is None else g[:, a:b], beta[:, a:b], lamb=0.3,
+                        initial_state=state, output_final_state=True, mode=mode, chunk_size=16)
+        outs.append(o)
+    assert (torch.cat(outs, 1) - whole).abs().max() < 1e-10
+    assert max_rel(state[0], s_whole[0]) < F64_ATOL and max_rel(state[1], s_whole[1]) < F64_ATOL
+
+
+def test_mesa_float32_matches_float64_when_well_conditioned():
+    """T >> d in float32 with a moderate ridge. (Ill-conditioned keys in float32, a tiny ridge against a
+    large accumulated H_kk, are the open numerics item of the second-order family.)"""
+    gen = torch.Generator().manual_seed(1)
+    q, v = torch.randn(1, 1024, 2, 16, generator=gen), torch.randn(1, 1024, 2, 16, generator=gen)
+    k = F.normalize(torch.randn(1, 1024, 2, 16, generator=gen), dim=-1)
+    g = F.logsigmoid(torch.randn(1, 1024, 2, generator=gen) + 5)
+    for gate in (None, g):
+        y_ref, _ = mesa(q.double(), k.double(), v.double(), None if gate is None else gate.double(), lamb=0.1)
+        for mode in ("chunk", "recurrent"):
+            y, _ = mesa(q, k, v, gate, lamb=0.1, mode=mode)
+            assert torch.isfinite(y).all() and max_rel(y, y_ref) < 1e-3
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lamb": 0.0}, "must be positive"),
+    ({"lamb": -1.0}, "must be positive"),
+    ({"lamb": torch.ones(3)}, "lamb must be a scalar"),
+    ({"lamb": 1.0, "beta": -torch.ones(1, 10, 2)}, r"beta must lie in \[0, inf\]"),
+    ({"lamb": 1.0, "g": torch.zeros(1, 10, 2, 4)}, "scalar log-gate"),
+    ({"lamb": 1.0, "initial_state": torch.zeros(1, 2, 4, 4)}, "pair"),
+    ({"lamb": 1.0, "initial_state": (torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 3, 4))}, "H_kv"),
+])
+def test_mesa_bad_input(kwargs, match):
+    q, k, v = make_qkv(1, 10, 2, 4, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        mesa(q, k, v, **kwargs)
