@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..oracle import BatchGD, Exact
 from ..recipe import MLP, PRESETS, MiniBatchGD, OnlineSGD, Preset
 from ..tasks.switching import switching_keys
 from ..weights import FixedDecay, ScalarGate, Uniform, VectorGate
@@ -181,8 +182,10 @@ def save(cfg: RegressConfig, rows: list[Row], curves: dict[str, list[float]]) ->
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for metric, ax, label in (("mse", axes[0], "squared error ||y_t - v_t||^2"),
                               ("cos", axes[1], "direction error 1 - cos(y_t, v_t)")):
-        for name, c in curves.items():
-            ax.plot(range(SMOOTH - 1, cfg.length), _smooth(torch.tensor(c[metric])).numpy(), label=name, lw=1.3)
+        for i, (name, c) in enumerate(curves.items()):  # one colour each; first-order batch GD dashed
+            style = "--" if isinstance(PRESETS[name].recipe.optimizer, (BatchGD, Exact)) else "-"
+            ax.plot(range(SMOOTH - 1, cfg.length), _smooth(torch.tensor(c[metric])).numpy(), style, label=name,
+                    lw=1.3, color=plt.cm.tab20(i % 20))
         ax.axvline(cfg.length // 4, color="k", ls="--", lw=0.8, label="switch (T/4)")
         ax.set_yscale("log")
         ax.set_xlabel("t")
