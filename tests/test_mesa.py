@@ -98,7 +98,35 @@ def test_mesa_float32_matches_float64_when_well_conditioned():
             assert torch.isfinite(y).all() and max_rel(y, y_ref) < 1e-3
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_cg_forms_agree_and_converge_to_the_exact_solve(gated):
+    """CG takes the same steps in both forms; in exact arithmetic d steps solve a d x d system."""
+    q, k, v, g, beta, state = _inputs(2, 37, 2, 6, gated)
+    exact, _ = mesa(q, k, v, g, beta, lamb=0.5, initial_state=state, chunk_size=16)
+    errors = []
+    for steps in (1, 2, 6):
+        c, s_c = mesa(q, k, v, g, beta, lamb=0.5, initial_state=state, chunk_size=16, solver="cg", cg_steps=steps,
+                      output_final_state=True)
+        r, s_r = mesa(q, k, v, g, beta, lamb=0.5, initial_state=state, mode="recurrent", solver="cg",
+                      cg_steps=steps, output_final_state=True)
+        assert (c - r).abs().max() < 1e-10 and (s_c[0] - s_r[0]).abs().max() < 1e-10
+        errors.append(float((c - exact).norm() / exact.norm()))
+    assert errors[0] > errors[1] > 1e3 * errors[2] and errors[2] < 1e-8
+
+
+def test_cg_gradients_agree_between_forms():
+    q, k, v, g, beta, _ = _inputs(1, 13, 1, 4, True)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+    w = torch.randn(1, 13, 1, 4, dtype=torch.float64)
+    grads = [torch.autograd.grad((mesa(q, k, v, g, beta, lamb=0.5, mode=m, solver="cg", cg_steps=3,
+                                       chunk_size=8)[0] * w).sum(), leaves) for m in ("chunk", "recurrent")]
+    for a, b in zip(*grads):
+        assert max_rel(a, b) < 1e-9
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    ({"lamb": 1.0, "solver": "newton"}, "solver must be"),
+    ({"lamb": 1.0, "solver": "cg", "cg_steps": -1}, "cg_steps"),
     ({"lamb": 0.0}, "must be positive"),
     ({"lamb": -1.0}, "must be positive"),
     ({"lamb": torch.ones(3)}, "lamb must be a scalar"),

@@ -24,6 +24,10 @@ One symmetric eigendecomposition per chunk diagonalizes H_kk,0 and Lambda togeth
 V^T H_kk,0 V = diag(mu)), so M_t^-1 = V diag(1 / (e^{G_t} mu + 1)) V^T for every t at once; the Woodbury
 matrix of the chunk's associations then still depends on t, so that form factorizes one C x C matrix per
 token, on chunks of GATED_CHUNK tokens: no d x d factorization per token, every exponent <= 0.
+
+solver="cg" replaces every solve by `cg_steps` steps of conjugate gradients preconditioned by the
+diagonal of S_t and started from q / diag(S_t) (the Jacobi guess); its chunk form applies S_t to every
+token's iterate at once with a few matrix products, decay or not. Gradients follow the steps taken.
 """
 
 from __future__ import annotations
@@ -64,15 +68,22 @@ def mesa(
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    solver: str = "exact",
+    cg_steps: int = 8,
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """The mesa layer (g, beta None) and MesaNet (decay g [B, T, H] <= 0, input weight beta [B, T, H] >= 0).
 
     q, k: [B, T, H, Dk], v: [B, T, H, Dv]; lamb > 0 a scalar, [H] or [H, Dk]. Returns (o [B, T, H, Dv],
     (H_kk, H_kv) or None). "recurrent" solves a Cholesky system per token (the decoding path).
+    solver "exact" or "cg" (cg_steps conjugate-gradient steps, in both forms alike).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
+    if solver not in ("exact", "cg"):
+        raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}")
+    if solver == "cg" and (not isinstance(cg_steps, int) or cg_steps < 0):
+        raise ValueError(f"cg_steps must be a non-negative int, got {cg_steps!r}")
     if g is not None and g.dim() != 3:
         raise ValueError(f"g must be a scalar log-gate [B, T, H] for mesa, got shape {list(g.shape)}")
     check_log_gate(g, B, T, H, 1)
@@ -94,7 +105,9 @@ def mesa(
         state = (q.new_zeros(B, H, Dk, Dk), q.new_zeros(B, H, Dk, Dv))
     else:
         state = tuple(s.to(dt) for s in initial_state)
-    if mode == "recurrent":
+    if solver == "cg":
+        o, state = _cg(q, k, v, g, beta, ridge, state, chunk_size if mode == "chunk" else 1, cg_steps)
+    elif mode == "recurrent":
         o, state = _recurrent(q, k, v, g, beta, ridge, state)
     elif g is None:
         o, state = _chunked_uniform(q, k, v, beta, ridge, state, chunk_size)
@@ -118,29 +131,40 @@ def _recurrent(q, k, v, g, beta, ridge, state):
     return torch.stack(outs, dim=1), (H_kk, H_kv)
 
 
+def _chunk_starts(kc, vc, bc, G, state):
+    """The statistics (H_kk, H_kv) at the start of every chunk: they do not depend on any solve, so all of
+    them come first (a cheap linear recurrence) and every chunk's solves then run at once.
+    kc, vc: [B, H, N, C, D]; bc, G: [B, H, N, C]. Returns starts [B, H, N, ...] and the final state."""
+    to_end = (torch.exp(G[..., -1:] - G) * bc)[..., None] * kc               # w_{end, i} k_i
+    kk, kv = to_end.transpose(-1, -2) @ kc, to_end.transpose(-1, -2) @ vc     # each chunk's own sums
+    decay = torch.exp(G[..., -1])[..., None, None]
+    H_kk, H_kv = state
+    starts_kk, starts_kv = [], []
+    for kk_n, kv_n, d_n in zip(kk.unbind(2), kv.unbind(2), decay.unbind(2)):
+        starts_kk.append(H_kk)
+        starts_kv.append(H_kv)
+        H_kk, H_kv = d_n * H_kk + kk_n, d_n * H_kv + kv_n
+    return torch.stack(starts_kk, dim=2), torch.stack(starts_kv, dim=2), (H_kk, H_kv)
+
+
 def _chunked_uniform(q, k, v, beta, ridge, state, C):
     """Uniform weights (times beta): the leading-principal-block form of the module docstring."""
     T = q.shape[1]
     qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))     # padding: k = 0, beta = 0
+    H_kk, H_kv, final = _chunk_starts(kc, vc, bc, torch.zeros_like(bc), state)
     up_to = torch.ones(C, C, dtype=torch.bool, device=q.device).triu()  # [i, t]: association i seen at t
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    H_kk, H_kv = state
-    outs = []
-    for q_n, k_n, v_n, b_n in zip(*(x.unbind(2) for x in (qc, kc, vc, bc))):
-        khat = k_n * b_n.sqrt()[..., None]                                # sqrt(beta) k: [B, H, C, Dk]
-        chol_A = torch.linalg.cholesky(H_kk + ridge)
-        Aq = torch.cholesky_solve(q_n.transpose(-1, -2), chol_A)          # A^-1 q_t as columns [B, H, Dk, C]
-        Ak = torch.cholesky_solve(khat.transpose(-1, -2), chol_A)         # A^-1 khat_i as columns
-        chol_G = torch.linalg.cholesky(eye + khat @ Ak)
-        rhs = (khat @ Aq).masked_fill(~up_to, 0.0)                        # column t: khat_i . A^-1 q_t, i <= t
-        y = torch.linalg.solve_triangular(chol_G, rhs, upper=False).masked_fill(~up_to, 0.0)
-        z = torch.linalg.solve_triangular(chol_G.transpose(-1, -2), y, upper=True)
-        x = Aq - Ak @ z                                                   # S_t^-1 q_t as columns
-        seen = (k_n @ x).masked_fill(~up_to, 0.0)                         # k_i . x_t for i <= t
-        outs.append(x.transpose(-1, -2) @ H_kv + seen.transpose(-1, -2) @ (b_n[..., None] * v_n))
-        H_kk = H_kk + khat.transpose(-1, -2) @ khat
-        H_kv = H_kv + (b_n[..., None] * k_n).transpose(-1, -2) @ v_n
-    return from_chunks(torch.stack(outs, dim=2), T), (H_kk, H_kv)
+    khat = kc * bc.sqrt()[..., None]                                     # sqrt(beta) k: [B, H, N, C, Dk]
+    chol_A = torch.linalg.cholesky(H_kk + ridge[:, None])
+    Aq = torch.cholesky_solve(qc.transpose(-1, -2), chol_A)              # A^-1 q_t as columns [.., Dk, C]
+    Ak = torch.cholesky_solve(khat.transpose(-1, -2), chol_A)            # A^-1 khat_i as columns
+    chol_G = torch.linalg.cholesky(torch.eye(C, dtype=q.dtype, device=q.device) + khat @ Ak)
+    rhs = (khat @ Aq).masked_fill(~up_to, 0.0)                           # column t: khat_i . A^-1 q_t, i <= t
+    y = torch.linalg.solve_triangular(chol_G, rhs, upper=False).masked_fill(~up_to, 0.0)
+    z = torch.linalg.solve_triangular(chol_G.transpose(-1, -2), y, upper=True)
+    x = Aq - Ak @ z                                                      # S_t^-1 q_t as columns
+    seen = (kc @ x).masked_fill(~up_to, 0.0)                             # k_i . x_t for i <= t
+    o = x.transpose(-1, -2) @ H_kv + seen.transpose(-1, -2) @ (bc[..., None] * vc)
+    return from_chunks(o, T), final
 
 
 def _chunked_gated(q, k, v, g, beta, ridge, state, C):
@@ -148,29 +172,56 @@ def _chunked_gated(q, k, v, g, beta, ridge, state, C):
     T = q.shape[1]
     C = min(C, GATED_CHUNK)
     qc, kc, vc, bc, gc = (to_chunks(x, C) for x in (q, k, v, beta, g))  # padding: k = 0, g = 0
+    G = gc.cumsum(-1)                                                   # [B, H, N, C]
+    H_kk, H_kv, final = _chunk_starts(kc, vc, bc, G, state)
     seen = causal_mask(C, q.device)                                     # [t, i]: i <= t
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    lam_isqrt = torch.diagonal(ridge, dim1=-2, dim2=-1).rsqrt()         # Lambda^-1/2: [H, Dk]
-    H_kk, H_kv = state
-    outs = []
-    for q_n, k_n, v_n, b_n, g_n in zip(*(x.unbind(2) for x in (qc, kc, vc, bc, gc))):
-        G = g_n.cumsum(-1)                                               # [B, H, C]
-        mu, U = torch.linalg.eigh(lam_isqrt[..., :, None] * H_kk * lam_isqrt[..., None, :])
-        V = lam_isqrt[..., :, None] * U                                  # V^T Lambda V = I, V^T H_kk V = diag(mu)
-        D = 1.0 / (torch.exp(G)[..., :, None] * mu.clamp_min(0.0)[..., None, :] + 1.0)  # [B, H, t, d]
-        Y, Qr = k_n @ V, q_n @ V                                         # keys and queries in that basis
-        # sqrt(w_ti), w_ti = e^{G_t - G_i} beta_i: association i's weight at t (0 for i > t)
-        log_w = G[..., :, None] - G[..., None, :] + b_n.clamp_min(torch.finfo(q.dtype).tiny).log()[..., None, :]
-        root_w = masked_exp(0.5 * log_w, seen)
-        gram = torch.einsum("bhid,bhtd,bhjd->bhtij", Y, D, Y)           # Y diag(D_t) Y^T for every t
-        E = eye + root_w[..., :, :, None] * gram * root_w[..., :, None, :]
-        rhs = root_w * torch.einsum("bhid,bhtd->bhti", Y, D * Qr)
-        z = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(E))[..., 0]
-        x = (D * (Qr - (root_w * z) @ Y)) @ V.transpose(-1, -2)          # S_t^-1 q_t as rows [B, H, C, Dk]
-        w = masked_exp(log_w, seen)
-        outs.append(torch.exp(G)[..., None] * (x @ H_kv) + (w * (x @ k_n.transpose(-1, -2))) @ v_n)
-        to_end = (torch.exp(G[..., -1:] - G) * b_n)[..., None] * k_n     # w_{end, i} k_i
-        decay = torch.exp(G[..., -1])[..., None, None]
-        H_kk = decay * H_kk + to_end.transpose(-1, -2) @ k_n
-        H_kv = decay * H_kv + to_end.transpose(-1, -2) @ v_n
-    return from_chunks(torch.stack(outs, dim=2), T), (H_kk, H_kv)
+    lam_isqrt = torch.diagonal(ridge, dim1=-2, dim2=-1).rsqrt()[:, None]  # Lambda^-1/2: [H, 1, Dk]
+    mu, U = torch.linalg.eigh(lam_isqrt[..., :, None] * H_kk * lam_isqrt[..., None, :])
+    V = lam_isqrt[..., :, None] * U                                      # V^T Lambda V = I, V^T H_kk V = diag(mu)
+    D = 1.0 / (torch.exp(G)[..., :, None] * mu.clamp_min(0.0)[..., None, :] + 1.0)  # [B, H, N, t, d]
+    Y, Qr = kc @ V, qc @ V                                               # keys and queries in that basis
+    # sqrt(w_ti), w_ti = e^{G_t - G_i} beta_i: association i's weight at t (0 for i > t)
+    log_w = G[..., :, None] - G[..., None, :] + bc.clamp_min(torch.finfo(q.dtype).tiny).log()[..., None, :]
+    root_w = masked_exp(0.5 * log_w, seen)
+    gram = torch.einsum("...id,...td,...jd->...tij", Y, D, Y)           # Y diag(D_t) Y^T for every t
+    E = eye + root_w[..., :, :, None] * gram * root_w[..., :, None, :]
+    rhs = root_w * torch.einsum("...id,...td->...ti", Y, D * Qr)
+    z = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(E))[..., 0]
+    x = (D * (Qr - (root_w * z) @ Y)) @ V.transpose(-1, -2)              # S_t^-1 q_t as rows
+    w = masked_exp(log_w, seen)
+    o = torch.exp(G)[..., None] * (x @ H_kv) + (w * (x @ kc.transpose(-1, -2))) @ vc
+    return from_chunks(o, T), final
+
+
+def _cg(q, k, v, g, beta, ridge, state, C, steps):
+    """Conjugate gradients on S_t x_t = q_t for every token at once (C = 1: token by token), with
+    S_t p = e^{G_t} H_kk,0 p + sum_{i<=t} w_ti k_i (k_i . p) + Lambda p,  w_ti = e^{G_t - G_i} beta_i."""
+    T = q.shape[1]
+    if g is None:
+        g = torch.zeros_like(beta)
+    qc, kc, vc, bc, gc = (to_chunks(x, C) for x in (q, k, v, beta, g))
+    G = gc.cumsum(-1)
+    H_kk, H_kv, final = _chunk_starts(kc, vc, bc, G, state)
+    tiny = torch.finfo(q.dtype).tiny
+    w = masked_exp(G[..., :, None] - G[..., None, :] + bc.clamp_min(tiny).log()[..., None, :], causal_mask(C, q.device))
+    e_G = torch.exp(G)[..., None]                                          # [B, H, N, C, 1]
+    lam = torch.diagonal(ridge, dim1=-2, dim2=-1)[:, None, None, :]        # [H, 1, 1, Dk]
+
+    def apply(P: Tensor) -> Tensor:                                        # rows p_t -> rows (S_t p_t)^T
+        return e_G * (P @ H_kk) + (w * (P @ kc.transpose(-1, -2))) @ kc + lam * P
+
+    diag = e_G * torch.diagonal(H_kk, dim1=-2, dim2=-1)[..., None, :] + w @ (kc * kc) + lam
+    x = qc / diag
+    r = qc - apply(x)
+    z = r / diag
+    p, rz = z, (r * z).sum(-1, keepdim=True)
+    for _ in range(steps):
+        Ap = apply(p)
+        step = rz / (p * Ap).sum(-1, keepdim=True).clamp_min(tiny)
+        x, r = x + step * p, r - step * Ap
+        z = r / diag
+        rz_next = (r * z).sum(-1, keepdim=True)
+        p, rz = z + rz_next / rz.clamp_min(tiny) * p, rz_next
+    o = e_G * (x @ H_kv) + (w * (x @ kc.transpose(-1, -2))) @ vc
+    return from_chunks(o, T), final
