@@ -38,6 +38,8 @@ def test_bench_small_grid_writes_json(tmp_path):
     for row in res["rows"]:
         assert row["chunk_fwdbwd_ms"] > 0 and row["sdpa_fwdbwd_ms"] > 0 and row["peak_mb"] is not None
         assert (row["recurrent_fwdbwd_ms"] is not None) == (row["T"] == 100)
+    errors = {s["solver"]: s["rel_error_vs_float64"] for s in res["mesa_solvers"]}
+    assert errors["exact float32"] < 1e-4 and errors["cg 32"] < errors["cg 1"]  # CG converges towards exact
 
 
 def test_interrupted_bench_resumes_from_what_it_saved(tmp_path):

@@ -31,7 +31,9 @@ CASES: dict[str, tuple[str, ...]] = {
     "ttt_linear": ("none",),
     "ttt_mlp": ("none",),
     "titans": ("scalar",),
+    "mesa": ("none", "scalar"),
 }
+CG_STEPS = (1, 2, 4, 8, 16, 32)
 MINI_BATCH = 16  # TTT's and Titans' mini-batch (their chunk), as in the presets
 
 
@@ -63,7 +65,7 @@ class BenchRow:
     recurrent_fwdbwd_ms: float | None
     sdpa_fwd_ms: float
     sdpa_fwdbwd_ms: float
-    chunk_gflops: float
+    chunk_gflops: float | None  # None where no flop count is kept (the exact memory's factorizations)
     peak_mb: float | None = None  # measured after all timings; None where it cannot be
 
     @property
@@ -138,8 +140,10 @@ def matmul_gflops(device: torch.device, repeats: int, n: int = 2048) -> float:
     return 2 * n ** 3 / time_ms(lambda: a @ b, device, repeats + 2) / 1e6
 
 
-def chunk_flops(op: str, T: int, C: int, Dk: int, Dv: int, heads: int, batch: int) -> float:
+def chunk_flops(op: str, T: int, C: int, Dk: int, Dv: int, heads: int, batch: int) -> float | None:
     """Matrix-product flops of an op's chunk form, forward (the products as computed, masks included)."""
+    if op == "mesa":
+        return None
     Tp = -(-T // C) * C
     b, Dh = MINI_BATCH, 4 * Dk
     per_token = {
@@ -186,12 +190,13 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
                             "initial_state": (rand(B, H, 4 * D, D) * D ** -0.5, rand(B, H, D, 4 * D) * (4 * D) ** -0.5)},
         "titans": lambda: {"theta": torch.sigmoid(rand(B, T, H)) / MINI_BATCH,
                            "momentum": 0.05 + 0.9 * torch.sigmoid(rand(B, T, H)), "g": g},
+        "mesa": lambda: {"g": g, "beta": None if g is None else torch.sigmoid(rand(B, T, H)), "lamb": 1.0},
     }[op]()
-    for x in (q, k, v, *extra.values()):
-        for t in (x if isinstance(x, tuple) else (x,)):
-            if t is not None:
-                t.requires_grad_()
-    leaves = [t for x in (q, k, v, *extra.values()) if x is not None for t in (x if isinstance(x, tuple) else (x,))]
+    if op == "mesa":  # unit keys, as the layers feed it
+        k = F.normalize(k, dim=-1)
+    tensors = [t for x in (q, k, v, *extra.values()) if isinstance(x, (torch.Tensor, tuple))
+               for t in (x if isinstance(x, tuple) else (x,))]
+    leaves = [t.requires_grad_() for t in tensors]
     fn = getattr(ops, op)
 
     def call(mode: str) -> Callable[[], torch.Tensor]:
@@ -203,7 +208,7 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
     return call, leaves
 
 
-CHUNKED = ("linear_attention", "delta_rule", "longhorn", "delta_product")
+CHUNKED = ("linear_attention", "delta_rule", "longhorn", "delta_product", "mesa")
 
 
 def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
@@ -229,8 +234,31 @@ def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.
     if T in cfg.recurrent_lengths:  # thousands of small steps: long enough to need no warm-up
         rec_fwd = time_ms(_no_grad(call("recurrent")), device, 1, warmup=False)
         rec_fb = time_ms(_fwd_bwd(call("recurrent"), leaves), device, 1, warmup=False)
-    gflops = 3 * chunk_flops(op, T, cfg.chunk_size, D, D, cfg.heads, cfg.batch) / chunk_fb / 1e6
+    flops = chunk_flops(op, T, cfg.chunk_size, D, D, cfg.heads, cfg.batch)
+    gflops = None if flops is None else 3 * flops / chunk_fb / 1e6
     return BenchRow(op, gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, *sdpa, gflops)
+
+
+def mesa_solvers(cfg: BenchConfig, device: torch.device) -> list[dict]:
+    """The exact memory's solvers on one gated problem (T = min(1024, longest length), the first head dim):
+    CG's relative error against the exact float64 solve for k steps, the exact solve's float32 error, and
+    forward+backward times."""
+    T, D = min(1024, max(cfg.lengths)), cfg.head_dims[0]
+    call, leaves = _problem(cfg, "mesa", "scalar", T, D, device)
+    q, k, v, g, beta = leaves
+    with torch.no_grad():
+        exact64, _ = ops.mesa(*(x.double() for x in (q, k, v, g, beta)), lamb=1.0)
+
+    def rel(y: torch.Tensor) -> float:
+        return float((y.double() - exact64).norm() / exact64.norm())
+
+    rows = [{"solver": "exact float32", "T": T, "D": D, "rel_error_vs_float64": rel(call("chunk")().detach()),
+             "fwdbwd_ms": time_ms(_fwd_bwd(call("chunk"), leaves), device, cfg.repeats)}]
+    for steps in CG_STEPS:
+        fn = lambda s=steps: ops.mesa(q, k, v, g, beta, lamb=1.0, solver="cg", cg_steps=s)[0]  # noqa: E731
+        rows.append({"solver": f"cg {steps}", "rel_error_vs_float64": rel(fn().detach()),
+                     "fwdbwd_ms": time_ms(_fwd_bwd(fn, leaves), device, cfg.repeats)})
+    return rows
 
 
 _SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_lengths")
@@ -249,7 +277,7 @@ def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, str, int, int], BenchRo
     return {(r.op, r.gate, r.D, r.T): r for r in rows}
 
 
-def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> tuple[float, list[BenchRow]]:
+def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> tuple[float, list[BenchRow], list[dict]]:
     """All timings first, then all peak-memory measurements: on the CPU the latter change how the
     allocator returns memory (see _release_freed_memory), which must not touch the timings.
     The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
@@ -276,23 +304,26 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> tupl
             row = time_op(cfg, op, gate, T, D, device, sdpa[T, D])
         rows.append(row)
         save(cfg, mm, rows)
+    solvers = mesa_solvers(cfg, device) if "mesa" in cfg.ops else []
     for row in rows:
         if progress is not None:
             progress(f"memory {row.op} g={row.gate} D={row.D} T={row.T}")
         if row.peak_mb is None:
             call, leaves = _problem(cfg, row.op, row.gate, row.T, row.D, device)
             row.peak_mb = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
-            save(cfg, mm, rows)
-    return mm, rows
+            save(cfg, mm, rows, solvers)
+    save(cfg, mm, rows, solvers)
+    return mm, rows, solvers
 
 
-def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow]) -> Path:
+def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[dict] | None = None) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     payload = {
         "config": asdict(cfg), "device": device, "torch": torch.__version__, "matmul_gflops": matmul,
         "rows": [asdict(r) | {"speedup_vs_recurrent": r.speedup, "sdpa_over_chunk": r.vs_sdpa} for r in rows],
+        "mesa_solvers": solvers or [],
     }
     partial = out.with_suffix(".partial")
     partial.write_text(json.dumps(payload, indent=1))

@@ -22,7 +22,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 _OP_SHORT = {"linear_attention": "la", "delta_rule": "dr", "longhorn": "lh", "delta_product": "dp",
-             "ttt_linear": "ttt", "ttt_mlp": "mlp", "titans": "tit"}
+             "ttt_linear": "ttt", "ttt_mlp": "mlp", "titans": "tit", "mesa": "mesa"}
 
 
 def _ms(x: float | None) -> str:
@@ -89,7 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             bar.update(task, description=desc)
             bar.advance(task)
 
-        matmul, rows = bench.run(cfg, progress=step)
+        matmul, rows, solvers = bench.run(cfg, progress=step)
     path = Path(cfg.out)
     table = Table(title=f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch "
                         f"{bench.MINI_BATCH}), {cfg.device}; matmul {matmul:.0f} GFLOP/s", box=box.SIMPLE_HEAD,
@@ -99,9 +99,18 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for r in rows:
         table.add_row(_OP_SHORT.get(r.op, r.op), r.gate[0], str(r.D), str(r.T), _ms(r.chunk_fwd_ms), _ms(r.chunk_fwdbwd_ms),
                       _ms(r.recurrent_fwdbwd_ms), "-" if r.speedup is None else f"{r.speedup:.0f}",
-                      _ms(r.sdpa_fwdbwd_ms), f"{r.vs_sdpa:.1f}", f"{r.chunk_gflops:.0f}",
-                      f"{100 * r.chunk_gflops / matmul:.0f}", "-" if r.peak_mb is None else f"{r.peak_mb:.0f}")
+                      _ms(r.sdpa_fwdbwd_ms), f"{r.vs_sdpa:.1f}",
+                      "-" if r.chunk_gflops is None else f"{r.chunk_gflops:.0f}",
+                      "-" if r.chunk_gflops is None else f"{100 * r.chunk_gflops / matmul:.0f}", "-" if r.peak_mb is None else f"{r.peak_mb:.0f}")
     console.print(table)
+    if solvers:
+        solver_table = Table(title=f"mesa, gated, T={solvers[0]['T']}, D={solvers[0]['D']}, H={cfg.heads}: "
+                             "solvers against the float64 exact solve", box=box.SIMPLE_HEAD, padding=(0, 1))
+        for c in ("solver", "rel. error", "f+b ms"):
+            solver_table.add_column(c, justify="right")
+        for s in solvers:
+            solver_table.add_row(s["solver"], f"{s['rel_error_vs_float64']:.2e}", _ms(s["fwdbwd_ms"]))
+        console.print(solver_table)
     console.print("op: la linear_attention, dr delta_rule, lh longhorn, dp delta_product, ttt ttt_linear, "
                   "mlp ttt_mlp, tit titans; g: gate (n none, s scalar, v vector). "
                   "fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
@@ -137,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dims", type=_ints, default=(64, 128), help="head dims, comma-separated (64,128)")
     p.add_argument("--gates", default="none,scalar,vector", help="gate kinds among none,scalar,vector")
     p.add_argument("--ops", default=",".join(("linear_attention", "delta_rule", "longhorn", "delta_product",
-                                              "ttt_linear", "ttt_mlp", "titans")),
+                                              "ttt_linear", "ttt_mlp", "titans", "mesa")),
                    help="ops to time, comma-separated (default: all)")
     p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")

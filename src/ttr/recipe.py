@@ -129,6 +129,9 @@ class Recipe:
             return functools.partial(ops.linear_attention, feature_map=r.feature_map)
         if isinstance(o, Exact) and isinstance(r, LocalConstant) and o.ridge == 0.0:
             return functools.partial(ops.linear_attention, feature_map=r.feature_map, normalize=True)
+        if (isinstance(o, Exact) and isinstance(r, Linear) and r.feature_map == "identity" and o.ridge > 0
+                and isinstance(w, (Uniform, ScalarGate))):
+            return functools.partial(ops.mesa, lamb=o.ridge)
         if isinstance(o, OnlineSGD) and isinstance(w, (Uniform, ScalarGate)):
             fn = {("learned", True): ops.delta_rule, ("learned", False): ops.delta_product,
                   ("implicit", True): ops.longhorn}[(o.step, o.steps_per_token == 1)]
@@ -152,6 +155,8 @@ class Recipe:
             return ("delta",) if o.step == "implicit" else ("beta", *gate)
         if isinstance(o, MiniBatchGD):
             return ("theta", "momentum", *gate) if o.momentum else ("lr",)
+        if isinstance(o, Exact) and isinstance(self.regressor, Linear) and gate:
+            return ("g", "beta")  # MesaNet weighs each association's input too
         return gate
 
     def oracle(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
@@ -159,6 +164,9 @@ class Recipe:
         """The same regression solved literally, in float64, by ttr.oracle: [B, T, H, Dv]."""
         r, o = self.regressor, self.optimizer
         g = inputs.get("g")
+        if isinstance(o, Exact) and isinstance(r, Linear) and o.ridge > 0:
+            return oracle.ridge_regression(q, k, v, g, inputs.get("beta"), lamb=o.ridge, scale=scale,
+                                           initial_state=initial_state)[0]
         if isinstance(o, (BatchGD, Exact)) and isinstance(r, Linear):
             return oracle.parametric(q, k, v, g, optimizer=o, feature_map=r.feature_map, scale=scale,
                                      initial_state=initial_state)[0]
@@ -238,6 +246,11 @@ _PRESET_LIST = [
            "Sun et al., 2024", "eta = 0.1 sigmoid(W x), mini-batch 16, learned initial MLP, no inner layer norm"),
     Preset("titans", "Titans (linear memory)", Recipe(ScalarGate(), Linear("l2"), MiniBatchGD(16, momentum=True)),
            "Behrouz et al., 2024", "theta, eta = sigmoid(W x), alpha from the Mamba-2 gate, mini-batch 16"),
+    Preset("mesa", "Mesa layer", Recipe(Uniform(), Linear(), Exact(ridge=1.0)),
+           "von Oswald et al., 2023", "exact ridge regression at every step, lambda = 1"),
+    Preset("mesanet", "MesaNet (exact solve)", Recipe(ScalarGate(), Linear(), Exact(ridge=1.0)),
+           "von Oswald et al., 2025", "alpha from the Mamba-2 gate, beta = sigmoid(W x), lambda = 1; the paper "
+           "solves with CG (ops.mesa solver='cg')"),
 ]
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 
