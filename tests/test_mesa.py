@@ -71,6 +71,17 @@ def test_mesa_gradients_match_oracle(gated):
             assert max_rel(a, b) < 1e-8
 
 
+@pytest.mark.parametrize("gated,solver", [(False, "exact"), (True, "exact"), (True, "cg")])
+def test_mesa_gradcheck(gated, solver):
+    q, k, v, g, beta, _ = _inputs(1, 6, 1, 3, gated)
+    args = [x.requires_grad_() for x in (q, k, v, beta)] + ([g.requires_grad_()] if gated else [])
+
+    def f(q, k, v, beta, *g):
+        return mesa(q, k, v, g[0] if g else None, beta, lamb=0.7, chunk_size=4, solver=solver, cg_steps=2)[0]
+
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_mesa_state_carried_across_calls(gated):
     q, k, v, g, beta, _ = _inputs(2, 40, 2, 6, gated)
