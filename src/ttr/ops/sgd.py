@@ -111,11 +111,13 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0
     chunk_decay = torch.exp(G[..., -1])[..., None, None]             # [B, H, N, 1, 1]
     state = q.new_zeros(q.shape[0], q.shape[2], kc.shape[-1], vc.shape[-1]) if s0 is None else s0
     starts, us = [], []
-    # only this pass is sequential; every product that can wait for it is batched over chunks below
-    for u_n, w_n, ko_n, d_n in zip(*(x.unbind(2) for x in (u_free, w, k_out, chunk_decay))):
+    # only this pass is sequential; every product that can wait for it is batched over chunks below.
+    # Chunk-major contiguous operands keep the loop's small products free of copies.
+    loop = (x.movedim(2, 0).contiguous() for x in (u_free, w, k_out.transpose(-1, -2), chunk_decay))
+    for u_n, w_n, ko_n, d_n in zip(*loop):
         starts.append(state)
         us.append(u_n - w_n @ state)
-        state = d_n * state + ko_n.transpose(-1, -2) @ us[-1]
+        state = d_n * state + ko_n @ us[-1]
     o = (qc * decay_in) @ torch.stack(starts, dim=2) + (qc @ kc.transpose(-1, -2) * gamma) @ torch.stack(us, dim=2)
     return from_chunks(o, T), state
 
