@@ -135,6 +135,17 @@ def test_cg_gradients_agree_between_forms():
         assert max_rel(a, b) < 1e-9
 
 
+def test_lost_definiteness_is_a_clear_error():
+    """float32, 2048 repeats of 3 unit keys, a ridge of 1e-3: the accumulated H_kk + lamb is no longer
+    positive definite in float32 (rounding of ~0.1 against a ridge of 0.001); say so, do not crash."""
+    gen = torch.Generator().manual_seed(1)
+    few = F.normalize(torch.randn(3, 16, generator=gen), dim=-1)
+    k = few[torch.randint(0, 3, (2048,), generator=gen)][None, :, None]
+    q, v = torch.randn(1, 2048, 1, 16, generator=gen), torch.randn(1, 2048, 1, 16, generator=gen)
+    with pytest.raises(ValueError, match="not positive definite in torch.float32"):
+        mesa(q, k, v, lamb=1e-3, mode="recurrent")
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"lamb": 1.0, "solver": "newton"}, "solver must be"),
     ({"lamb": 1.0, "solver": "cg", "cg_steps": -1}, "cg_steps"),

@@ -41,6 +41,15 @@ from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_c
 GATED_CHUNK = 16
 
 
+def _cholesky(M: Tensor, what: str) -> Tensor:
+    """Cholesky factor, or a ValueError that says what lost positive definiteness and what to do."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if bool((info > 0).any()):
+        raise ValueError(f"{what} is not positive definite in {M.dtype}: the keys are too ill-conditioned for "
+                         "this ridge at this precision; raise lamb, pass float64 inputs, or use solver='cg'")
+    return L
+
+
 def _ridge(lamb: float | Tensor, H: int, Dk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """lamb as a positive diagonal [H, Dk]: a scalar, one per head [H], or one per channel [H, Dk]."""
     lam = torch.as_tensor(lamb, dtype=dtype, device=device)
@@ -126,7 +135,7 @@ def _recurrent(q, k, v, g, beta, ridge, state):
         bk = beta[:, t, :, None] * k[:, t]
         H_kk = H_kk + bk[..., :, None] * k[:, t, :, None, :]
         H_kv = H_kv + bk[..., :, None] * v[:, t, :, None, :]
-        x = torch.cholesky_solve(q[:, t, :, :, None], torch.linalg.cholesky(H_kk + ridge))
+        x = torch.cholesky_solve(q[:, t, :, :, None], _cholesky(H_kk + ridge, "H_kk + lamb"))
         outs.append((H_kv.transpose(-1, -2) @ x)[..., 0])
     return torch.stack(outs, dim=1), (H_kk, H_kv)
 
@@ -154,10 +163,10 @@ def _chunked_uniform(q, k, v, beta, ridge, state, C):
     H_kk, H_kv, final = _chunk_starts(kc, vc, bc, torch.zeros_like(bc), state)
     up_to = torch.ones(C, C, dtype=torch.bool, device=q.device).triu()  # [i, t]: association i seen at t
     khat = kc * bc.sqrt()[..., None]                                     # sqrt(beta) k: [B, H, N, C, Dk]
-    chol_A = torch.linalg.cholesky(H_kk + ridge[:, None])
+    chol_A = _cholesky(H_kk + ridge[:, None], "H_kk + lamb")
     Aq = torch.cholesky_solve(qc.transpose(-1, -2), chol_A)              # A^-1 q_t as columns [.., Dk, C]
     Ak = torch.cholesky_solve(khat.transpose(-1, -2), chol_A)            # A^-1 khat_i as columns
-    chol_G = torch.linalg.cholesky(torch.eye(C, dtype=q.dtype, device=q.device) + khat @ Ak)
+    chol_G = _cholesky(torch.eye(C, dtype=q.dtype, device=q.device) + khat @ Ak, "the chunk's Woodbury matrix")
     rhs = (khat @ Aq).masked_fill(~up_to, 0.0)                           # column t: khat_i . A^-1 q_t, i <= t
     y = torch.linalg.solve_triangular(chol_G, rhs, upper=False).masked_fill(~up_to, 0.0)
     z = torch.linalg.solve_triangular(chol_G.transpose(-1, -2), y, upper=True)
@@ -187,7 +196,7 @@ def _chunked_gated(q, k, v, g, beta, ridge, state, C):
     gram = torch.einsum("...id,...td,...jd->...tij", Y, D, Y)           # Y diag(D_t) Y^T for every t
     E = eye + root_w[..., :, :, None] * gram * root_w[..., :, None, :]
     rhs = root_w * torch.einsum("...id,...td->...ti", Y, D * Qr)
-    z = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(E))[..., 0]
+    z = torch.cholesky_solve(rhs[..., None], _cholesky(E, "the chunk's Woodbury matrix"))[..., 0]
     x = (D * (Qr - (root_w * z) @ Y)) @ V.transpose(-1, -2)              # S_t^-1 q_t as rows
     w = masked_exp(log_w, seen)
     o = torch.exp(G)[..., None] * (x @ H_kv) + (w * (x @ kc.transpose(-1, -2))) @ vc
