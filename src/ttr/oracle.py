@@ -5,8 +5,9 @@ For every batch b, head h and time t it writes out the weighted regression probl
     min_m  1/2 sum_{i<=t} gamma_i^(t) || v_i - m(k_i) ||^2
 
 over the associations seen so far, hands it to an optimizer, and queries the fitted memory with q_t.
-Gradient methods take their steps with autograd on the written-out loss (create_graph=True, so the
-result is differentiable in q, k, v and the gates); analytic ones use torch.linalg.
+Gradient methods take their steps with autograd on the written-out loss (through create_graph when
+any input requires gradients, so the result is differentiable in q, k, v and the gates); analytic
+ones use torch.linalg.
 
 A new family plugs in as a new optimizer (anything with `fit(problem) -> M`) or a new problem builder.
 """
@@ -64,7 +65,8 @@ class BatchGD:
         for step in range(self.steps):
             # One copy of M per association, so autograd hands back each association's own gradient.
             M_i = M.expand(n, dv, p) + torch.zeros(n, dv, p, dtype=M.dtype, requires_grad=True)
-            (grads,) = torch.autograd.grad(problem.losses(M_i).sum(), M_i, create_graph=True)
+            (grads,) = torch.autograd.grad(problem.losses(M_i).sum(), M_i, create_graph=_keep_graph(
+                problem.X, problem.Y, problem.gamma, problem.prior_grad, M))
             direction = (problem.gamma[:, None, :] * grads).sum(0)
             if step == 0 and problem.prior_grad is not None:
                 direction = direction + problem.prior_grad
@@ -169,10 +171,16 @@ def local_constant(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
     return ys
 
 
-def _loss_gradient(loss: Callable[[Tensor], Tensor], M: Tensor) -> Tensor:
-    """Gradient of a written-out loss at M, by autograd, itself differentiable (create_graph)."""
+def _keep_graph(*xs: Tensor) -> bool:
+    """Differentiate through the steps (create_graph) only when someone will take gradients: otherwise
+    every per-token problem's graph would stay alive and the oracle's memory grow with T^2."""
+    return torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in xs)
+
+
+def _loss_gradient(loss: Callable[[Tensor], Tensor], M: Tensor, *inputs: Tensor) -> Tensor:
+    """Gradient of a written-out loss at M, by autograd; differentiable itself when inputs need it."""
     M_leaf = M + torch.zeros_like(M, requires_grad=True)
-    (grad,) = torch.autograd.grad(loss(M_leaf), M_leaf, create_graph=True)
+    (grad,) = torch.autograd.grad(loss(M_leaf), M_leaf, create_graph=_keep_graph(M, *inputs))
     return grad
 
 
@@ -211,16 +219,18 @@ def online_sgd(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, *, weight_decay: Ten
                     def loss(M_: Tensor) -> Tensor:
                         return 0.5 * ((v_j - M_ @ k_j) ** 2).sum() + 0.5 * wd * (M_ ** 2).sum()
 
-                    M = M - lr_j * _loss_gradient(loss, M)
+                    M = M - lr_j * _loss_gradient(loss, M, k_j, v_j, lr_j, wd)
                 ys[b, t, h] = M @ (scale * q[b, t, h])
             final[b, h] = M.T
     return ys, final
 
 
-def _per_sample_gradients(losses: Callable[[list[Tensor]], Tensor], weights: list[Tensor], n: int) -> list[Tensor]:
+def _per_sample_gradients(losses: Callable[[list[Tensor]], Tensor], weights: list[Tensor], n: int,
+                          *inputs: Tensor) -> list[Tensor]:
     """Each of n losses' own gradient with respect to weights, by autograd on per-sample copies."""
     copies = [w.expand(n, *w.shape) + torch.zeros(n, *w.shape, dtype=w.dtype, requires_grad=True) for w in weights]
-    return list(torch.autograd.grad(losses(copies).sum(), copies, create_graph=True))
+    keep = _keep_graph(*weights, *inputs)
+    return list(torch.autograd.grad(losses(copies).sum(), copies, create_graph=keep))
 
 
 def minibatch_gd(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, *, batch_size: int,
@@ -263,7 +273,7 @@ def minibatch_gd(q: Tensor, k: Tensor, v: Tensor, lr: Tensor, *, batch_size: int
                 idx = range(start, min(start + batch_size, T))
                 K, V = k[b, list(idx), h], v[b, list(idx), h]
                 grads = _per_sample_gradients(
-                    lambda Ws: 0.5 * ((V - f(Ws, K)) ** 2).sum(-1), W, len(idx))
+                    lambda Ws: 0.5 * ((V - f(Ws, K)) ** 2).sum(-1), W, len(idx), K, V, q, lr)
                 W_0 = W
                 for j, t in enumerate(idx):
                     if momentum is None:

@@ -1,0 +1,15 @@
+"""The README's code runs as written."""
+
+import re
+from pathlib import Path
+
+
+def test_readme_example_runs():
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "the README shows a Python example"
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), scope)
+    assert scope["o"].shape == (2, 1000, 4, 64) and scope["state"].shape == (2, 4, 64, 64)
+    assert scope["y"].shape == (2, 1000, 256) and scope["y_ref"].shape == (2, 64, 4, 64)
