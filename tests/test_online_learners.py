@@ -3,7 +3,6 @@ outputs, states and gradients, odd lengths, initial states, carried state, and b
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ttr import ops, oracle
 from ttr.features import FEATURE_MAPS

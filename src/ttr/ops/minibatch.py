@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
 from ..features import FEATURE_MAPS
-from ._chunk import causal_mask, decay_mask, from_chunks, to_chunks
+from ._chunk import causal_mask, decay_mask, to_chunks
 
 
 @dataclass
