@@ -46,8 +46,9 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]
     return B, T, H, Dk, v.shape[-1]
 
 
-def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int) -> str | None:
-    """A log-gate g <= 0 is [B, T, H] (scalar per head) or [B, T, H, Dk] (per key channel).
+def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int, scalar_for: str | None = None) -> str | None:
+    """A log-gate g <= 0 is [B, T, H] (scalar per head) or [B, T, H, Dk] (per key channel); an op that
+    takes only scalar gates names itself in `scalar_for`.
 
     Returns "scalar", "vector" or None.
     """
@@ -55,6 +56,8 @@ def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int) -> str | N
         return None
     if not isinstance(g, Tensor) or not g.is_floating_point():
         raise ValueError(f"g must be a floating-point torch.Tensor, got {getattr(g, 'dtype', type(g).__name__)}")
+    if scalar_for is not None and g.dim() != 3:
+        raise ValueError(f"g must be a scalar log-gate [B, T, H] for {scalar_for}, got shape {_shape(g)}")
     if tuple(g.shape) == (B, T, H):
         kind = "scalar"
     elif tuple(g.shape) == (B, T, H, Dk):

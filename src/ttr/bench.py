@@ -144,20 +144,19 @@ def chunk_flops(op: str, T: int, C: int, Dk: int, Dv: int, heads: int, batch: in
     """Matrix-product flops of an op's chunk form, forward (the products as computed, masks included)."""
     if op == "mesa":
         return None
-    Tp = -(-T // C) * C
     b, Dh = MINI_BATCH, 4 * Dk
+    delta = C * (5 * Dk + 3 * Dv) + 6 * Dk * Dv  # K K^T, Q K^T, the triangular solve, W S, Q S, P U, K^T U
     per_token = {
         "linear_attention": 2 * (C * (Dk + Dv) + 2 * Dk * Dv),
-        # K K^T, Q K^T, the triangular solve, W S, Q S, P U, K^T U
-        "delta_rule": C * (5 * Dk + 3 * Dv) + 6 * Dk * Dv,
-        "longhorn": C * (5 * Dk + 3 * Dv) + 6 * Dk * Dv,
-        "delta_product": 2 * (C * (5 * Dk + 3 * Dv) + 6 * Dk * Dv),  # two sub-steps per token
+        "delta_rule": delta,
+        "longhorn": delta,
+        "delta_product": 2 * delta,  # two sub-steps per token
         "ttt_linear": 2 * b * (Dk + Dv) + 6 * Dk * Dv,
         "titans": 2 * b * (Dk + Dv) + 8 * Dk * Dv + 2 * b * b,
         "ttt_mlp": 6 * Dk * Dh + 8 * Dh * Dv + 2 * b * (2 * Dh + Dv + Dk),
     }[op]
-    return float(batch * heads * (Tp if op in ("linear_attention", "delta_rule", "longhorn", "delta_product")
-                                   else -(-T // b) * b) * per_token)
+    padded = -(-T // (b if op in MINI_BATCH_OPS else C)) * (b if op in MINI_BATCH_OPS else C)
+    return float(batch * heads * padded * per_token)
 
 
 def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[], None]:
@@ -201,14 +200,15 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
 
     def call(mode: str) -> Callable[[], torch.Tensor]:
         chunk = {"chunk_size": cfg.chunk_size} if mode == "chunk" and op in CHUNKED else {}
-        if op in ("ttt_linear", "ttt_mlp", "titans"):
+        if op in MINI_BATCH_OPS:
             chunk = {"batch_size": MINI_BATCH}
         return lambda: fn(q, k, v, **extra, mode=mode, **chunk)[0]
 
     return call, leaves
 
 
-CHUNKED = ("linear_attention", "delta_rule", "longhorn", "delta_product", "mesa")
+CHUNKED = ("linear_attention", "delta_rule", "longhorn", "delta_product", "mesa")  # take chunk_size
+MINI_BATCH_OPS = ("ttt_linear", "ttt_mlp", "titans")  # chunk = mini-batch
 
 
 def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:

@@ -196,6 +196,11 @@ class Recipe:
         raise ValueError(f"the oracle has no solver for {self.describe()}")
 
     @property
+    def steps_per_token(self) -> int:
+        """Associations (keys, values, steps) written per token: n for DeltaProduct, else 1."""
+        return self.optimizer.steps_per_token if isinstance(self.optimizer, OnlineSGD) else 1
+
+    @property
     def op_name(self) -> str:
         return self.op().func.__name__
 

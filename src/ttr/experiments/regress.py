@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..oracle import BatchGD, Exact
-from ..recipe import MLP, PRESETS, MiniBatchGD, OnlineSGD, Preset
+from ..recipe import MLP, PRESETS, MiniBatchGD, Preset
 from ..tasks.switching import switching_keys
 from ..weights import FixedDecay, ScalarGate, Uniform, VectorGate
 
@@ -89,7 +89,7 @@ def parameter_free_inputs(preset: Preset, decay: float, step: float, n_seq: int,
     if not 0.0 < step <= 1.0:
         raise ValueError(f"step must be in (0, 1], got {step}")
     opt = preset.recipe.optimizer
-    n = opt.steps_per_token if isinstance(opt, OnlineSGD) else 1
+    n = preset.recipe.steps_per_token
     per_batch = step / opt.batch_size if isinstance(opt, MiniBatchGD) else step
     const = {"beta": step, "delta": step / (1.0 - step), "lr": per_batch, "theta": per_batch, "momentum": 0.5}
     inputs = {}
@@ -119,9 +119,8 @@ def memory_errors(preset: Preset, keys: Tensor, values: Tensor, decay: float, st
     shift = torch.nn.functional.pad
     k_mem = shift(keys, (0, 0, 1, 0))[:, :-1, None]     # association t is (k_{t-1}, v_{t-1})
     v_mem = shift(values, (0, 0, 1, 0))[:, :-1, None]
-    opt = preset.recipe.optimizer
-    if isinstance(opt, OnlineSGD) and opt.steps_per_token > 1:
-        n = opt.steps_per_token
+    n = preset.recipe.steps_per_token
+    if n > 1:
         k_mem, v_mem = (x.unsqueeze(3).expand(-1, -1, -1, n, -1) for x in (k_mem, v_mem))
     inputs = {name: None if x is None else x.float()
               for name, x in parameter_free_inputs(preset, decay, step, n_seq, length, dim).items()}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..recipe import MLP, OnlineSGD, Recipe
+from ..recipe import MLP, Recipe
 from ..weights import FixedDecay, ScalarGate, Uniform, VectorGate, Weights
 
 
@@ -90,8 +90,7 @@ class StepSize(nn.Module):
 
 def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int) -> nn.ModuleDict:
     """One module per input the recipe's op takes (recipe.inputs), keyed by the op's argument names."""
-    opt = recipe.optimizer
-    n_steps = opt.steps_per_token if isinstance(opt, OnlineSGD) else 1
+    n_steps = recipe.steps_per_token
     makers = {
         "g": lambda: make_gate(recipe.weights, d_model, n_heads, head_dim),
         # DeltaProduct lets beta reach 2 (negative eigenvalues of the transition), DeltaNet keeps it below 1

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 import inspect
 
-from ..recipe import MLP, OnlineSGD, Preset, Recipe, get_preset
+from ..recipe import MLP, Preset, Recipe, get_preset
 from .conv import ShortConv
 from .gates import make_inputs
 
@@ -45,7 +45,7 @@ class TTRLayer(nn.Module):
             raise ValueError(f"head_dim must be >= 1, got d_model={d_model}, n_heads={n_heads}")
         inner = n_heads * self.head_dim
         # n keys and values per token for memories that take n steps per token (DeltaProduct)
-        self.n_steps = memory.optimizer.steps_per_token if isinstance(memory.optimizer, OnlineSGD) else 1
+        self.n_steps = memory.steps_per_token
         width = (1 + 2 * self.n_steps) * inner
         self.qkv = nn.Linear(d_model, width, bias=False)
         self.conv = ShortConv(width, conv_size) if conv_size > 0 else None
@@ -71,7 +71,7 @@ class TTRLayer(nn.Module):
         H, D, n = self.n_heads, self.head_dim, self.n_steps
         q, k, v = qkv.split([H * D, n * H * D, n * H * D], dim=-1)
         q = q.view(B, T, H, D)
-        k, v = (x.view(B, T, H, n, D) if n > 1 else x.view(B, T, H, D) for x in (k, v))
+        k, v = (t.view(B, T, H, n, D) if n > 1 else t.view(B, T, H, D) for t in (k, v))
         inputs = {name: module(x) for name, module in self.inputs.items()}
         memory = state.memory
         if memory is None and hasattr(self, "W1"):

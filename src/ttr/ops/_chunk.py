@@ -37,9 +37,7 @@ def masked_exp(diff: Tensor, mask: Tensor) -> Tensor:
 
 def decay_mask(G: Tensor) -> Tensor:
     """Within-chunk decay exp(G_i - G_j) for j <= i, else 0. G: [..., C] cumulative log-gates -> [..., C, C]."""
-    C = G.shape[-1]
-    causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
-    return masked_exp(G[..., :, None] - G[..., None, :], causal)
+    return masked_exp(G[..., :, None] - G[..., None, :], causal_mask(G.shape[-1], G.device))
 
 
 def causal_mask(C: int, device: torch.device) -> Tensor:

@@ -45,7 +45,8 @@ class MiniBatchState:
 
 
 def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale, lr_name="lr"):
-    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    """Checks the rest of the input (q, k, v are checked by the caller) and casts, normalizes, scales."""
+    B, T, H, Dk = q.shape
     check_mode(mode, ("chunk", "recurrent"))
     check_step(lr_name, lr, (B, T, H))
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -58,10 +59,11 @@ def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale, lr_name="lr"):
 
 
 def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ...]], names: list[str],
-            batch_size: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor], int]:
-    """(weights, start weights, offset) from an initial state: None, the weights, or a MiniBatchState."""
+            n_start: int, batch_size: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor], int]:
+    """(weights, start weights, offset) from an initial state: None, the weights, or a MiniBatchState.
+    shapes and names: one per weight; the first n_start weights are the ones gradients are taken at."""
     if initial_state is None:
-        return list(fresh), list(fresh[: len(shapes)]), 0
+        return list(fresh), list(fresh[:n_start]), 0
     if isinstance(initial_state, MiniBatchState):
         weights, start, offset = initial_state.weights, initial_state.start, initial_state.offset
         if not 0 <= offset < batch_size:
@@ -69,22 +71,17 @@ def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ..
     else:
         weights = initial_state if isinstance(initial_state, (tuple, list)) else (initial_state,)
         start, offset = weights, 0
-    if len(weights) != len(fresh) or len(start) < len(shapes):
+    if len(weights) != len(fresh) or len(start) < n_start:
         raise ValueError(f"initial_state must hold {', '.join(names)}; got {len(weights)} tensors")
-    for name, w, shape in zip(names, weights, [*shapes, *shapes][: len(fresh)]):
+    for name, w, shape in zip(names, weights, shapes):
         check_state(f"initial_state ({name})", w, shape)
-    return [w.to(dtype) for w in weights], [w.to(dtype) for w in start[: len(shapes)]], offset
+    return [w.to(dtype) for w in weights], [w.to(dtype) for w in start[:n_start]], offset
 
 
-def _segments(T: int, batch_size: int, offset: int) -> tuple[int, int]:
-    """Split T tokens into a head that finishes the mini-batch in progress and the rest."""
-    head = min((batch_size - offset) % batch_size, T)
-    return head, T - head
-
-
-def _run_chunks(body, tensors: list[Tensor], head: int, batch_size: int, offset: int, weights: list[Tensor],
+def _run_chunks(body, tensors: list[Tensor], batch_size: int, offset: int, weights: list[Tensor],
                 start: list[Tensor], T: int):
-    """Run a chunk body over the head segment (if any) and then over whole mini-batches.
+    """Run a chunk body over a head that finishes the mini-batch in progress (if any), then over whole
+    mini-batches.
 
     body(chunks, weights, start, row) -> (out [B, H, C, Dv], weights after `row`), with chunks [B, H, C, ...]
     and `row` the chunk's last real token (a padded tail has rows past it). When a chunk completes its
@@ -92,6 +89,7 @@ def _run_chunks(body, tensors: list[Tensor], head: int, batch_size: int, offset:
     """
     outs = []
     pieces = []
+    head = min((batch_size - offset) % batch_size, T)
     if head:
         pieces.append(([x[:, :head].movedim(1, 2) for x in tensors], head - 1, head == batch_size - offset))
     rest = T - head
@@ -136,7 +134,7 @@ def ttt_linear(
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     q, k, v, lr = _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale)
     zero = q.new_zeros(B, H, Dk, Dv)
-    (state,), (start,), offset = _resume(initial_state, (zero,), [(B, H, Dk, Dv)], ["S"], batch_size, q.dtype)
+    (state,), (start,), offset = _resume(initial_state, (zero,), [(B, H, Dk, Dv)], ["S"], 1, batch_size, q.dtype)
     if mode == "recurrent":
         outs = []
         for t in range(T):
@@ -155,8 +153,7 @@ def ttt_linear(
             out = q_n @ state - scores @ step
             return out, [state - k_n.transpose(-1, -2) @ step]
 
-        head, _ = _segments(T, batch_size, offset)
-        o, weights, (start,) = _run_chunks(body, [q, k, v, lr], head, batch_size, offset, [state], [start], T)
+        o, weights, (start,) = _run_chunks(body, [q, k, v, lr], batch_size, offset, [state], [start], T)
     final = _final(weights, [start], offset, T, batch_size)
     return o.to(out_dtype), (final if output_final_state else None)
 
@@ -193,7 +190,7 @@ def ttt_mlp(
     Dh = first.shape[2]
     q, k, v, lr = _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale)
     weights, start, offset = _resume(initial_state, (first, first), [(B, H, Dh, Dk), (B, H, Dv, Dh)],
-                                     ["W1", "W2"], batch_size, q.dtype)
+                                     ["W1", "W2"], 2, batch_size, q.dtype)
     if mode == "recurrent":
         (W1, W2), (W1_0, W2_0) = weights, start
         outs = []
@@ -224,8 +221,7 @@ def ttt_mlp(
             out = hidden @ W2.transpose(-1, -2) - read @ step2                 # W2_t gelu(W1_t q_t)
             return out, [W1 - step1.transpose(-1, -2) @ k_n, W2 - step2.transpose(-1, -2) @ a]
 
-        head, _ = _segments(T, batch_size, offset)
-        o, weights, start = _run_chunks(body, [q, k, v, lr], head, batch_size, offset, weights, start, T)
+        o, weights, start = _run_chunks(body, [q, k, v, lr], batch_size, offset, weights, start, T)
     final = _final(weights, start, offset, T, batch_size)
     return o.to(out_dtype), (final if output_final_state else None)
 
@@ -254,14 +250,13 @@ def titans(
     check_step("momentum", momentum, (B, T, H), upper=1.0)
     if float(momentum.detach().min()) <= 0:
         raise ValueError("momentum must lie in (0, 1]: a zero momentum coefficient is the plain TTT-Linear update")
-    if check_log_gate(g, B, T, H, Dk) == "vector":
-        raise ValueError(f"g must be a scalar log-gate [B, T, H] for titans, got shape {list(g.shape)}")
+    check_log_gate(g, B, T, H, Dk, scalar_for="titans")
     q, k, v, theta = _prepare(q, k, v, theta, batch_size, mode, qk_l2norm, scale, lr_name="theta")
     log_eta = momentum.to(q.dtype).log()
     g = torch.zeros_like(log_eta) if g is None else g.to(q.dtype)
     zero = q.new_zeros(B, H, Dk, Dv)
-    weights, start, offset = _resume(initial_state, (zero, zero), [(B, H, Dk, Dv)], ["memory", "momentum"],
-                                     batch_size, q.dtype)
+    weights, start, offset = _resume(initial_state, (zero, zero), [(B, H, Dk, Dv)] * 2, ["memory", "momentum"],
+                                     1, batch_size, q.dtype)
     if mode == "recurrent":
         (memory, mom), (start,) = weights, start
         outs = []
@@ -288,8 +283,6 @@ def titans(
                          - k_n.transpose(-1, -2) @ (D[..., row, :, None] * step),
                          GE[..., row, None, None].exp() * mom - k_n.transpose(-1, -2) @ (L_E[..., row, :, None] * step)]
 
-        head, _ = _segments(T, batch_size, offset)
-        o, weights, start = _run_chunks(body, [q, k, v, theta, g, log_eta], head, batch_size, offset, weights,
-                                        start, T)
+        o, weights, start = _run_chunks(body, [q, k, v, theta, g, log_eta], batch_size, offset, weights, start, T)
     final = _final(weights, start, offset, T, batch_size)
     return o.to(out_dtype), (final if output_final_state else None)

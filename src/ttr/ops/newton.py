@@ -93,9 +93,7 @@ def mesa(
         raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}")
     if solver == "cg" and (not isinstance(cg_steps, int) or cg_steps < 0):
         raise ValueError(f"cg_steps must be a non-negative int, got {cg_steps!r}")
-    if g is not None and g.dim() != 3:
-        raise ValueError(f"g must be a scalar log-gate [B, T, H] for mesa, got shape {list(g.shape)}")
-    check_log_gate(g, B, T, H, 1)
+    check_log_gate(g, B, T, H, Dk, scalar_for="mesa")
     if beta is not None:
         check_step("beta", beta, (B, T, H))
     if initial_state is not None:
@@ -156,12 +154,17 @@ def _chunk_starts(kc, vc, bc, G, state):
     return torch.stack(starts_kk, dim=2), torch.stack(starts_kv, dim=2), (H_kk, H_kv)
 
 
+def _log_weights(G: Tensor, bc: Tensor) -> Tensor:
+    """log w_ti = G_t - G_i + log beta_i: association i's weight at t, [..., t, i] (mask i <= t to use)."""
+    return G[..., :, None] - G[..., None, :] + bc.clamp_min(torch.finfo(bc.dtype).tiny).log()[..., None, :]
+
+
 def _chunked_uniform(q, k, v, beta, ridge, state, C):
     """Uniform weights (times beta): the leading-principal-block form of the module docstring."""
     T = q.shape[1]
     qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))     # padding: k = 0, beta = 0
     H_kk, H_kv, final = _chunk_starts(kc, vc, bc, torch.zeros_like(bc), state)
-    up_to = torch.ones(C, C, dtype=torch.bool, device=q.device).triu()  # [i, t]: association i seen at t
+    up_to = causal_mask(C, q.device).T                                   # [i, t]: association i seen at t
     khat = kc * bc.sqrt()[..., None]                                     # sqrt(beta) k: [B, H, N, C, Dk]
     chol_A = _cholesky(H_kk + ridge[:, None], "H_kk + lamb")
     Aq = torch.cholesky_solve(qc.transpose(-1, -2), chol_A)              # A^-1 q_t as columns [.., Dk, C]
@@ -191,7 +194,7 @@ def _chunked_gated(q, k, v, g, beta, ridge, state, C):
     D = 1.0 / (torch.exp(G)[..., :, None] * mu.clamp_min(0.0)[..., None, :] + 1.0)  # [B, H, N, t, d]
     Y, Qr = kc @ V, qc @ V                                               # keys and queries in that basis
     # sqrt(w_ti), w_ti = e^{G_t - G_i} beta_i: association i's weight at t (0 for i > t)
-    log_w = G[..., :, None] - G[..., None, :] + bc.clamp_min(torch.finfo(q.dtype).tiny).log()[..., None, :]
+    log_w = _log_weights(G, bc)
     root_w = masked_exp(0.5 * log_w, seen)
     gram = torch.einsum("...id,...td,...jd->...tij", Y, D, Y)           # Y diag(D_t) Y^T for every t
     E = eye + root_w[..., :, :, None] * gram * root_w[..., :, None, :]
@@ -213,7 +216,7 @@ def _cg(q, k, v, g, beta, ridge, state, C, steps):
     G = gc.cumsum(-1)
     H_kk, H_kv, final = _chunk_starts(kc, vc, bc, G, state)
     tiny = torch.finfo(q.dtype).tiny
-    w = masked_exp(G[..., :, None] - G[..., None, :] + bc.clamp_min(tiny).log()[..., None, :], causal_mask(C, q.device))
+    w = masked_exp(_log_weights(G, bc), causal_mask(C, q.device))
     e_G = torch.exp(G)[..., None]                                          # [B, H, N, C, 1]
     lam = torch.diagonal(ridge, dim1=-2, dim2=-1)[:, None, None, :]        # [H, 1, 1, Dk]
 

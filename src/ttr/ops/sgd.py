@@ -54,8 +54,7 @@ def delta_rule(
         reach = float((beta.detach() * (k.detach().to(beta.dtype) ** 2).sum(-1)).max()) if beta.numel() else 0.0
         if reach > 2.0 + 1e-6:
             raise ValueError(f"beta * ||k||^2 must lie in [0, 2] with raw keys (qk_l2norm=False), got max {reach:.4g}")
-    if check_log_gate(g, B, T, H, Dk) == "vector":
-        raise ValueError(f"g must be a scalar log-gate [B, T, H] for the delta rule, got shape {list(g.shape)}")
+    check_log_gate(g, B, T, H, Dk, scalar_for="the delta rule")
     check_state("initial_state", initial_state, (B, H, Dk, Dv))
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
@@ -160,7 +159,7 @@ def delta_product(
         g_sub = g_sub.reshape(B, T * n, H)
     o, state = delta_rule(q_sub.reshape(B, T * n, H, Dk), k.transpose(2, 3).reshape(B, T * n, H, Dk),
                           v.transpose(2, 3).reshape(B, T * n, H, -1), beta.transpose(2, 3).reshape(B, T * n, H),
-                          g_sub, qk_l2norm=qk_l2norm, scale=Dk ** -0.5 if scale is None else scale,
+                          g_sub, qk_l2norm=qk_l2norm, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state, mode=mode,
                           chunk_size=chunk_size)
     return o.reshape(B, T, n, H, -1)[:, :, -1], state
