@@ -9,7 +9,7 @@ Optimizer   the exact minimizer, one Newton step from anywhere:
             o_t = M_t (scale q_t); Lambda = diag(lamb) > 0 is the ridge, added at read-out. Dropping the
             inverse (H_kk + Lambda ~ I) gives back gated linear attention (ttr.ops.linear_attention).
 
-State: the pair (H_kk [B, H, Dk, Dk], H_kv [B, H, Dk, Dv]).
+State: the pair (H_kk [B, H, Dk, Dk], H_kv [B, H, Dk, Dv]), in float64 (see Precision).
 
 Chunk form without decay (the Woodbury / leading-principal-block structure): inside a chunk that
 starts from A = H_kk,0 + Lambda, S_t = A + Khat_{<=t}^T Khat_{<=t} with Khat = sqrt(beta) K, and
@@ -19,11 +19,23 @@ factor of a leading block is the leading block of the Cholesky factor, so one fa
 one of G serve the whole chunk, and masking the right-hand sides makes one triangular solve with C
 columns answer every prefix at once.
 
-With decay the ridge does not decay with the rest, so the base M_t = e^{G_t} H_kk,0 + Lambda changes with t.
-One symmetric eigendecomposition per chunk diagonalizes H_kk,0 and Lambda together (V^T Lambda V = I,
-V^T H_kk,0 V = diag(mu)), so M_t^-1 = V diag(1 / (e^{G_t} mu + 1)) V^T for every t at once; the Woodbury
-matrix of the chunk's associations then still depends on t, so that form factorizes one C x C matrix per
-token, on chunks of GATED_CHUNK tokens: no d x d factorization per token, every exponent <= 0.
+With decay the ridge does not decay with the rest, so the base e^{G_t} H_kk,0 + Lambda changes with t and
+no single factorization serves a chunk. One symmetric eigendecomposition per chunk diagonalizes H_kk,0 and
+Lambda together (V^T Lambda V = I, V^T H_kk,0 V = diag(mu)), so the base's inverse is
+V diag(1 / (e^{G_t} mu + 1)) V^T for every t at once; the Woodbury matrix of the chunk's associations then
+still depends on t, so that form factorizes one C x C matrix per token, on chunks of GATED_CHUNK tokens:
+no d x d factorization per token, every exponent <= 0. The eigendecomposition is what this form costs.
+
+Gradients of the exact forms are implicit differentiation of the solve (_ExactRead): backward solves once
+more with the same factors, and no factorization or eigendecomposition is itself differentiated (an
+eigendecomposition's derivative is singular at repeated eigenvalues, which low-rank H_kk always has).
+
+Precision. In float32 the statistics are the weak point: rounding H_kv by eps mixes the key null space,
+where S_t^-1 q_t is of size |q| / lamb, into the answer, an error of about eps * (number of associations) /
+lamb. So H_kk, H_kv, the state, every d x d factorization and the projection of H_kv onto the solve's
+basis are float64 (STATS), and only the per-token C x C work runs in the input's precision. Measured at
+T = 16384, d = 16, three repeated unit keys, float32: relative error 4e-4 (uniform) and 5e-3 (decay 0.999)
+at lamb = 1e-3, 5e-5 and 5e-4 at lamb = 1e-2 (tests/test_mesa.py bounds these).
 
 solver="cg" replaces every solve by `cg_steps` steps of conjugate gradients preconditioned by the
 diagonal of S_t and started from q / diag(S_t) (the Jacobi guess); its chunk form applies S_t to every
@@ -38,6 +50,7 @@ from torch import Tensor
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
 from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_chunks
 
+STATS = torch.float64  # the statistics and every d x d step; see "Precision" in the module docstring
 GATED_CHUNK = 16
 
 
@@ -46,21 +59,22 @@ def _cholesky(M: Tensor, what: str) -> Tensor:
     L, info = torch.linalg.cholesky_ex(M)
     if bool((info > 0).any()):
         raise ValueError(f"{what} is not positive definite in {M.dtype}: the keys are too ill-conditioned for "
-                         "this ridge at this precision; raise lamb, pass float64 inputs, or use solver='cg'")
+                         "this ridge at this precision; raise lamb or use solver='cg'")
     return L
 
 
-def _ridge(lamb: float | Tensor, H: int, Dk: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """lamb as a positive diagonal [H, Dk]: a scalar, one per head [H], or one per channel [H, Dk]."""
-    lam = torch.as_tensor(lamb, dtype=dtype, device=device)
+def _ridge(lamb: float | Tensor, H: int, Dk: int, device: torch.device) -> Tensor:
+    """lamb as a positive diagonal [H, Dk] (in STATS): a scalar, one per head [H], or one per channel [H, Dk]."""
+    lam = torch.as_tensor(lamb, dtype=STATS, device=device)  # a Python float straight to STATS, never via float32
     if lam.dim() == 0:
         lam = lam.expand(H, Dk)
     elif tuple(lam.shape) == (H,):
         lam = lam[:, None].expand(H, Dk)
     elif tuple(lam.shape) != (H, Dk):
         raise ValueError(f"lamb must be a scalar, [H] = [{H}] or [H, Dk] = [{H}, {Dk}], got shape {list(lam.shape)}")
-    if not bool(torch.isfinite(lam).all()) or float(lam.min()) <= 0:
-        raise ValueError(f"lamb is a ridge and must be positive and finite, got min {float(lam.min()):.4g}")
+    low = float(lam.detach().min())
+    if not bool(torch.isfinite(lam.detach()).all()) or low <= 0:
+        raise ValueError(f"lamb is a ridge and must be positive and finite, got min {low:.4g}")
     return lam
 
 
@@ -83,7 +97,7 @@ def mesa(
     """The mesa layer (g, beta None) and MesaNet (decay g [B, T, H] <= 0, input weight beta [B, T, H] >= 0).
 
     q, k: [B, T, H, Dk], v: [B, T, H, Dv]; lamb > 0 a scalar, [H] or [H, Dk]. Returns (o [B, T, H, Dv],
-    (H_kk, H_kv) or None). "recurrent" solves a Cholesky system per token (the decoding path).
+    (H_kk, H_kv) in float64, or None). "recurrent" solves a Cholesky system per token (the decoding path).
     solver "exact" or "cg" (cg_steps conjugate-gradient steps, in both forms alike).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
@@ -103,32 +117,39 @@ def mesa(
         check_state("initial_state (H_kv)", initial_state[1], (B, H, Dk, Dv))
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
-    ridge = torch.diag_embed(_ridge(lamb, H, Dk, dt, q.device))  # [H, Dk, Dk]
+    lam = _ridge(lamb, H, Dk, q.device)
     q = q.to(dt) * (Dk ** -0.5 if scale is None else float(scale))
     k, v = k.to(dt), v.to(dt)
     beta = torch.ones(B, T, H, dtype=dt, device=q.device) if beta is None else beta.to(dt)
     g = None if g is None else g.to(dt)
     if initial_state is None:
-        state = (q.new_zeros(B, H, Dk, Dk), q.new_zeros(B, H, Dk, Dv))
+        state = (q.new_zeros(B, H, Dk, Dk, dtype=STATS), q.new_zeros(B, H, Dk, Dv, dtype=STATS))
     else:
-        state = tuple(s.to(dt) for s in initial_state)
-    if solver == "cg":
-        o, state = _cg(q, k, v, g, beta, ridge, state, chunk_size if mode == "chunk" else 1, cg_steps)
-    elif mode == "recurrent":
-        o, state = _recurrent(q, k, v, g, beta, ridge, state)
-    elif g is None:
-        o, state = _chunked_uniform(q, k, v, beta, ridge, state, chunk_size)
+        state = tuple(s.to(STATS) for s in initial_state)
+    if mode == "recurrent" and solver == "exact":
+        o, state = _recurrent(q, k, v, g, beta, lam, state)
     else:
-        o, state = _chunked_gated(q, k, v, g, beta, ridge, state, chunk_size)
+        C = 1 if mode == "recurrent" else chunk_size if (g is None or solver == "cg") else min(chunk_size, GATED_CHUNK)
+        qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))     # padding: k = 0, beta = 0, g = 0
+        G = torch.zeros_like(bc) if g is None else to_chunks(g, C).cumsum(-1)
+        H_kk, H_kv, state = _chunk_starts(kc, vc, bc, G, state)
+        if solver == "cg":
+            oc = _cg(qc, H_kk.to(dt), H_kv.to(dt), kc, vc, G, bc, lam.to(dt), cg_steps)
+        else:
+            oc = _ExactRead.apply(qc, H_kk, H_kv, kc, vc, G, bc, lam, g is not None)
+        o = from_chunks(oc, T)
     return o.to(out_dtype), (state if output_final_state else None)
 
 
-def _recurrent(q, k, v, g, beta, ridge, state):
+def _recurrent(q, k, v, g, beta, lam, state):
+    """Token by token in STATS: accumulate H_kk and H_kv, one Cholesky solve per token."""
     H_kk, H_kv = state
+    ridge = torch.diag_embed(lam)
+    q, k, v, beta = (x.to(STATS) for x in (q, k, v, beta))
     outs = []
     for t in range(q.shape[1]):
         if g is not None:
-            alpha = torch.exp(g[:, t])[..., None, None]
+            alpha = torch.exp(g[:, t].to(STATS))[..., None, None]
             H_kk, H_kv = alpha * H_kk, alpha * H_kv
         bk = beta[:, t, :, None] * k[:, t]
         H_kk = H_kk + bk[..., :, None] * k[:, t, :, None, :]
@@ -139,12 +160,12 @@ def _recurrent(q, k, v, g, beta, ridge, state):
 
 
 def _chunk_starts(kc, vc, bc, G, state):
-    """The statistics (H_kk, H_kv) at the start of every chunk: they do not depend on any solve, so all of
-    them come first (a cheap linear recurrence) and every chunk's solves then run at once.
+    """The statistics (H_kk, H_kv) at the start of every chunk, in STATS: they do not depend on any solve, so
+    all of them come first (a cheap linear recurrence) and every chunk's solves then run at once.
     kc, vc: [B, H, N, C, D]; bc, G: [B, H, N, C]. Returns starts [B, H, N, ...] and the final state."""
-    to_end = (torch.exp(G[..., -1:] - G) * bc)[..., None] * kc               # w_{end, i} k_i
-    kk, kv = to_end.transpose(-1, -2) @ kc, to_end.transpose(-1, -2) @ vc     # each chunk's own sums
-    decay = torch.exp(G[..., -1])[..., None, None]
+    to_end = ((torch.exp(G[..., -1:] - G) * bc)[..., None] * kc).to(STATS)  # w_{end, i} k_i
+    kk, kv = to_end.transpose(-1, -2) @ kc.to(STATS), to_end.transpose(-1, -2) @ vc.to(STATS)
+    decay = torch.exp(G[..., -1].to(STATS))[..., None, None]
     H_kk, H_kv = state
     starts_kk, starts_kv = [], []
     for kk_n, kv_n, d_n in zip(kk.unbind(2), kv.unbind(2), decay.unbind(2)):
@@ -159,71 +180,118 @@ def _log_weights(G: Tensor, bc: Tensor) -> Tensor:
     return G[..., :, None] - G[..., None, :] + bc.clamp_min(torch.finfo(bc.dtype).tiny).log()[..., None, :]
 
 
-def _chunked_uniform(q, k, v, beta, ridge, state, C):
-    """Uniform weights (times beta): the leading-principal-block form of the module docstring."""
-    T = q.shape[1]
-    qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))     # padding: k = 0, beta = 0
-    H_kk, H_kv, final = _chunk_starts(kc, vc, bc, torch.zeros_like(bc), state)
-    up_to = causal_mask(C, q.device).T                                   # [i, t]: association i seen at t
-    khat = kc * bc.sqrt()[..., None]                                     # sqrt(beta) k: [B, H, N, C, Dk]
-    chol_A = _cholesky(H_kk + ridge[:, None], "H_kk + lamb")
-    Aq = torch.cholesky_solve(qc.transpose(-1, -2), chol_A)              # A^-1 q_t as columns [.., Dk, C]
+def _weighted(P: Tensor, H0: Tensor, a: Tensor, b: Tensor, G: Tensor, bc: Tensor) -> Tensor:
+    """Rows p_t -> rows (e^{G_t} H0 + sum_{i<=t} w_ti a_i b_i^T)^T p_t for every token of every chunk. With
+    (H_kk, k, k) it applies S_t - Lambda, with (H_kv, k, v) it reads the memory, with (H_kv^T, v, k) it is
+    the read-out's transpose."""
+    w = masked_exp(_log_weights(G, bc), causal_mask(G.shape[-1], G.device))
+    return torch.exp(G)[..., None] * (P @ H0) + (w * (P @ a.transpose(-1, -2))) @ b
+
+
+class _ExactRead(torch.autograd.Function):
+    """o_t = H_kv,t^T S_t^-1 q_t for every token of every chunk, S_t = e^{G_t} H_kk,0 + sum_{i<=t} w_ti k_i k_i^T
+    + Lambda. Forward factorizes once per chunk (_woodbury without decay, _eigen with it). Backward is implicit
+    differentiation of the solve: with x_t = S_t^-1 q_t and u_t = S_t^-1 H_kv,t do_t (S_t is symmetric),
+    dq_t = u_t and every other input gets the gradient of  sum_t do_t . (H_kv,t^T x_t) - u_t . (S_t x_t)
+    at fixed x and u: a few products, no factorization is differentiated."""
+
+    @staticmethod
+    def forward(ctx, qc, H_kk, H_kv, kc, vc, G, bc, lam, gated):
+        solve, read = (_eigen if gated else _woodbury)(H_kk, kc, G, bc, lam)
+        x, o = read(solve(qc), H_kv, vc)
+        ctx.solve = solve
+        ctx.save_for_backward(H_kk, H_kv, kc, vc, G, bc, lam, x)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        H_kk, H_kv, kc, vc, G, bc, lam, x = ctx.saved_tensors
+        dt = x.dtype
+        u, _ = ctx.solve(_weighted(do, H_kv.transpose(-1, -2).to(dt), vc, kc, G, bc))
+        leaves = [t.detach().requires_grad_(need) for t, need in
+                  zip((H_kk, H_kv, kc, vc, G, bc, lam), ctx.needs_input_grad[1:8])]
+        grads = [None] * len(leaves)
+        wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
+        if wanted:
+            with torch.enable_grad():
+                H_kk_, H_kv_, kc_, vc_, G_, bc_, lam_ = leaves
+                S_x = _weighted(x, H_kk_.to(dt), kc_, kc_, G_, bc_) + lam_.to(dt)[:, None, None] * x
+                f = (do * _weighted(x, H_kv_.to(dt), kc_, vc_, G_, bc_)).sum() - (u * S_x).sum()
+                for i, grad in zip(wanted, torch.autograd.grad(f, [leaves[i] for i in wanted])):
+                    grads[i] = grad
+        return (u, *grads, None)
+
+
+def _woodbury(H_kk, kc, G, bc, lam):
+    """Uniform weights (times beta): the leading-principal-block form of the module docstring. Returns
+    solve(rows) -> (S_t^-1 rows_t, the same in STATS) and read(those, H_kv, vc) -> (x, o)."""
+    dt, C = kc.dtype, kc.shape[-2]
+    up_to = causal_mask(C, kc.device).T                                  # [i, t]: association i seen at t
+    khat = (kc * bc.sqrt()[..., None]).to(STATS)                         # sqrt(beta) k: [B, H, N, C, Dk]
+    chol_A = _cholesky(H_kk + torch.diag_embed(lam)[:, None], "H_kk + lamb")
     Ak = torch.cholesky_solve(khat.transpose(-1, -2), chol_A)            # A^-1 khat_i as columns
-    chol_G = _cholesky(torch.eye(C, dtype=q.dtype, device=q.device) + khat @ Ak, "the chunk's Woodbury matrix")
-    rhs = (khat @ Aq).masked_fill(~up_to, 0.0)                           # column t: khat_i . A^-1 q_t, i <= t
-    y = torch.linalg.solve_triangular(chol_G, rhs, upper=False).masked_fill(~up_to, 0.0)
-    z = torch.linalg.solve_triangular(chol_G.transpose(-1, -2), y, upper=True)
-    x = Aq - Ak @ z                                                      # S_t^-1 q_t as columns
-    seen = (kc @ x).masked_fill(~up_to, 0.0)                             # k_i . x_t for i <= t
-    o = x.transpose(-1, -2) @ H_kv + seen.transpose(-1, -2) @ (bc[..., None] * vc)
-    return from_chunks(o, T), final
+    eye = torch.eye(C, dtype=STATS, device=kc.device)
+    chol_G = _cholesky(eye + khat @ Ak, "the chunk's Woodbury matrix").to(dt)
+
+    def solve(rows):
+        Aq = torch.cholesky_solve(rows.to(STATS).transpose(-1, -2), chol_A)  # A^-1 q_t as columns [.., Dk, C]
+        rhs = (khat @ Aq).to(dt).masked_fill(~up_to, 0.0)                # column t: khat_i . A^-1 q_t, i <= t
+        y = torch.linalg.solve_triangular(chol_G, rhs, upper=False).masked_fill(~up_to, 0.0)
+        z = torch.linalg.solve_triangular(chol_G.transpose(-1, -2), y, upper=True)
+        x = (Aq - Ak @ z.to(STATS)).transpose(-1, -2)                    # S_t^-1 q_t as rows
+        return x.to(dt), x
+
+    def read(xs, H_kv, vc):
+        x, x_hi = xs
+        return x, _weighted(x_hi, H_kv, kc.to(STATS), vc.to(STATS), G.to(STATS), bc.to(STATS)).to(dt)
+
+    return solve, read
 
 
-def _chunked_gated(q, k, v, g, beta, ridge, state, C):
-    """Decay and ridge: the per-chunk simultaneous diagonalization of the module docstring."""
-    T = q.shape[1]
-    C = min(C, GATED_CHUNK)
-    qc, kc, vc, bc, gc = (to_chunks(x, C) for x in (q, k, v, beta, g))  # padding: k = 0, g = 0
-    G = gc.cumsum(-1)                                                   # [B, H, N, C]
-    H_kk, H_kv, final = _chunk_starts(kc, vc, bc, G, state)
-    seen = causal_mask(C, q.device)                                     # [t, i]: i <= t
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    lam_isqrt = torch.diagonal(ridge, dim1=-2, dim2=-1).rsqrt()[:, None]  # Lambda^-1/2: [H, 1, Dk]
+def _eigen(H_kk, kc, G, bc, lam):
+    """Decay and ridge: the per-chunk simultaneous diagonalization of the module docstring. Returns
+    solve(rows) -> (S_t^-1 rows_t, the same in the eigenbasis) and read(those, H_kv, vc) -> (x, o)."""
+    dt, C = kc.dtype, kc.shape[-2]
+    lam_isqrt = lam.rsqrt()[:, None]                                     # Lambda^-1/2: [H, 1, Dk]
     mu, U = torch.linalg.eigh(lam_isqrt[..., :, None] * H_kk * lam_isqrt[..., None, :])
-    V = lam_isqrt[..., :, None] * U                                      # V^T Lambda V = I, V^T H_kk V = diag(mu)
-    D = 1.0 / (torch.exp(G)[..., :, None] * mu.clamp_min(0.0)[..., None, :] + 1.0)  # [B, H, N, t, d]
-    Y, Qr = kc @ V, qc @ V                                               # keys and queries in that basis
-    # sqrt(w_ti), w_ti = e^{G_t - G_i} beta_i: association i's weight at t (0 for i > t)
-    log_w = _log_weights(G, bc)
-    root_w = masked_exp(0.5 * log_w, seen)
-    gram = torch.einsum("...id,...td,...jd->...tij", Y, D, Y)           # Y diag(D_t) Y^T for every t
-    E = eye + root_w[..., :, :, None] * gram * root_w[..., :, None, :]
-    rhs = root_w * torch.einsum("...id,...td->...ti", Y, D * Qr)
-    z = torch.cholesky_solve(rhs[..., None], _cholesky(E, "the chunk's Woodbury matrix"))[..., 0]
-    x = (D * (Qr - (root_w * z) @ Y)) @ V.transpose(-1, -2)              # S_t^-1 q_t as rows
-    w = masked_exp(log_w, seen)
-    o = torch.exp(G)[..., None] * (x @ H_kv) + (w * (x @ kc.transpose(-1, -2))) @ vc
-    return from_chunks(o, T), final
+    if bool((mu <= -1.0).any()):  # the same condition the Cholesky of H_kk + lamb checks elsewhere
+        raise ValueError("H_kk + lamb is not positive definite: the initial state H_kk must be positive semi-definite")
+    V_hi = lam_isqrt[..., :, None] * U                                   # V^T Lambda V = I, V^T H_kk V = diag(mu)
+    V = V_hi.to(dt)
+    D = 1.0 / (torch.exp(G)[..., :, None] * mu.to(dt)[..., None, :] + 1.0)  # [B, H, N, t, d]
+    Y = kc @ V                                                           # keys in that basis
+    root_w = masked_exp(0.5 * _log_weights(G, bc), causal_mask(C, kc.device))  # sqrt(w_ti), 0 for i > t
+    gram = (Y[..., None, :, :] * D[..., :, None, :]) @ Y[..., None, :, :].transpose(-1, -2)  # Y diag(D_t) Y^T
+    E = torch.eye(C, dtype=dt, device=kc.device) + root_w[..., :, :, None] * gram * root_w[..., :, None, :]
+    chol_E = _cholesky(E, "the chunk's Woodbury matrix")
+
+    def solve(rows):
+        r = rows @ V
+        rhs = root_w * ((D * r) @ Y.transpose(-1, -2))
+        z = torch.cholesky_solve(rhs[..., None], chol_E)[..., 0]
+        xb = D * (r - (root_w * z) @ Y)                                  # S_t^-1 q_t in the basis, as rows
+        return xb @ V.transpose(-1, -2), xb
+
+    def read(xs, H_kv, vc):
+        # read out in the basis: V^T H_kv is formed in STATS, so the large null-space part of S_t^-1 q_t
+        # (size |q| / lamb) meets exact zeros instead of float32 rounding of H_kv
+        x, xb = xs
+        return x, _weighted(xb, (V_hi.transpose(-1, -2) @ H_kv).to(dt), Y, vc, G, bc)
+
+    return solve, read
 
 
-def _cg(q, k, v, g, beta, ridge, state, C, steps):
+def _cg(qc, H_kk, H_kv, kc, vc, G, bc, lam, steps):
     """Conjugate gradients on S_t x_t = q_t for every token at once (C = 1: token by token), with
-    S_t p = e^{G_t} H_kk,0 p + sum_{i<=t} w_ti k_i (k_i . p) + Lambda p,  w_ti = e^{G_t - G_i} beta_i."""
-    T = q.shape[1]
-    if g is None:
-        g = torch.zeros_like(beta)
-    qc, kc, vc, bc, gc = (to_chunks(x, C) for x in (q, k, v, beta, g))
-    G = gc.cumsum(-1)
-    H_kk, H_kv, final = _chunk_starts(kc, vc, bc, G, state)
-    tiny = torch.finfo(q.dtype).tiny
-    w = masked_exp(_log_weights(G, bc), causal_mask(C, q.device))
-    e_G = torch.exp(G)[..., None]                                          # [B, H, N, C, 1]
-    lam = torch.diagonal(ridge, dim1=-2, dim2=-1)[:, None, None, :]        # [H, 1, 1, Dk]
+    S_t p = e^{G_t} H_kk,0 p + sum_{i<=t} w_ti k_i (k_i . p) + Lambda p. Gradients follow the steps taken."""
+    tiny = torch.finfo(qc.dtype).tiny
+    lam = lam[:, None, None]                                               # [H, 1, 1, Dk]
 
     def apply(P: Tensor) -> Tensor:                                        # rows p_t -> rows (S_t p_t)^T
-        return e_G * (P @ H_kk) + (w * (P @ kc.transpose(-1, -2))) @ kc + lam * P
+        return _weighted(P, H_kk, kc, kc, G, bc) + lam * P
 
-    diag = e_G * torch.diagonal(H_kk, dim1=-2, dim2=-1)[..., None, :] + w @ (kc * kc) + lam
+    w = masked_exp(_log_weights(G, bc), causal_mask(G.shape[-1], G.device))
+    diag = torch.exp(G)[..., None] * torch.diagonal(H_kk, dim1=-2, dim2=-1)[..., None, :] + w @ (kc * kc) + lam
     x = qc / diag
     r = qc - apply(x)
     z = r / diag
@@ -235,5 +303,4 @@ def _cg(q, k, v, g, beta, ridge, state, C, steps):
         z = r / diag
         rz_next = (r * z).sum(-1, keepdim=True)
         p, rz = z + rz_next / rz.clamp_min(tiny) * p, rz_next
-    o = e_G * (x @ H_kv) + (w * (x @ kc.transpose(-1, -2))) @ vc
-    return from_chunks(o, T), final
+    return _weighted(x, H_kv, kc, vc, G, bc)
