@@ -28,7 +28,7 @@ def test_regress_writes_table_plot_and_results(tmp_path, capsys):
 def test_bench_small_grid_writes_json(tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "--lengths", "64,100", "--head-dims", "16", "--repeats", "1", "--recurrent-lengths", "100",
-                 "--out", str(out)]) == 0
+                 "--conditioning-length", "300", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["matmul_gflops"] > 0
     from ttr.bench import CASES
@@ -40,6 +40,8 @@ def test_bench_small_grid_writes_json(tmp_path):
         assert (row["recurrent_fwdbwd_ms"] is not None) == (row["T"] == 100)
     errors = {s["solver"]: s["rel_error_vs_float64"] for s in res["mesa_solvers"]}
     assert errors["exact float32"] < 1e-4 and errors["cg 32"] < errors["cg 1"]  # CG converges towards exact
+    assert len(res["mesa_conditioning"]) == 4
+    assert all(c["chunk_rel_error"] < 1e-2 and c["recurrent_rel_error"] < 1e-5 for c in res["mesa_conditioning"])
 
 
 def test_interrupted_bench_resumes_from_what_it_saved(tmp_path):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ttr import oracle
+from ttr.bench import repeated_keys
 from ttr.ops import mesa
 
 from conftest import F64_ATOL, make_gate, make_qkv, max_rel
@@ -157,14 +158,6 @@ def test_cg_gradients_agree_between_forms():
         assert max_rel(a, b) < 1e-9
 
 
-def _repeated_keys(T, D, n_keys, seed=1):
-    """T tokens whose keys are n_keys unit directions, repeated: H_kk has rank n_keys and grows like T."""
-    gen = torch.Generator().manual_seed(seed)
-    few = F.normalize(torch.randn(n_keys, D, generator=gen), dim=-1)
-    k = few[torch.randint(0, n_keys, (T,), generator=gen)][None, :, None]
-    return torch.randn(1, T, 1, D, generator=gen), k, torch.randn(1, T, 1, D, generator=gen)
-
-
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("lamb,bound", [(1e-2, 2e-3), (1e-3, 2e-2)])
 def test_float32_stays_accurate_with_ill_conditioned_keys(gated, lamb, bound):
@@ -172,7 +165,7 @@ def test_float32_stays_accurate_with_ill_conditioned_keys(gated, lamb, bound):
     float32 inputs: finite, and within `bound` (relative, whole output) of the float64 answer; the error of
     the chunk form grows like 1 / lamb (module docstring, Precision). Recurrent works in float64 inside."""
     T = 16384
-    q, k, v = _repeated_keys(T, 16, 3)
+    q, k, v = repeated_keys(T, 16, 3)
     g = torch.full((1, T, 1), -1e-3) if gated else None
     ref, _ = mesa(q.double(), k.double(), v.double(), None if g is None else g.double(), lamb=lamb)
     for mode, tol in (("chunk", bound), ("recurrent", 1e-6)):

@@ -47,6 +47,7 @@ class BenchConfig:
     batch: int = 1
     chunk_size: int = 64
     recurrent_lengths: tuple[int, ...] = (1024, 4096)
+    conditioning_length: int = 16384  # mesa_conditioning's T
     repeats: int = 3
     device: str = "cpu"
     out: str = "runs/bench/bench.json"
@@ -261,6 +262,33 @@ def mesa_solvers(cfg: BenchConfig, device: torch.device) -> list[dict]:
     return rows
 
 
+def repeated_keys(T: int, D: int, n_keys: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [1, T, 1, D] whose keys are n_keys unit directions, repeated: H_kk has rank n_keys and grows
+    like T, so H_kk + lamb is as ill-conditioned as T / lamb."""
+    gen = torch.Generator().manual_seed(seed)
+    few = F.normalize(torch.randn(n_keys, D, generator=gen), dim=-1)
+    k = few[torch.randint(0, n_keys, (T,), generator=gen)][None, :, None]
+    return torch.randn(1, T, 1, D, generator=gen), k, torch.randn(1, T, 1, D, generator=gen)
+
+
+def mesa_conditioning(cfg: BenchConfig, device: torch.device) -> list[dict]:
+    """The exact memory in float32 on ill-conditioned keys (3 repeated unit keys, T = conditioning_length,
+    the first head dim), with uniform weights and with decay 0.999, for two ridges: each form's relative error against the
+    float64 chunk form (itself equal to per-token least squares in the tests)."""
+    T = cfg.conditioning_length
+    q, k, v = (x.to(device) for x in repeated_keys(T, cfg.head_dims[0], 3))
+    rows = []
+    for weights, g in (("uniform", None), ("decay 0.999", torch.full((1, T, 1), -1e-3, device=device))):
+        for lamb in (1e-2, 1e-3):
+            ref, _ = ops.mesa(q.double(), k.double(), v.double(), None if g is None else g.double(), lamb=lamb)
+            row = {"weights": weights, "lamb": lamb, "T": T, "D": cfg.head_dims[0]}
+            for mode in ("chunk", "recurrent"):
+                o, _ = ops.mesa(q, k, v, g, lamb=lamb, mode=mode)
+                row[f"{mode}_rel_error"] = float((o.double() - ref).norm() / ref.norm())
+            rows.append(row)
+    return rows
+
+
 _SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_lengths")
 
 
@@ -277,7 +305,8 @@ def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, str, int, int], BenchRo
     return {(r.op, r.gate, r.D, r.T): r for r in rows}
 
 
-def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> tuple[float, list[BenchRow], list[dict]]:
+def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
+        ) -> tuple[float, list[BenchRow], list[dict], list[dict]]:
     """All timings first, then all peak-memory measurements: on the CPU the latter change how the
     allocator returns memory (see _release_freed_memory), which must not touch the timings.
     The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
@@ -305,18 +334,20 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> tupl
         rows.append(row)
         save(cfg, mm, rows)
     solvers = mesa_solvers(cfg, device) if "mesa" in cfg.ops else []
+    conditioning = mesa_conditioning(cfg, device) if "mesa" in cfg.ops else []
     for row in rows:
         if progress is not None:
             progress(f"memory {row.op} g={row.gate} D={row.D} T={row.T}")
         if row.peak_mb is None:
             call, leaves = _problem(cfg, row.op, row.gate, row.T, row.D, device)
             row.peak_mb = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
-            save(cfg, mm, rows, solvers)
-    save(cfg, mm, rows, solvers)
-    return mm, rows, solvers
+            save(cfg, mm, rows, solvers, conditioning)
+    save(cfg, mm, rows, solvers, conditioning)
+    return mm, rows, solvers, conditioning
 
 
-def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[dict] | None = None) -> Path:
+def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[dict] | None = None,
+         conditioning: list[dict] | None = None) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
@@ -324,6 +355,7 @@ def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[di
         "config": asdict(cfg), "device": device, "torch": torch.__version__, "matmul_gflops": matmul,
         "rows": [asdict(r) | {"speedup_vs_recurrent": r.speedup, "sdpa_over_chunk": r.vs_sdpa} for r in rows],
         "mesa_solvers": solvers or [],
+        "mesa_conditioning": conditioning or [],
     }
     partial = out.with_suffix(".partial")
     partial.write_text(json.dumps(payload, indent=1))

@@ -79,7 +79,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                             ops=tuple(args.ops.split(",")),
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
                             recurrent_lengths=args.recurrent_lengths, repeats=args.repeats, device=args.device,
-                            out=args.out, resume=args.resume)
+                            conditioning_length=args.conditioning_length, out=args.out, resume=args.resume)
     n_cases = sum(g in cfg.gates for op in cfg.ops for g in bench.CASES.get(op, ()))
     total = 2 * n_cases * len(cfg.head_dims) * len(cfg.lengths)
     with _progress() as bar:
@@ -89,7 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             bar.update(task, description=desc)
             bar.advance(task)
 
-        matmul, rows, solvers = bench.run(cfg, progress=step)
+        matmul, rows, solvers, conditioning = bench.run(cfg, progress=step)
     path = Path(cfg.out)
     table = Table(title=f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch "
                         f"{bench.MINI_BATCH}), {cfg.device}; matmul {matmul:.0f} GFLOP/s", box=box.SIMPLE_HEAD,
@@ -111,6 +111,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
         for s in solvers:
             solver_table.add_row(s["solver"], f"{s['rel_error_vs_float64']:.2e}", _ms(s["fwdbwd_ms"]))
         console.print(solver_table)
+    if conditioning:
+        cond_table = Table(title=f"mesa in float32, ill-conditioned: T={conditioning[0]['T']}, D={conditioning[0]['D']}, "
+                           "3 repeated unit keys; relative error against float64", box=box.SIMPLE_HEAD, padding=(0, 1))
+        for c in ("weights", "lamb", "chunk", "recurrent"):
+            cond_table.add_column(c, justify="right")
+        for c in conditioning:
+            cond_table.add_row(c["weights"], f"{c['lamb']:g}", f"{c['chunk_rel_error']:.1e}",
+                               f"{c['recurrent_rel_error']:.1e}")
+        console.print(cond_table)
     console.print("op: la linear_attention, dr delta_rule, lh longhorn, dp delta_product, ttt ttt_linear, "
                   "mlp ttt_mlp, tit titans; g: gate (n none, s scalar, v vector). "
                   "fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
@@ -153,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunk form (default 64)")
     p.add_argument("--recurrent-lengths", type=_ints, default=(1024, 4096),
                    help="T values at which the (slow) recurrent form is timed too (1024,4096)")
+    p.add_argument("--conditioning-length", type=int, default=16384,
+                   help="T of mesa's float32 accuracy check on ill-conditioned keys (default 16384)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--out", default="runs/bench/bench.json", help="JSON output path, rewritten after every row")

@@ -222,6 +222,14 @@ class _ExactRead(torch.autograd.Function):
         return (u, *grads, None)
 
 
+def _needs_stats_precision(H_kk, lam, dt) -> bool:
+    """Whether the read-out (and the eigendecomposition) must run in STATS rather than dt: their error in dt is
+    about eps * |Lambda^-1/2 H_kk Lambda^-1/2| <= eps * trace(Lambda^-1 H_kk) against the ridge's 1, so dt serves
+    while that stays below 1e-4 (well-conditioned keys, the common case)."""
+    trace = (torch.diagonal(H_kk, dim1=-2, dim2=-1) / lam[:, None]).sum(-1)
+    return float(trace.max()) * torch.finfo(dt).eps > 1e-4
+
+
 def _woodbury(H_kk, kc, G, bc, lam):
     """Uniform weights (times beta): the leading-principal-block form of the module docstring. Returns
     solve(rows) -> (S_t^-1 rows_t, the same in STATS) and read(those, H_kv, vc) -> (x, o)."""
@@ -243,7 +251,8 @@ def _woodbury(H_kk, kc, G, bc, lam):
 
     def read(xs, H_kv, vc):
         x, x_hi = xs
-        return x, _weighted(x_hi, H_kv, kc.to(STATS), vc.to(STATS), G.to(STATS), bc.to(STATS)).to(dt)
+        hi = STATS if _needs_stats_precision(H_kk, lam, dt) else dt
+        return x, _weighted(x_hi.to(hi), H_kv.to(hi), *(t.to(hi) for t in (kc, vc, G, bc))).to(dt)
 
     return solve, read
 
@@ -253,7 +262,9 @@ def _eigen(H_kk, kc, G, bc, lam):
     solve(rows) -> (S_t^-1 rows_t, the same in the eigenbasis) and read(those, H_kv, vc) -> (x, o)."""
     dt, C = kc.dtype, kc.shape[-2]
     lam_isqrt = lam.rsqrt()[:, None]                                     # Lambda^-1/2: [H, 1, Dk]
-    mu, U = torch.linalg.eigh(lam_isqrt[..., :, None] * H_kk * lam_isqrt[..., None, :])
+    M = lam_isqrt[..., :, None] * H_kk * lam_isqrt[..., None, :]
+    hi = STATS if _needs_stats_precision(H_kk, lam, dt) else dt
+    mu, U = (x.to(STATS) for x in torch.linalg.eigh(M.to(hi)))
     if bool((mu <= -1.0).any()):  # the same condition the Cholesky of H_kk + lamb checks elsewhere
         raise ValueError("H_kk + lamb is not positive definite: the initial state H_kk must be positive semi-definite")
     V_hi = lam_isqrt[..., :, None] * U                                   # V^T Lambda V = I, V^T H_kk V = diag(mu)
@@ -273,10 +284,10 @@ def _eigen(H_kk, kc, G, bc, lam):
         return xb @ V.transpose(-1, -2), xb
 
     def read(xs, H_kv, vc):
-        # read out in the basis: V^T H_kv is formed in STATS, so the large null-space part of S_t^-1 q_t
+        # read out in the basis: with V^T H_kv formed in hi, the large null-space part of S_t^-1 q_t
         # (size |q| / lamb) meets exact zeros instead of float32 rounding of H_kv
         x, xb = xs
-        return x, _weighted(xb, (V_hi.transpose(-1, -2) @ H_kv).to(dt), Y, vc, G, bc)
+        return x, _weighted(xb, (V_hi.transpose(-1, -2).to(hi) @ H_kv.to(hi)).to(dt), Y, vc, G, bc)
 
     return solve, read
 
