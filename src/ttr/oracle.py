@@ -331,3 +331,83 @@ def ridge_regression(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, b
         kk = kk + G_T[..., None, None] * initial_state[0].double()
         kv = kv + G_T[..., None, None] * initial_state[1].double()
     return ys, (kk, kv)
+
+
+def _centred_monomials(diff: Tensor, order: int) -> Tensor:
+    """The literal design row of one association: 1, then every monomial of diff = k_i - q_t of degree 1..order
+    (for order 2 the products diff_a diff_b, a <= b), written out one by one."""
+    row = [diff.new_ones(())]
+    D = diff.shape[0]
+    if order >= 1:
+        row += [diff[a] for a in range(D)]
+    if order >= 2:
+        row += [diff[a] * diff[b] for a in range(D) for b in range(a, D)]
+    return torch.stack(row)
+
+
+def local_polynomial(q: Tensor, k: Tensor, v: Tensor, *, order: int, ridge: float = 0.0, scale: float | None = None,
+                     qk_norm: bool = False, kernel: str = "softmax",
+                     initial_state: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Local polynomial regression around every query, literally: at every t, with weights
+    w_ti = exp(scale q_t . k_i) ("softmax") or exp(-scale ||k_i - q_t||^2 / 2) ("smoothing"),
+        min_{b, W} sum_{i<=t} w_ti ||v_i - b - W phi(k_i - q_t)||^2 + ridge (sum_i w_ti) ||W||_F^2
+    by weighted least squares on the written-out design [1, phi(k_i - q_t)] (torch.linalg.solve on the
+    normal equations), answer b. initial_state: a cache (K, V) of earlier associations, seen by every query."""
+    q, k, v = _float64(q, k, v)
+    if initial_state is not None:
+        k = torch.cat([initial_state[0].double(), k], 1)
+        v = torch.cat([initial_state[1].double(), v], 1)
+    if qk_norm:
+        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    B, T, H, Dk = q.shape
+    first = k.shape[1] - T
+    scale = Dk ** -0.5 if scale is None else scale
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                K, V, x = k[b, : first + t + 1, h], v[b, : first + t + 1, h], q[b, t, h]
+                if kernel == "softmax":
+                    w = torch.exp(scale * (K @ x))
+                elif kernel == "smoothing":
+                    w = torch.exp(-0.5 * scale * ((K - x) ** 2).sum(-1))
+                else:
+                    raise ValueError(f"kernel must be 'softmax' or 'smoothing', got {kernel!r}")
+                X = torch.stack([_centred_monomials(key - x, order) for key in K])
+                penalty = ridge * w.sum() * torch.diag(torch.cat([X.new_zeros(1), X.new_ones(X.shape[1] - 1)]))
+                coef = torch.linalg.solve(X.T @ (w[:, None] * X) + penalty, X.T @ (w[:, None] * V))
+                ys[b, t, h] = coef[0]
+    return ys
+
+
+def kernel_regression(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, ridge: float, scale: float | None = None,
+                      degree: int = 2, initial_state: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Kernel ridge regression, literally: at every t, f_t = argmin_f sum_{i<=t} ||v_i - f(k_i)||^2 + ridge ||f||_H^2,
+    by the representer theorem alpha = (Kern(K, K) + ridge I)^-1 V solved for that prefix alone, answer
+    y_t = alpha^T Kern(K, q_t). The kernels are written out per pair."""
+    q, k, v = _float64(q, k, v)
+    if initial_state is not None:
+        k = torch.cat([initial_state[0].double(), k], 1)
+        v = torch.cat([initial_state[1].double(), v], 1)
+    B, T, H, Dk = q.shape
+    first = k.shape[1] - T
+    scale = Dk ** -0.5 if scale is None else scale
+
+    def kern(a: Tensor, c: Tensor) -> Tensor:
+        if kernel == "exp":
+            return torch.exp(scale * torch.dot(a, c))
+        if kernel == "rbf":
+            return torch.exp(-0.5 * scale * torch.sum((a - c) ** 2))
+        if kernel == "poly":
+            return (1.0 + scale * torch.dot(a, c)) ** degree
+        raise ValueError(f"kernel must be 'exp', 'rbf' or 'poly', got {kernel!r}")
+
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                K, V = k[b, : first + t + 1, h], v[b, : first + t + 1, h]
+                gram = torch.stack([torch.stack([kern(a, c) for c in K]) for a in K])
+                alpha = torch.linalg.solve(gram + ridge * torch.eye(len(K), dtype=torch.float64), V)
+                ys[b, t, h] = alpha.T @ torch.stack([kern(a, q[b, t, h]) for a in K])
+    return ys

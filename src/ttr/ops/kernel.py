@@ -1,0 +1,96 @@
+"""Kernel ridge regression: the memory is a function in a kernel's RKHS (intention, Garnelo & Czarnecki 2023).
+
+Objective   f_t = argmin_f 1/2 sum_{i<=t} || v_i - f(k_i) ||^2 + 1/2 ridge || f ||_H^2,   answer y_t = f_t(q_t)
+Weights     uniform
+Function    the RKHS of a kernel: "exp" exp(scale a . b), "rbf" exp(-scale || a - b ||^2 / 2),
+            "poly" (1 + scale a . b)^degree
+Optimizer   exact (the representer theorem):
+                y_t = V_{<=t}^T (Kern(K_{<=t}, K_{<=t}) + ridge I)^-1 Kern(K_{<=t}, q_t).
+            Dropping the inverse with the exp kernel gives unnormalized softmax attention.
+
+Chunk form: one Cholesky factor L of the whole T x T matrix Kern(K, K) + ridge I. The leading t x t block
+of L is the factor of prefix t's matrix, so right-hand sides masked to i <= t, a forward solve, the same
+mask, and a backward solve answer every prefix at once (as mesa's uniform chunk form does). That is
+T^3 / 3 + 2 T^3 flops and T x T memory: the nonparametric memory's price, fine for T in the thousands.
+The factorization runs in float64 whatever the input (kernel Gram matrices are badly conditioned; a
+float32 Cholesky of an exp-kernel Gram loses positive definiteness at a few hundred tokens).
+"recurrent" solves each prefix separately (the reference form). The state is the cache (K, V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._checks import check_mode, check_qkv, check_state, compute_dtype
+
+KERNELS = ("exp", "rbf", "poly")
+
+
+def kern(a: Tensor, b: Tensor, kernel: str, scale: float, degree: int) -> Tensor:
+    """Kern(a_i, b_j) for a [..., n, D], b [..., m, D]: [..., n, m]."""
+    dot = a @ b.transpose(-1, -2)
+    if kernel == "exp":
+        return torch.exp(scale * dot)
+    if kernel == "rbf":
+        sq = (a * a).sum(-1)[..., :, None] + (b * b).sum(-1)[..., None, :] - 2.0 * dot
+        return torch.exp(-0.5 * scale * sq.clamp_min(0.0))
+    return (1.0 + scale * dot) ** degree
+
+
+def kernel_regression(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    kernel: str = "exp",
+    ridge: float = 1.0,
+    scale: float | None = None,
+    degree: int = 2,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+    output_final_state: bool = False,
+    mode: str = "chunk",
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Causal kernel ridge regression. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; kernel "exp", "rbf" or "poly"
+    (with `degree`); ridge > 0; scale defaults to Dk^-1/2. initial_state: the cache (K [B, T0, H, Dk],
+    V [B, T0, H, Dv]). Returns (o [B, T, H, Dv], the cache with these tokens appended, or None)."""
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    check_mode(mode, ("chunk", "recurrent"))
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"ridge must be a positive finite number, got {ridge!r}")
+    if kernel == "poly" and not (isinstance(degree, int) and degree >= 1):
+        raise ValueError(f"degree must be a positive int for the poly kernel, got {degree!r}")
+    if initial_state is not None:
+        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+            raise ValueError("initial_state must be the cache pair (K [B, T0, H, Dk], V [B, T0, H, Dv])")
+        T0 = initial_state[0].shape[1] if isinstance(initial_state[0], Tensor) and initial_state[0].dim() == 4 else 0
+        check_state("initial_state (K)", initial_state[0], (B, T0, H, Dk))
+        check_state("initial_state (V)", initial_state[1], (B, T0, H, Dv))
+        k_all, v_all = torch.cat([initial_state[0].to(k.dtype), k], 1), torch.cat([initial_state[1].to(v.dtype), v], 1)
+    else:
+        k_all, v_all = k, v
+    out_dtype, dt = q.dtype, compute_dtype(q.dtype)
+    scale = Dk ** -0.5 if scale is None else float(scale)
+    qh, kh, vh = (x.transpose(1, 2).to(torch.float64) for x in (q, k_all, v_all))  # [B, H, T, D]
+    first, Tk = kh.shape[2] - T, kh.shape[2]
+    gram = kern(kh, kh, kernel, scale, degree) + ridge * torch.eye(Tk, dtype=torch.float64, device=q.device)
+    rhs = kern(kh, qh, kernel, scale, degree)                                    # [B, H, Tk, T]: key i, query t
+    seen = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(first).T   # [i, t]: key i seen by query t
+    rhs = rhs.masked_fill(~seen, 0.0)
+    if mode == "chunk":
+        L, info = torch.linalg.cholesky_ex(gram)
+        if bool((info > 0).any()):
+            raise ValueError("Kern(K, K) + ridge is not positive definite in float64: raise ridge")
+        y = torch.linalg.solve_triangular(L, rhs, upper=False).masked_fill(~seen, 0.0)
+        alpha = torch.linalg.solve_triangular(L.transpose(-1, -2), y, upper=True)   # column t: prefix t's solve
+    else:
+        alpha = torch.zeros_like(rhs)
+        for t in range(T):
+            n = first + t + 1
+            alpha[..., :n, t] = torch.linalg.solve(gram[..., :n, :n], rhs[..., :n, t])
+    o = (alpha.transpose(-1, -2) @ vh).transpose(1, 2).to(dt).to(out_dtype)
+    return o, ((k_all, v_all) if output_final_state else None)

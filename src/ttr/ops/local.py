@@ -1,0 +1,172 @@
+"""Local polynomial regression around each query: softmax attention is order 0, local linear attention order 1.
+
+Objective   b_t, W_t = argmin 1/2 sum_{i<=t} w_ti || v_i - b - W phi(k_i - q_t) ||^2 + 1/2 ridge omega_t ||W||_F^2,
+            phi: the monomials of degree 1..order of (k_i - q_t), omega_t = sum_i w_ti; the answer is y_t = b_t
+Weights     query-dependent, w_ti = exp(scale q_t . k_i): the softmax kernel. With qk_norm (unit q and k) it is,
+            up to a factor that cancels, the smoothing kernel exp(-scale ||k_i - q_t||^2 / 2)
+            (scale = D^-1/2: exp(-||k - q||^2 / (2 sqrt D))), which is why QKNorm makes attention a proper
+            kernel smoother
+Function    a polynomial of degree `order` in k - q_t, fitted afresh at every query (nonparametric)
+Optimizer   the exact weighted least-squares solution. With the design Phi_ti = [1, phi(k_i - q_t)] (p columns),
+                G_t = sum_i w_ti Phi_ti Phi_ti^T + ridge omega_t diag(0, 1, ..., 1),   z_t = G_t^-1 e_0,
+                y_t = sum_i w_ti (z_t . Phi_ti) v_i,
+            so order 0 is z = 1 / omega, softmax attention; order 1 is DESIGN.md's
+            y = sum_i w_ti (1 - rho^T (k_i - q)) v_i / delta with z = [1, -rho] / delta.
+
+Computation. The centred design depends on the query, but it is a fixed linear map of the uncentred
+monomials psi(k) = [1, k, k_a k_b ...]: Phi_ti = A(q_t) psi(k_i). So G_t = A (sum_i w_ti psi_i psi_i^T) A^T
+needs only the weighted moments M_t = P psi psi^T, one matrix product per tile of keys, and the output
+is attention with weights w_ti (A^T z_t) . psi(k_i). Queries go in blocks: a block's scores are
+[block, T] (linear in T), the moments are accumulated over tiles of keys (psi psi^T is [tile, p^2], never
+[T, p^2]), and under autograd every block is checkpointed, so memory stays linear in T in backward too.
+Weights are shifted by each row's largest score before exp; the answer does not change, because the
+ridge scales with omega.
+
+Guard. delta_t = 1 / z_t,0 is the weight the slope leaves unexplained (the Schur complement of the
+intercept). When delta_t / omega_t < sqrt(eps) the local design is numerically singular and the answer
+would be noise amplified by omega / delta, so that query gets the order-0 answer instead.
+
+order 0 in the chunk form is torch's scaled_dot_product_attention. The state is the cache of keys and
+values (K [B, T, H, Dk], V [B, T, H, Dv]); "recurrent" answers one query at a time against the cache,
+as decoding does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .._checks import check_mode, check_qkv, check_state, compute_dtype
+
+MAX_ORDER2_DIM = 16  # order 2 has 1 + D + D(D+1)/2 monomials and p^2 moments per query
+BLOCK = 128          # queries per block, keys per tile
+
+
+def local_polynomial_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    order: int = 0,
+    ridge: float = 0.1,
+    scale: float | None = None,
+    qk_norm: bool = False,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+    output_final_state: bool = False,
+    mode: str = "chunk",
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Causal local polynomial attention. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; order 0, 1, or 2 (Dk <= 16).
+
+    ridge > 0 penalizes the non-constant coefficients (relative to the weight mass; unused at order 0).
+    initial_state: the cache (K [B, T0, H, Dk], V [B, T0, H, Dv]) of earlier tokens, which every query sees.
+    Returns (o [B, T, H, Dv], the cache with these tokens appended, or None).
+    """
+    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    check_mode(mode, ("chunk", "recurrent"))
+    if order not in (0, 1, 2) or isinstance(order, bool):
+        raise ValueError(f"order must be 0, 1 or 2, got {order!r}")
+    if order == 2 and Dk > MAX_ORDER2_DIM:
+        raise ValueError(f"order 2 needs {1 + Dk + Dk * (Dk + 1) // 2} monomials per key; it is offered for "
+                         f"Dk <= {MAX_ORDER2_DIM}, got Dk = {Dk}")
+    if order > 0 and not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"ridge must be a positive finite number for order {order}, got {ridge!r}")
+    if initial_state is not None:
+        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+            raise ValueError("initial_state must be the cache pair (K [B, T0, H, Dk], V [B, T0, H, Dv])")
+        T0 = initial_state[0].shape[1] if isinstance(initial_state[0], Tensor) and initial_state[0].dim() == 4 else 0
+        check_state("initial_state (K)", initial_state[0], (B, T0, H, Dk))
+        check_state("initial_state (V)", initial_state[1], (B, T0, H, Dv))
+        k_all, v_all = torch.cat([initial_state[0].to(k.dtype), k], 1), torch.cat([initial_state[1].to(v.dtype), v], 1)
+    else:
+        k_all, v_all = k, v
+    out_dtype = q.dtype
+    dt = compute_dtype(q.dtype)
+    scale = Dk ** -0.5 if scale is None else float(scale)
+    qh, kh, vh = (x.to(dt).transpose(1, 2) for x in (q, k_all, v_all))  # [B, H, T, D]
+    if qk_norm:
+        qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
+    first = kh.shape[2] - T  # position of the first query: it sees keys 0..first
+    if mode == "chunk" and order == 0:
+        seen = None if first == 0 else torch.ones(T, first + T, dtype=torch.bool, device=q.device).tril(first)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=seen, is_causal=first == 0, scale=scale)
+    else:
+        block = BLOCK if mode == "chunk" else 1
+        outs = []
+        for s in range(0, T, block):
+            e = min(s + block, T)
+            args = (qh[:, :, s:e], kh[:, :, : first + e], vh[:, :, : first + e], first + s, order, ridge, scale)
+            if torch.is_grad_enabled() and any(x.requires_grad for x in (qh, kh, vh)):
+                outs.append(checkpoint(_query_block, *args, use_reentrant=False))
+            else:
+                outs.append(_query_block(*args))
+        o = torch.cat(outs, 2)
+    o = o.transpose(1, 2).to(out_dtype)
+    return o, ((k_all, v_all) if output_final_state else None)
+
+
+def _monomials(x: Tensor, order: int) -> Tensor:
+    """psi(x) = [1, x_a, x_a x_b (a <= b)] up to `order`: [..., p]."""
+    parts = [torch.ones_like(x[..., :1])]
+    if order >= 1:
+        parts.append(x)
+    if order >= 2:
+        a, b = torch.triu_indices(x.shape[-1], x.shape[-1], device=x.device)
+        parts.append(x[..., a] * x[..., b])
+    return torch.cat(parts, -1)
+
+
+def _centring(q: Tensor, order: int) -> Tensor:
+    """A(q) with phi(k - q) = A(q) psi(k), both in _monomials' order: [..., p, p]."""
+    D = q.shape[-1]
+    p = 1 + (D if order >= 1 else 0) + (D * (D + 1) // 2 if order >= 2 else 0)
+    A = torch.zeros(*q.shape[:-1], p, p, dtype=q.dtype, device=q.device)
+    A[..., 0, 0] = 1.0
+    if order >= 1:
+        lin = torch.arange(1, D + 1, device=q.device)
+        A[..., lin, lin] = 1.0
+        A[..., lin, 0] = -q                                   # k_a - q_a
+    if order >= 2:
+        a, b = torch.triu_indices(D, D, device=q.device)
+        rows = torch.arange(1 + D, p, device=q.device)
+        qa, qb = q[..., a], q[..., b]
+        A[..., rows, rows] = 1.0                              # (k_a - q_a)(k_b - q_b) = k_a k_b
+        A[..., rows, 1 + b] -= qa                             #   - q_a k_b
+        A[..., rows, 1 + a] -= qb                             #   - q_b k_a
+        A[..., rows, 0] = qa * qb                             #   + q_a q_b
+    return A
+
+
+def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: float, scale: float) -> Tensor:
+    """Answers of queries at positions pos, pos + 1, ... (q [B, H, n, D]) from the keys they see
+    (k [B, H, pos + n, D], query j sees keys 0..pos + j): the module docstring's computation."""
+    n, Tk = q.shape[2], k.shape[2]
+    scores = scale * (q @ k.transpose(-1, -2))
+    visible = torch.ones(n, Tk, dtype=torch.bool, device=q.device).tril(pos)
+    scores = scores.masked_fill(~visible, -math.inf)
+    w = torch.exp(scores - scores.amax(-1, keepdim=True))    # [B, H, n, Tk], the row's largest weight is 1
+    omega = w.sum(-1)
+    if order == 0:
+        return (w @ v) / omega[..., None]
+    psi = _monomials(k, order)                                # [B, H, Tk, p]
+    p = psi.shape[-1]
+    moments = sum(w[..., i:i + BLOCK] @ (psi[..., i:i + BLOCK, :, None] * psi[..., i:i + BLOCK, None, :]).flatten(-2)
+                  for i in range(0, Tk, BLOCK))
+    A = _centring(q, order)
+    G = A @ moments.unflatten(-1, (p, p)) @ A.transpose(-1, -2)
+    penalty = torch.ones(p, dtype=q.dtype, device=q.device)
+    penalty[0] = 0.0
+    G = G + torch.diag_embed(ridge * omega[..., None] * penalty)
+    L, info = torch.linalg.cholesky_ex(G)
+    e0 = torch.zeros(*G.shape[:-1], 1, dtype=q.dtype, device=q.device)
+    e0[..., 0, 0] = 1.0
+    z = torch.cholesky_solve(e0, L)[..., 0]                   # G^-1 e_0: [B, H, n, p]
+    # the guard: a singular local design (or a failed factorization) answers order 0
+    tiny = math.sqrt(torch.finfo(q.dtype).eps)
+    singular = (info > 0) | ~(z[..., 0] * omega * tiny < 1.0)
+    z = torch.where(singular[..., None], e0[..., 0] / omega[..., None], z)
+    coef = (A.transpose(-1, -2) @ z[..., None])[..., 0]      # A^T z: weights on the uncentred monomials
+    return (w * (coef @ psi.transpose(-1, -2))) @ v

@@ -1,0 +1,70 @@
+"""kernel_regression: every kernel == the literal per-prefix representer solve (float64), chunk (one
+factorization, leading principal blocks) == recurrent (a solve per prefix), the cache, gradients, bad input."""
+
+import pytest
+import torch
+
+from ttr import oracle
+from ttr.ops import kernel_regression
+
+from conftest import F64_ATOL, make_qkv, max_rel
+
+
+@pytest.mark.parametrize("kernel", ["exp", "rbf", "poly"])
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_kernel_regression_equals_the_literal_solve(kernel, mode):
+    q, k, v = make_qkv(2, 13, 2, 4, 3)
+    o, _ = kernel_regression(q, k, v, kernel=kernel, ridge=0.5, degree=3, mode=mode)
+    assert max_rel(o, oracle.kernel_regression(q, k, v, kernel=kernel, ridge=0.5, degree=3)) < F64_ATOL
+
+
+def test_kernel_regression_interpolates_with_a_vanishing_ridge():
+    """RBF kernel, distinct keys, ridge 1e-9: querying a stored key returns its value (an interpolating memory)."""
+    q, k, v = make_qkv(1, 12, 1, 4, 3)
+    o, _ = kernel_regression(k, k, v, kernel="rbf", ridge=1e-9, scale=1.0)
+    assert (o - v).abs().max() < 1e-5
+
+
+def test_cache_and_decoding():
+    q, k, v = make_qkv(1, 15, 2, 4, 3)
+    whole, cache_whole = kernel_regression(q, k, v, ridge=0.7, output_final_state=True)
+    _, cache = kernel_regression(q[:, :6], k[:, :6], v[:, :6], ridge=0.7, output_final_state=True)
+    outs = []
+    for t in range(6, 15):
+        o, cache = kernel_regression(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], ridge=0.7, initial_state=cache,
+                                     output_final_state=True)
+        outs.append(o)
+    ref = oracle.kernel_regression(q[:, 6:], k[:, 6:], v[:, 6:], kernel="exp", ridge=0.7, initial_state=(k[:, :6], v[:, :6]))
+    assert max_rel(torch.cat(outs, 1), whole[:, 6:]) < F64_ATOL and max_rel(whole[:, 6:], ref) < F64_ATOL
+    assert all(max_rel(a, b) < F64_ATOL for a, b in zip(cache, cache_whole))
+
+
+def test_gradients_match_the_oracle():
+    q, k, v = make_qkv(1, 9, 1, 3, 2, requires_grad=True)
+    w = torch.randn(1, 9, 1, 2, dtype=torch.float64)
+    g_o = torch.autograd.grad((oracle.kernel_regression(q, k, v, kernel="rbf", ridge=0.4) * w).sum(), (q, k, v))
+    for mode in ("chunk", "recurrent"):
+        o, _ = kernel_regression(q, k, v, kernel="rbf", ridge=0.4, mode=mode)
+        for a, b in zip(torch.autograd.grad((o * w).sum(), (q, k, v)), g_o):
+            assert max_rel(a, b) < 1e-9
+
+
+def test_float32_inputs_factorize_in_float64():
+    """Exp-kernel Gram matrices are badly conditioned: float32 inputs still agree with float64 to 1e-5."""
+    q, k, v = make_qkv(1, 400, 2, 8, 4, dtype=torch.float32)
+    o32, _ = kernel_regression(q, k, v, ridge=0.1)
+    o64, _ = kernel_regression(q.double(), k.double(), v.double(), ridge=0.1)
+    assert o32.dtype == torch.float32 and max_rel(o32, o64) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"kernel": "laplace"}, "kernel must be one of"),
+    ({"ridge": 0.0}, "ridge must be a positive"),
+    ({"kernel": "poly", "degree": 0}, "degree must be a positive int"),
+    ({"mode": "parallel"}, "mode must be one of"),
+    ({"initial_state": (torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 2))}, r"initial_state \(V\)"),
+])
+def test_bad_input(kwargs, match):
+    q, k, v = make_qkv(1, 10, 2, 4, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=match):
+        kernel_regression(q, k, v, **kwargs)
