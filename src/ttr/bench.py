@@ -32,9 +32,16 @@ CASES: dict[str, tuple[str, ...]] = {
     "ttt_mlp": ("none",),
     "titans": ("scalar",),
     "mesa": ("none", "scalar"),
+    "softmax": ("none",),
+    "local_linear": ("none",),
 }
+# bench names of local_polynomial_attention's orders; their recurrent form answers one query against the
+# cache (decoding), not a training path, so it is not timed; order 1 costs T^2 D^2 and is timed at D <= 64
+LOCAL_ORDERS = {"softmax": 0, "local_linear": 1}
+LOCAL_MAX_DIM = {"local_linear": 64}
 CG_STEPS = (1, 2, 4, 8, 16, 32)
 MINI_BATCH = 16  # TTT's and Titans' mini-batch (their chunk), as in the presets
+LONG_CALL_S = 2.0  # see time_ms
 
 
 @dataclass
@@ -84,10 +91,15 @@ def _sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> float:
-    """Median wall time of fn, after one warm-up call unless the call is long enough not to need it, in ms."""
+    """Median wall time of fn, after one warm-up call unless the call is long enough not to need it, in ms.
+    A warm-up call of LONG_CALL_S or more is the measurement: at that length warm-up effects are lost in
+    the call, and repeats would take minutes."""
     if warmup:
+        start = time.perf_counter()
         fn()
         _sync(device)
+        if time.perf_counter() - start >= LONG_CALL_S:
+            return 1e3 * (time.perf_counter() - start)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -143,7 +155,7 @@ def matmul_gflops(device: torch.device, repeats: int, n: int = 2048) -> float:
 
 def chunk_flops(op: str, T: int, C: int, Dk: int, Dv: int, heads: int, batch: int) -> float | None:
     """Matrix-product flops of an op's chunk form, forward (the products as computed, masks included)."""
-    if op == "mesa":
+    if op == "mesa" or op in LOCAL_ORDERS:  # factorizations; attention's flops are SDPA's
         return None
     b, Dh = MINI_BATCH, 4 * Dk
     delta = C * (5 * Dk + 3 * Dv) + 6 * Dk * Dv  # K K^T, Q K^T, the triangular solve, W S, Q S, P U, K^T U
@@ -191,13 +203,15 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
         "titans": lambda: {"theta": torch.sigmoid(rand(B, T, H)) / MINI_BATCH,
                            "momentum": 0.05 + 0.9 * torch.sigmoid(rand(B, T, H)), "g": g},
         "mesa": lambda: {"g": g, "beta": None if g is None else torch.sigmoid(rand(B, T, H)), "lamb": 1.0},
+        "softmax": lambda: {"order": 0},
+        "local_linear": lambda: {"order": 1},
     }[op]()
     if op == "mesa":  # unit keys, as the layers feed it
         k = F.normalize(k, dim=-1)
     tensors = [t for x in (q, k, v, *extra.values()) if isinstance(x, (torch.Tensor, tuple))
                for t in (x if isinstance(x, tuple) else (x,))]
     leaves = [t.requires_grad_() for t in tensors]
-    fn = getattr(ops, op)
+    fn = ops.local_polynomial_attention if op in LOCAL_ORDERS else getattr(ops, op)
 
     def call(mode: str) -> Callable[[], torch.Tensor]:
         chunk = {"chunk_size": cfg.chunk_size} if mode == "chunk" and op in CHUNKED else {}
@@ -232,7 +246,7 @@ def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.
     chunk_fwd = time_ms(_no_grad(call("chunk")), device, cfg.repeats)
     chunk_fb = time_ms(_fwd_bwd(call("chunk"), leaves), device, cfg.repeats)
     rec_fwd = rec_fb = None
-    if T in cfg.recurrent_lengths:  # thousands of small steps: long enough to need no warm-up
+    if T in cfg.recurrent_lengths and op not in LOCAL_ORDERS:  # thousands of small steps: no warm-up needed
         rec_fwd = time_ms(_no_grad(call("recurrent")), device, 1, warmup=False)
         rec_fb = time_ms(_fwd_bwd(call("recurrent"), leaves), device, 1, warmup=False)
     flops = chunk_flops(op, T, cfg.chunk_size, D, D, cfg.heads, cfg.batch)
@@ -305,25 +319,30 @@ def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, str, int, int], BenchRo
     return {(r.op, r.gate, r.D, r.T): r for r in rows}
 
 
-def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
-        ) -> tuple[float, list[BenchRow], list[dict], list[dict]]:
-    """All timings first, then all peak-memory measurements: on the CPU the latter change how the
-    allocator returns memory (see _release_freed_memory), which must not touch the timings.
-    The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
+def grid(cfg: BenchConfig) -> list[tuple[str, str, int, int]]:
+    """The rows a run times: (op, gate, D, T)."""
     for gate in cfg.gates:
         if gate not in GATES:
             raise ValueError(f"gates must be among {GATES}, got {gate!r}")
     for op in cfg.ops:
         if op not in CASES:
             raise ValueError(f"ops must be among {tuple(CASES)}, got {op!r}")
+    return [(op, gate, D, T) for op in cfg.ops for gate in CASES[op] if gate in cfg.gates
+            for D in cfg.head_dims for T in cfg.lengths if D <= LOCAL_MAX_DIM.get(op, D)]
+
+
+def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
+        ) -> tuple[float, list[BenchRow], list[dict], list[dict]]:
+    """All timings first, then all peak-memory measurements: on the CPU the latter change how the
+    allocator returns memory (see _release_freed_memory), which must not touch the timings.
+    The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
+    rows_to_time = grid(cfg)
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     done = _resumable_rows(cfg)
     mm = matmul_gflops(device, cfg.repeats)
-    grid = [(op, gate, D, T) for op in cfg.ops for gate in CASES[op] if gate in cfg.gates
-            for D in cfg.head_dims for T in cfg.lengths]
     rows, sdpa = [], {}
-    for op, gate, D, T in grid:
+    for op, gate, D, T in rows_to_time:
         if progress is not None:
             progress(f"time {op} g={gate} D={D} T={T}")
         row = done.get((op, gate, D, T))

@@ -22,7 +22,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 _OP_SHORT = {"linear_attention": "la", "delta_rule": "dr", "longhorn": "lh", "delta_product": "dp",
-             "ttt_linear": "ttt", "ttt_mlp": "mlp", "titans": "tit", "mesa": "mesa"}
+             "ttt_linear": "ttt", "ttt_mlp": "mlp", "titans": "tit", "mesa": "mesa", "softmax": "sm",
+             "local_linear": "ll"}
 
 
 def _ms(x: float | None) -> str:
@@ -76,12 +77,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
     cfg = bench.BenchConfig(lengths=args.lengths, head_dims=args.head_dims, gates=tuple(args.gates.split(",")),
-                            ops=tuple(args.ops.split(",")),
+                            ops=tuple(args.ops.split(",")) if args.ops else tuple(bench.CASES),
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
                             recurrent_lengths=args.recurrent_lengths, repeats=args.repeats, device=args.device,
                             conditioning_length=args.conditioning_length, out=args.out, resume=args.resume)
-    n_cases = sum(g in cfg.gates for op in cfg.ops for g in bench.CASES.get(op, ()))
-    total = 2 * n_cases * len(cfg.head_dims) * len(cfg.lengths)
+    total = 2 * len(bench.grid(cfg))  # timing and memory per row
     with _progress() as bar:
         task = bar.add_task("bench", total=total)
 
@@ -121,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                f"{c['recurrent_rel_error']:.1e}")
         console.print(cond_table)
     console.print("op: la linear_attention, dr delta_rule, lh longhorn, dp delta_product, ttt ttt_linear, "
-                  "mlp ttt_mlp, tit titans; g: gate (n none, s scalar, v vector). "
+                  "mlp ttt_mlp, tit titans, sm softmax (local polynomial order 0), ll local_linear (order 1); g: gate (n none, s scalar, v vector). "
                   "fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
                   "SDPA forward+backward, ms; xrec, xsdpa: their time over the chunk form's (>1: chunk faster). "
                   "GF/s: the chunk form's matrix-product flops (forward x3) per second of forward+backward, "
@@ -154,9 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=_ints, default=(512, 1024, 2048, 4096, 8192), help="T values, comma-separated")
     p.add_argument("--head-dims", type=_ints, default=(64, 128), help="head dims, comma-separated (64,128)")
     p.add_argument("--gates", default="none,scalar,vector", help="gate kinds among none,scalar,vector")
-    p.add_argument("--ops", default=",".join(("linear_attention", "delta_rule", "longhorn", "delta_product",
-                                              "ttt_linear", "ttt_mlp", "titans", "mesa")),
-                   help="ops to time, comma-separated (default: all)")
+    p.add_argument("--ops", default=None, help="ops to time, comma-separated, among linear_attention, delta_rule, "
+                   "longhorn, delta_product, ttt_linear, ttt_mlp, titans, mesa, softmax, local_linear (default: all)")
     p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunk form (default 64)")

@@ -48,6 +48,38 @@ class LocalConstant:
 
 
 @dataclass(frozen=True)
+class LocalPolynomial:
+    """A polynomial of degree `order` in k - q fitted around each query with softmax-kernel weights
+    exp(scale q . k_i): order 0 is softmax attention, order 1 local linear attention (ttr.ops.local).
+    qk_norm: unit q and k, which makes the weights the smoothing kernel exp(-scale ||k - q||^2 / 2)."""
+
+    order: int = 0
+    qk_norm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.order not in (0, 1, 2):
+            raise ValueError(f"order must be 0, 1 or 2, got {self.order!r}")
+
+    def describe(self) -> str:
+        name = {0: "local constant", 1: "local linear", 2: "local quadratic"}[self.order]
+        return f"{name}, softmax kernel" + (", QKNorm" if self.qk_norm else "")
+
+
+@dataclass(frozen=True)
+class RKHS:
+    """f in the reproducing-kernel Hilbert space of `kernel` ("exp", "rbf" or "poly"): kernel regression."""
+
+    kernel: str = "exp"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in ops.kernel.KERNELS:
+            raise ValueError(f"kernel must be one of {ops.kernel.KERNELS}, got {self.kernel!r}")
+
+    def describe(self) -> str:
+        return f"RKHS, {self.kernel} kernel"
+
+
+@dataclass(frozen=True)
 class MLP:
     """m(k) = W2 gelu(W1 k): a two-layer MLP memory (nonlinear), hidden width `expansion` x Dk."""
 
@@ -89,7 +121,7 @@ class MiniBatchGD:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-Regressor = Linear | LocalConstant | MLP
+Regressor = Linear | LocalConstant | LocalPolynomial | RKHS | MLP
 Optimizer = BatchGD | Exact | OnlineSGD | MiniBatchGD
 
 
@@ -132,6 +164,13 @@ class Recipe:
         if (isinstance(o, Exact) and isinstance(r, Linear) and r.feature_map == "identity" and o.ridge > 0
                 and isinstance(w, (Uniform, ScalarGate))):
             return functools.partial(ops.mesa, lamb=o.ridge)
+        if isinstance(o, Exact) and isinstance(r, LocalPolynomial) and isinstance(w, Uniform):
+            if r.order > 0 and o.ridge <= 0:
+                raise ValueError(f"{r.describe()} needs a positive ridge on its slope, got {o.ridge}")
+            ridge = {"ridge": o.ridge} if r.order > 0 else {}
+            return functools.partial(ops.local_polynomial_attention, order=r.order, qk_norm=r.qk_norm, **ridge)
+        if isinstance(o, Exact) and isinstance(r, RKHS) and isinstance(w, Uniform) and o.ridge > 0:
+            return functools.partial(ops.kernel_regression, kernel=r.kernel, ridge=o.ridge)
         if isinstance(o, OnlineSGD) and isinstance(w, (Uniform, ScalarGate)):
             fn = {("learned", True): ops.delta_rule, ("learned", False): ops.delta_product,
                   ("implicit", True): ops.longhorn}[(o.step, o.steps_per_token == 1)]
@@ -170,6 +209,12 @@ class Recipe:
         if isinstance(o, (BatchGD, Exact)) and isinstance(r, Linear):
             return oracle.parametric(q, k, v, g, optimizer=o, feature_map=r.feature_map, scale=scale,
                                      initial_state=initial_state)[0]
+        if isinstance(o, Exact) and isinstance(r, LocalPolynomial):
+            return oracle.local_polynomial(q, k, v, order=r.order, ridge=o.ridge, scale=scale, qk_norm=r.qk_norm,
+                                           initial_state=initial_state)
+        if isinstance(o, Exact) and isinstance(r, RKHS):
+            return oracle.kernel_regression(q, k, v, kernel=r.kernel, ridge=o.ridge, scale=scale,
+                                            initial_state=initial_state)
         if isinstance(o, Exact) and isinstance(r, LocalConstant):
             return oracle.local_constant(q, k, v, g, feature_map=r.feature_map, initial_state=initial_state)
         phi = get_feature_map("l2" if isinstance(r, MLP) else r.feature_map)  # the ops' key normalization
@@ -251,6 +296,16 @@ _PRESET_LIST = [
            "Sun et al., 2024", "eta = 0.1 sigmoid(W x), mini-batch 16, learned initial MLP, no inner layer norm"),
     Preset("titans", "Titans (linear memory)", Recipe(ScalarGate(), Linear("l2"), MiniBatchGD(16, momentum=True)),
            "Behrouz et al., 2024", "theta, eta = sigmoid(W x), alpha from the Mamba-2 gate, mini-batch 16"),
+    Preset("softmax_attention", "Softmax attention", Recipe(Uniform(), LocalPolynomial(0), Exact()),
+           "Vaswani et al., 2017", "weights exp(q.k / sqrt(D)): the locally constant (Nadaraya-Watson) fit"),
+    Preset("softmax_qknorm", "Softmax attention + QKNorm", Recipe(Uniform(), LocalPolynomial(0, qk_norm=True), Exact()),
+           "Henry et al., 2020", "unit q and k, so the weights are the smoothing kernel exp(-||k - q||^2 scale / 2); "
+           "scale D^-1/2 (the paper's learned temperature is not modelled)"),
+    Preset("local_linear", "Local linear attention", Recipe(Uniform(), LocalPolynomial(1), Exact(ridge=0.1)),
+           "the slides' order-1 estimator", "weights exp(q.k / sqrt(D)), ridge 0.1 (times the weight mass) on the "
+           "slope, order 0 where the local design is singular"),
+    Preset("intention", "Intention (kernel regression)", Recipe(Uniform(), RKHS("exp"), Exact(ridge=1.0)),
+           "Garnelo & Czarnecki, 2023", "kernel exp(q.k / sqrt(D)), ridge 1, exact solve over the whole prefix"),
     Preset("mesa", "Mesa layer", Recipe(Uniform(), Linear(), Exact(ridge=1.0)),
            "von Oswald et al., 2023", "exact ridge regression at every step, lambda = 1"),
     Preset("mesanet", "MesaNet (exact solve)", Recipe(ScalarGate(), Linear(), Exact(ridge=1.0)),
