@@ -54,3 +54,16 @@ def test_mesa_long_gated_chunk_equals_recurrent():
     o_c, _ = ops.mesa(q, k, v, g, beta, lamb=0.5)
     o_r, _ = ops.mesa(q, k, v, g, beta, lamb=0.5, mode="recurrent")
     assert max_rel(o_c, o_r) < 1e-10
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_local_linear_long_float32_stays_finite_and_accurate(qk_norm):
+    """T = 8192 in float32, order 1: finite everywhere, and the last 64 queries (each a fit over ~8k keys) agree
+    with float64 to 1e-3 relative."""
+    q, k, v = make_qkv(1, 8192, 1, 16, 16, dtype=torch.float32)
+    o, _ = ops.local_polynomial_attention(q, k, v, order=1, ridge=0.1, qk_norm=qk_norm)
+    assert bool(torch.isfinite(o).all())
+    cache = (k[:, :-64].double(), v[:, :-64].double())
+    tail, _ = ops.local_polynomial_attention(q[:, -64:].double(), k[:, -64:].double(), v[:, -64:].double(), order=1,
+                                             ridge=0.1, qk_norm=qk_norm, initial_state=cache)
+    assert max_rel(o[:, -64:], tail) < 1e-3

@@ -23,6 +23,10 @@ Defaults, and why:
   the mini-batch's mean loss): TTT-Linear's and TTT-MLP's inner learning rate, Titans' theta (momentum 0.5).
   TTT-MLP starts from random weights (W1 ~ N(0, 1/d), W2 ~ N(0, 1/(4d)), seed 0), as a layer would
   before training.
+- The nonparametric memories (softmax attention, with QKNorm, local linear, intention) keep every
+  association and never forget. At scale 1 on unit keys the softmax weights exp(q.k) vary only within
+  e^(+-1), so order 0 is close to a running mean; local linear adds the slope (ridge 0.1); intention is
+  kernel ridge regression with the exp kernel (ridge 1).
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ Optimizer   exact (the representer theorem):
             Dropping the inverse with the exp kernel gives unnormalized softmax attention.
 
 Chunk form: one Cholesky factor L of the whole T x T matrix Kern(K, K) + ridge I. The leading t x t block
-of L is the factor of prefix t's matrix, so right-hand sides masked to i <= t, a forward solve, the same
-mask, and a backward solve answer every prefix at once (as mesa's uniform chunk form does). That is
-T^3 / 3 + 2 T^3 flops and T x T memory: the nonparametric memory's price, fine for T in the thousands.
+of L is the factor of prefix t's matrix, and the first t rows of a forward solve with L are those of
+the forward solve with that block. So y_t = (L^-1 V)^T_{<=t} (L^-1 [Kern(k_i, q_t), i <= t, else 0])_{<=t}
+for every t at once, from two forward solves (one with Dv columns, one with T): T^3 / 3 + T^3 flops and
+T x T memory, the nonparametric memory's price, fine for T in the thousands.
 The factorization runs in float64 whatever the input (kernel Gram matrices are badly conditioned; a
 float32 Cholesky of an exp-kernel Gram loses positive definiteness at a few hundred tokens).
 "recurrent" solves each prefix separately (the reference form). The state is the cache (K, V).
@@ -85,12 +86,16 @@ def kernel_regression(
         L, info = torch.linalg.cholesky_ex(gram)
         if bool((info > 0).any()):
             raise ValueError("Kern(K, K) + ridge is not positive definite in float64: raise ridge")
-        y = torch.linalg.solve_triangular(L, rhs, upper=False).masked_fill(~seen, 0.0)
-        alpha = torch.linalg.solve_triangular(L.transpose(-1, -2), y, upper=True)   # column t: prefix t's solve
+        # y_t = V_{<=t}^T L_{<=t}^-T L_{<=t}^-1 kern_t, and a forward solve's first t rows are those of the
+        # leading block's: with U = L^-1 V and Z = L^-1 [masked kern], y_t = sum_{i<=t} U_i Z_it
+        U = torch.linalg.solve_triangular(L, vh, upper=False)
+        Z = torch.linalg.solve_triangular(L, rhs, upper=False).masked_fill(~seen, 0.0)
+        o = Z.transpose(-1, -2) @ U
     else:
         alpha = torch.zeros_like(rhs)
         for t in range(T):
             n = first + t + 1
             alpha[..., :n, t] = torch.linalg.solve(gram[..., :n, :n], rhs[..., :n, t])
-    o = (alpha.transpose(-1, -2) @ vh).transpose(1, 2).to(dt).to(out_dtype)
+        o = alpha.transpose(-1, -2) @ vh
+    o = o.transpose(1, 2).to(dt).to(out_dtype)
     return o, ((k_all, v_all) if output_final_state else None)
