@@ -57,3 +57,16 @@ def test_presets_cover_the_issue_systems():
             "deltaproduct", "ttt_linear", "ttt_mlp"} <= set(ttr.PRESETS)
     kinds = {type(ttr.get_preset(n).recipe.weights) for n in ("linear_attention", "retnet", "mamba2", "gla")}
     assert kinds == {ttr.Uniform, ttr.FixedDecay, ttr.ScalarGate, ttr.VectorGate}
+
+
+def test_nonparametric_presets_and_their_ingredients():
+    assert {"mesa", "mesanet", "softmax_attention", "softmax_qknorm", "local_linear", "intention"} <= set(ttr.PRESETS)
+    assert ttr.get_preset("local_linear").recipe.regressor == ttr.LocalPolynomial(1)
+    with pytest.raises(ValueError, match="order must be 0, 1 or 2"):
+        ttr.LocalPolynomial(3)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        ttr.RKHS("laplace")
+    with pytest.raises(ValueError, match="needs a positive ridge"):
+        ttr.Recipe(ttr.Uniform(), ttr.LocalPolynomial(1), ttr.Exact()).op()
+    with pytest.raises(ValueError, match="no op implements"):  # query-dependent weights do not decay here
+        ttr.Recipe(ttr.ScalarGate(), ttr.LocalPolynomial(0), ttr.Exact()).op()

@@ -98,6 +98,26 @@ def check_state(name: str, s: Tensor | None, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must have shape {dims}, got {_shape(s)}")
 
 
+def check_positive(name: str, x: object) -> None:
+    if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {x!r}")
+
+
+def append_to_cache(initial_state: tuple[Tensor, Tensor] | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys and values a nonparametric memory sees: the cache (K [B, T0, H, Dk], V [B, T0, H, Dv]) of earlier
+    tokens, checked, followed by these (k, v [B, T, H, .])."""
+    if initial_state is None:
+        return k, v
+    if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+        raise ValueError("initial_state must be the cache pair (K [B, T0, H, Dk], V [B, T0, H, Dv])")
+    B, _, H, Dk = k.shape
+    K0, V0 = initial_state
+    T0 = K0.shape[1] if isinstance(K0, Tensor) and K0.dim() == 4 else 0
+    check_state("initial_state (K)", K0, (B, T0, H, Dk))
+    check_state("initial_state (V)", V0, (B, T0, H, v.shape[-1]))
+    return torch.cat([K0.to(k.dtype), k], 1), torch.cat([V0.to(v.dtype), v], 1)
+
+
 def check_mode(mode: str, allowed: tuple[str, ...]) -> None:
     if mode not in allowed:
         raise ValueError(f"mode must be one of {allowed}, got {mode!r}")

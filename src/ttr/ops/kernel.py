@@ -20,12 +20,10 @@ float32 Cholesky of an exp-kernel Gram loses positive definiteness at a few hund
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .._checks import check_mode, check_qkv, check_state, compute_dtype
+from .._checks import append_to_cache, check_mode, check_positive, check_qkv, compute_dtype
 
 KERNELS = ("exp", "rbf", "poly")
 
@@ -61,19 +59,10 @@ def kernel_regression(
     check_mode(mode, ("chunk", "recurrent"))
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge > 0):
-        raise ValueError(f"ridge must be a positive finite number, got {ridge!r}")
+    check_positive("ridge", ridge)
     if kernel == "poly" and not (isinstance(degree, int) and degree >= 1):
         raise ValueError(f"degree must be a positive int for the poly kernel, got {degree!r}")
-    if initial_state is not None:
-        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
-            raise ValueError("initial_state must be the cache pair (K [B, T0, H, Dk], V [B, T0, H, Dv])")
-        T0 = initial_state[0].shape[1] if isinstance(initial_state[0], Tensor) and initial_state[0].dim() == 4 else 0
-        check_state("initial_state (K)", initial_state[0], (B, T0, H, Dk))
-        check_state("initial_state (V)", initial_state[1], (B, T0, H, Dv))
-        k_all, v_all = torch.cat([initial_state[0].to(k.dtype), k], 1), torch.cat([initial_state[1].to(v.dtype), v], 1)
-    else:
-        k_all, v_all = k, v
+    k_all, v_all = append_to_cache(initial_state, k, v)
     out_dtype, dt = q.dtype, compute_dtype(q.dtype)
     scale = Dk ** -0.5 if scale is None else float(scale)
     qh, kh, vh = (x.transpose(1, 2).to(torch.float64) for x in (q, k_all, v_all))  # [B, H, T, D]

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import check_mode, check_qkv, check_state, compute_dtype
+from .._checks import append_to_cache, check_mode, check_positive, check_qkv, compute_dtype
 
 MAX_ORDER2_DIM = 16  # order 2 has 1 + D + D(D+1)/2 monomials and p^2 moments per query
 BLOCK = 128          # queries per block, keys per tile
@@ -72,17 +72,9 @@ def local_polynomial_attention(
     if order == 2 and Dk > MAX_ORDER2_DIM:
         raise ValueError(f"order 2 needs {1 + Dk + Dk * (Dk + 1) // 2} monomials per key; it is offered for "
                          f"Dk <= {MAX_ORDER2_DIM}, got Dk = {Dk}")
-    if order > 0 and not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge > 0):
-        raise ValueError(f"ridge must be a positive finite number for order {order}, got {ridge!r}")
-    if initial_state is not None:
-        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
-            raise ValueError("initial_state must be the cache pair (K [B, T0, H, Dk], V [B, T0, H, Dv])")
-        T0 = initial_state[0].shape[1] if isinstance(initial_state[0], Tensor) and initial_state[0].dim() == 4 else 0
-        check_state("initial_state (K)", initial_state[0], (B, T0, H, Dk))
-        check_state("initial_state (V)", initial_state[1], (B, T0, H, Dv))
-        k_all, v_all = torch.cat([initial_state[0].to(k.dtype), k], 1), torch.cat([initial_state[1].to(v.dtype), v], 1)
-    else:
-        k_all, v_all = k, v
+    if order > 0:
+        check_positive("ridge", ridge)
+    k_all, v_all = append_to_cache(initial_state, k, v)
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
     scale = Dk ** -0.5 if scale is None else float(scale)
