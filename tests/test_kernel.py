@@ -39,22 +39,43 @@ def test_cache_and_decoding():
     assert all(max_rel(a, b) < F64_ATOL for a, b in zip(cache, cache_whole))
 
 
-def test_gradients_match_the_oracle():
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_a_cache_and_several_queries(mode):
+    q, k, v = make_qkv(1, 15, 2, 4, 3)
+    cache = (k[:, :6], v[:, :6])
+    rest, _ = kernel_regression(q[:, 6:], k[:, 6:], v[:, 6:], ridge=0.7, initial_state=cache, mode=mode)
+    ref = oracle.kernel_regression(q[:, 6:], k[:, 6:], v[:, 6:], kernel="exp", ridge=0.7, initial_state=cache)
+    assert max_rel(rest, ref) < F64_ATOL
+
+
+@pytest.mark.parametrize("kernel", ["exp", "rbf", "poly"])
+def test_gradients_match_the_oracle(kernel):
     q, k, v = make_qkv(1, 9, 1, 3, 2, requires_grad=True)
     w = torch.randn(1, 9, 1, 2, dtype=torch.float64)
-    g_o = torch.autograd.grad((oracle.kernel_regression(q, k, v, kernel="rbf", ridge=0.4) * w).sum(), (q, k, v))
+    g_o = torch.autograd.grad((oracle.kernel_regression(q, k, v, kernel=kernel, ridge=0.4, degree=3) * w).sum(),
+                              (q, k, v))
     for mode in ("chunk", "recurrent"):
-        o, _ = kernel_regression(q, k, v, kernel="rbf", ridge=0.4, mode=mode)
+        o, _ = kernel_regression(q, k, v, kernel=kernel, ridge=0.4, degree=3, mode=mode)
         for a, b in zip(torch.autograd.grad((o * w).sum(), (q, k, v)), g_o):
             assert max_rel(a, b) < 1e-9
 
 
-def test_float32_inputs_factorize_in_float64():
-    """Exp-kernel Gram matrices are badly conditioned: float32 inputs still agree with float64 to 1e-5."""
+@pytest.mark.parametrize("kernel,ridge", [("exp", 1e-2), ("poly", 1e-4)])
+def test_float32_inputs_factorize_in_float64(kernel, ridge):
+    """Kernel Gram matrices with a small ridge are badly conditioned: a float32 factorization would err by
+    3e-5 (exp, ridge 1e-2) to 6e-2 (poly, ridge 1e-4); float32 inputs agree with float64 to 1e-5."""
     q, k, v = make_qkv(1, 400, 2, 8, 4, dtype=torch.float32)
-    o32, _ = kernel_regression(q, k, v, ridge=0.1)
-    o64, _ = kernel_regression(q.double(), k.double(), v.double(), ridge=0.1)
+    o32, _ = kernel_regression(q, k, v, kernel=kernel, ridge=ridge, degree=3)
+    o64, _ = kernel_regression(q.double(), k.double(), v.double(), kernel=kernel, ridge=ridge, degree=3)
     assert o32.dtype == torch.float32 and max_rel(o32, o64) < 1e-5
+
+
+def test_lost_definiteness_is_a_clear_error():
+    """Identical keys make Kern(K, K) rank one: with a ridge of 1e-6 against entries of e^18, float64 loses it."""
+    q, _, v = make_qkv(1, 5, 1, 4, 3)
+    k = torch.full((1, 5, 1, 4), 3.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="raise ridge"):
+        kernel_regression(q, k, v, ridge=1e-6, scale=2.0)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -123,6 +123,52 @@ def test_singular_local_design_falls_back_to_order0():
     assert (literal - o0).abs().max() > 0.1  # what the guard saves the user from
 
 
+@pytest.mark.parametrize("ridge,fires", [(1e-9, True), (1e-7, False)])
+def test_guard_threshold_is_relative_to_the_weight_mass(ridge, fires):
+    """60 identical keys, every query at distance 1 from them: delta / omega = ridge / (1 + ridge) whatever
+    omega is. Below sqrt(eps) = 1.5e-8 the guard answers order 0; above it the literal fit stands."""
+    q, _, v = make_qkv(1, 60, 1, 4, 3)
+    k = torch.ones(1, 60, 1, 4, dtype=torch.float64)
+    q = k.clone()
+    q[..., 0] += 1.0
+    o1, _ = local_polynomial_attention(q, k, v, order=1, ridge=ridge)
+    if fires:
+        assert max_rel(o1, local_polynomial_attention(q, k, v, order=0)[0]) < F64_ATOL
+    else:
+        assert max_rel(o1, oracle.local_polynomial(q, k, v, order=1, ridge=ridge)) < 1e-6
+
+
+def test_guard_keeps_gradients_finite():
+    """ridge 1e-20 on random keys: the guard fires for early queries; their gradients stay finite."""
+    q, k, v = make_qkv(1, 40, 1, 4, 3, requires_grad=True)
+    for mode in ("chunk", "recurrent"):
+        o, _ = local_polynomial_attention(q, k, v, order=1, ridge=1e-20, mode=mode)
+        assert all(bool(torch.isfinite(g).all()) for g in torch.autograd.grad(o.sum(), (q, k, v)))
+
+
+def test_large_scores_are_shifted_before_exp():
+    """float32 scores up to ~150 (exp overflows past 88): the block form stays finite and equals SDPA."""
+    q, k, v = make_qkv(1, 50, 2, 8, 4, dtype=torch.float32)
+    o, _ = local_polynomial_attention(6 * q, 6 * k, v, order=0, mode="recurrent")
+    assert bool(torch.isfinite(o).all()) and max_rel(o, _sdpa(6 * q, 6 * k, v)) < 1e-5
+
+
+def test_order2_at_its_largest_dimension():
+    q, k, v = make_qkv(1, 5, 1, 16, 2)
+    assert max_rel(local_polynomial_attention(q, k, v, order=2, ridge=0.3)[0],
+                   oracle.local_polynomial(q, k, v, order=2, ridge=0.3)) < 1e-9
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_qk_norm_normalizes_the_cached_keys_too(order, small_blocks):
+    q, k, v = make_qkv(2, 19, 2, 3, 4)
+    cache = (k[:, :7], v[:, :7])
+    rest, _ = local_polynomial_attention(q[:, 7:], k[:, 7:], v[:, 7:], order=order, ridge=0.2, qk_norm=True,
+                                         initial_state=cache)
+    ref = oracle.local_polynomial(q[:, 7:], k[:, 7:], v[:, 7:], order=order, ridge=0.2, qk_norm=True, initial_state=cache)
+    assert max_rel(rest, ref) < F64_ATOL
+
+
 def test_float32_matches_float64():
     q, k, v = make_qkv(1, 600, 2, 8, 8, dtype=torch.float32)
     for order in (1,):

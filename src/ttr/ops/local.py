@@ -152,13 +152,17 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: f
     penalty = torch.ones(p, dtype=q.dtype, device=q.device)
     penalty[0] = 0.0
     G = G + torch.diag_embed(ridge * omega[..., None] * penalty)
-    L, info = torch.linalg.cholesky_ex(G)
     e0 = torch.zeros(*G.shape[:-1], 1, dtype=q.dtype, device=q.device)
     e0[..., 0, 0] = 1.0
-    z = torch.cholesky_solve(e0, L)[..., 0]                   # G^-1 e_0: [B, H, n, p]
-    # the guard: a singular local design (or a failed factorization) answers order 0
-    tiny = math.sqrt(torch.finfo(q.dtype).eps)
-    singular = (info > 0) | ~(z[..., 0] * omega * tiny < 1.0)
+    # the guard: a singular local design (or a failed factorization) answers order 0. It is decided first and
+    # those queries factorize the identity instead, so no non-finite value enters the graph (a zero gradient
+    # times a NaN is still NaN)
+    with torch.no_grad():
+        L, info = torch.linalg.cholesky_ex(G)
+        z0 = torch.cholesky_solve(e0, L)[..., 0, 0]           # 1 / delta
+        singular = (info > 0) | ~(z0 * omega * math.sqrt(torch.finfo(q.dtype).eps) < 1.0)
+    G = torch.where(singular[..., None, None], torch.eye(p, dtype=q.dtype, device=q.device), G)
+    z = torch.cholesky_solve(e0, torch.linalg.cholesky(G))[..., 0]  # G^-1 e_0: [B, H, n, p]
     z = torch.where(singular[..., None], e0[..., 0] / omega[..., None], z)
     coef = (A.transpose(-1, -2) @ z[..., None])[..., 0]      # A^T z: weights on the uncentred monomials
     return (w * (coef @ psi.transpose(-1, -2))) @ v
