@@ -132,6 +132,34 @@ def _centring(q: Tensor, order: int) -> Tensor:
     return A
 
 
+def _outer(x: Tensor) -> Tensor:
+    """x_i x_i^T for every row, flattened: [..., b, p] -> [..., b, p * p]."""
+    return (x[..., :, None] * x[..., None, :]).flatten(-2)
+
+
+class _Moments(torch.autograd.Function):
+    """M_t = sum_i w_ti psi_i psi_i^T (w [..., n, Tk], psi [..., Tk, p]) -> [..., n, p * p], a tile of BLOCK keys at
+    a time in forward and in backward alike: autograd would keep every tile's psi psi^T, a [Tk, p * p] tensor."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, psi: Tensor) -> Tensor:
+        ctx.save_for_backward(w, psi)
+        return sum(w[..., i:i + BLOCK] @ _outer(psi[..., i:i + BLOCK, :]) for i in range(0, psi.shape[-2], BLOCK))
+
+    @staticmethod
+    def backward(ctx, dM: Tensor) -> tuple[Tensor, Tensor]:
+        w, psi = ctx.saved_tensors
+        p = psi.shape[-1]
+        both = (dM.unflatten(-1, (p, p)) + dM.unflatten(-1, (p, p)).transpose(-1, -2)).flatten(-2)
+        dw, dpsi = [], []
+        for i in range(0, psi.shape[-2], BLOCK):
+            tile = psi[..., i:i + BLOCK, :]
+            dw.append(dM @ _outer(tile).transpose(-1, -2))                       # d/dw_ti = <dM_t, psi_i psi_i^T>
+            around = (w[..., i:i + BLOCK].transpose(-1, -2) @ both).unflatten(-1, (p, p))
+            dpsi.append((around @ tile[..., None])[..., 0])                      # sum_t w_ti (dM_t + dM_t^T) psi_i
+        return torch.cat(dw, -1), torch.cat(dpsi, -2)
+
+
 def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: float, scale: float) -> Tensor:
     """Answers of queries at positions pos, pos + 1, ... (q [B, H, n, D]) from the keys they see
     (k [B, H, pos + n, D], query j sees keys 0..pos + j): the module docstring's computation."""
@@ -145,10 +173,8 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: f
         return (w @ v) / omega[..., None]
     psi = _monomials(k, order)                                # [B, H, Tk, p]
     p = psi.shape[-1]
-    moments = sum(w[..., i:i + BLOCK] @ (psi[..., i:i + BLOCK, :, None] * psi[..., i:i + BLOCK, None, :]).flatten(-2)
-                  for i in range(0, Tk, BLOCK))
     A = _centring(q, order)
-    G = A @ moments.unflatten(-1, (p, p)) @ A.transpose(-1, -2)
+    G = A @ _Moments.apply(w, psi).unflatten(-1, (p, p)) @ A.transpose(-1, -2)
     penalty = torch.ones(p, dtype=q.dtype, device=q.device)
     penalty[0] = 0.0
     G = G + torch.diag_embed(ridge * omega[..., None] * penalty)
