@@ -38,11 +38,13 @@ def _progress() -> Progress:
 def cmd_zoo(args: argparse.Namespace) -> None:
     from .recipe import PRESETS
 
-    table = Table(title="ttr zoo: named systems as test-time regression", box=box.SIMPLE_HEAD, padding=(0, 1))
-    for col in ("name", "weights", "function class", "optimizer", "op, forms"):
-        table.add_column(col, no_wrap=col in ("name", "op, forms"))
+    forms = sorted({f for p in PRESETS.values() for f in p.recipe.forms})
+    table = Table(title=f"ttr zoo: named systems as test-time regression (forms: {', '.join(forms)})",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col, width in (("name", 19), ("weights", 9), ("function class", 14), ("optimizer", 10), ("op", 17)):
+        table.add_column(col, width=width, no_wrap=col == "name", overflow="fold")  # 80 columns in all
     for p in PRESETS.values():
-        table.add_row(p.name, *p.recipe.describe().split(" | "), "\n".join([p.recipe.op_name, *p.recipe.forms]))
+        table.add_row(p.name, *p.recipe.describe().split(" | "), p.recipe.op_name)
     console.print(table)
     for p in PRESETS.values():
         console.print(f"[bold]{p.name}[/bold]: {p.title} ({p.citation}); {p.parameterization}")
