@@ -111,3 +111,13 @@ def test_layer_accepts_recipe_and_rejects_unknown_preset():
     assert y.shape == (1, 5, 16)
     with pytest.raises(ValueError, match="unknown preset"):
         ttr.TTRLayer(16, 2, "no_such_memory")
+
+
+def test_qknorm_layer_learns_its_temperature():
+    """QKNorm's scale is a parameter per head, starting at log2(L^2 - L), L = 1024 (Henry et al.), and it trains."""
+    torch.manual_seed(0)
+    layer = ttr.TTRLayer(32, 2, "softmax_qknorm")
+    assert torch.allclose(layer.log_qk_scale.exp(), torch.full((2,), 19.9986), atol=1e-3)
+    y, _ = layer(torch.randn(2, 12, 32))
+    y.square().sum().backward()
+    assert layer.log_qk_scale.grad is not None and bool((layer.log_qk_scale.grad != 0).all())

@@ -169,6 +169,19 @@ def test_qk_norm_normalizes_the_cached_keys_too(order, small_blocks):
     assert max_rel(rest, ref) < F64_ATOL
 
 
+@pytest.mark.parametrize("order,mode", [(0, "chunk"), (1, "chunk"), (0, "recurrent")])
+def test_a_scale_per_head_equals_each_head_alone(order, mode, small_blocks):
+    q, k, v = make_qkv(1, 17, 2, 3, 4)
+    scale = torch.tensor([0.5, 7.0], dtype=torch.float64, requires_grad=True)
+    o, _ = local_polynomial_attention(q, k, v, order=order, ridge=0.2, scale=scale, qk_norm=True, mode=mode)
+    for h in range(2):
+        alone, _ = local_polynomial_attention(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1], order=order,
+                                              ridge=0.2, scale=float(scale[h].detach()), qk_norm=True, mode=mode)
+        assert max_rel(o[:, :, h:h + 1], alone) < F64_ATOL
+    (grad,) = torch.autograd.grad(o.square().sum(), scale)  # the temperature is learnable
+    assert bool(torch.isfinite(grad).all()) and bool((grad != 0).all())
+
+
 def test_float32_matches_float64():
     q, k, v = make_qkv(1, 600, 2, 8, 8, dtype=torch.float32)
     for order in (1,):
@@ -182,6 +195,8 @@ def test_float32_matches_float64():
     ({"order": 1, "ridge": 0.0}, "ridge must be a positive"),
     ({"order": 1, "ridge": float("nan")}, "ridge must be a positive"),
     ({"mode": "parallel"}, "mode must be one of"),
+    ({"scale": torch.ones(3)}, r"scale must have shape \[2\]"),
+    ({"scale": -torch.ones(2)}, r"scale must lie in \[0, inf\]"),
     ({"initial_state": torch.zeros(1, 3, 2, 4)}, "cache pair"),
     ({"initial_state": (torch.zeros(1, 3, 2, 4), torch.zeros(1, 2, 2, 4))}, r"initial_state \(V\)"),
 ])

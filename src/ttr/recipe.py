@@ -300,7 +300,7 @@ _PRESET_LIST = [
            "Vaswani et al., 2017", "weights exp(q.k / sqrt(D)): the locally constant (Nadaraya-Watson) fit"),
     Preset("softmax_qknorm", "Softmax attention + QKNorm", Recipe(Uniform(), LocalPolynomial(0, qk_norm=True), Exact()),
            "Henry et al., 2020", "unit q and k, so the weights are the smoothing kernel exp(-||k - q||^2 scale / 2); "
-           "scale D^-1/2 (the paper's learned temperature is not modelled)"),
+           "TTRLayer learns the scale per head from log2(L^2 - L), L = 1024"),
     Preset("local_linear", "Local linear attention", Recipe(Uniform(), LocalPolynomial(1), Exact(ridge=0.1)),
            "the slides' order-1 estimator", "weights exp(q.k / sqrt(D)), ridge 0.1 (times the weight mass) on the "
            "slope, order 0 where the local design is singular"),

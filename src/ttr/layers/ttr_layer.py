@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import inspect
-
-from ..recipe import MLP, Preset, Recipe, get_preset
+from ..recipe import MLP, LocalPolynomial, Preset, Recipe, get_preset
 from .conv import ShortConv
 from .gates import make_inputs
+
+
+# QKNorm's temperature starts at log2(L^2 - L) for a training length L (Henry et al., 2020), here L = 1024
+QKNORM_SCALE_INIT = math.log2(1024 ** 2 - 1024)
 
 
 @dataclass
@@ -54,6 +58,8 @@ class TTRLayer(nn.Module):
             hidden = memory.regressor.expansion * self.head_dim
             self.W1 = nn.Parameter(torch.randn(n_heads, hidden, self.head_dim) * self.head_dim ** -0.5)
             self.W2 = nn.Parameter(torch.randn(n_heads, self.head_dim, hidden) * hidden ** -0.5)
+        if isinstance(memory.regressor, LocalPolynomial) and memory.regressor.qk_norm:  # learned temperature
+            self.log_qk_scale = nn.Parameter(torch.full((n_heads,), math.log(QKNORM_SCALE_INIT)))
         self.norm = nn.RMSNorm(self.head_dim) if norm else None
         self.out_gate = nn.Linear(d_model, inner, bias=False) if output_gate else None
         self.out = nn.Linear(inner, d_model, bias=False)
@@ -78,6 +84,8 @@ class TTRLayer(nn.Module):
             memory = (self.W1.expand(B, -1, -1, -1), self.W2.expand(B, -1, -1, -1))
         mode = "recurrent" if T == 1 else self.mode
         kwargs = {"chunk_size": self.chunk_size} if mode == "chunk" and self.takes_chunk_size else {}
+        if hasattr(self, "log_qk_scale"):
+            kwargs["scale"] = self.log_qk_scale.exp()
         o, memory = self.op(q, k, v, **inputs, initial_state=memory, output_final_state=True, mode=mode, **kwargs)
         if self.norm is not None:
             o = self.norm(o)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import append_to_cache, check_mode, check_positive, check_qkv, compute_dtype
+from .._checks import append_to_cache, check_mode, check_positive, check_qkv, check_step, compute_dtype
 
 MAX_ORDER2_DIM = 16  # order 2 has 1 + D + D(D+1)/2 monomials and p^2 moments per query
 BLOCK = 128          # queries per block, keys per tile
@@ -53,7 +53,7 @@ def local_polynomial_attention(
     *,
     order: int = 0,
     ridge: float = 0.1,
-    scale: float | None = None,
+    scale: float | Tensor | None = None,
     qk_norm: bool = False,
     initial_state: tuple[Tensor, Tensor] | None = None,
     output_final_state: bool = False,
@@ -62,6 +62,7 @@ def local_polynomial_attention(
     """Causal local polynomial attention. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; order 0, 1, or 2 (Dk <= 16).
 
     ridge > 0 penalizes the non-constant coefficients (relative to the weight mass; unused at order 0).
+    scale: a number, or a positive tensor [H] (a temperature per head, e.g. learned with QKNorm).
     initial_state: the cache (K [B, T0, H, Dk], V [B, T0, H, Dv]) of earlier tokens, which every query sees.
     Returns (o [B, T, H, Dv], the cache with these tokens appended, or None).
     """
@@ -77,14 +78,20 @@ def local_polynomial_attention(
     k_all, v_all = append_to_cache(initial_state, k, v)
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
-    scale = Dk ** -0.5 if scale is None else float(scale)
+    if isinstance(scale, Tensor):
+        check_step("scale", scale, (H,))
+        scale = scale.to(dt)[:, None, None]                   # per head, against scores [B, H, n, T]
+    else:
+        scale = Dk ** -0.5 if scale is None else float(scale)
     qh, kh, vh = (x.to(dt).transpose(1, 2) for x in (q, k_all, v_all))  # [B, H, T, D]
     if qk_norm:
         qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
     first = kh.shape[2] - T  # position of the first query: it sees keys 0..first
     if mode == "chunk" and order == 0:
         seen = None if first == 0 else torch.ones(T, first + T, dtype=torch.bool, device=q.device).tril(first)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=seen, is_causal=first == 0, scale=scale)
+        per_head = isinstance(scale, Tensor)  # SDPA takes one number: a per-head scale goes into q
+        o = F.scaled_dot_product_attention(qh * scale if per_head else qh, kh, vh, attn_mask=seen,
+                                           is_causal=first == 0, scale=1.0 if per_head else scale)
     else:
         block = BLOCK if mode == "chunk" else 1
         outs = []
@@ -160,7 +167,7 @@ class _Moments(torch.autograd.Function):
         return torch.cat(dw, -1), torch.cat(dpsi, -2)
 
 
-def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: float, scale: float) -> Tensor:
+def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: float, scale: float | Tensor) -> Tensor:
     """Answers of queries at positions pos, pos + 1, ... (q [B, H, n, D]) from the keys they see
     (k [B, H, pos + n, D], query j sees keys 0..pos + j): the module docstring's computation."""
     n, Tk = q.shape[2], k.shape[2]
