@@ -231,28 +231,29 @@ def _needs_stats_precision(H_kk, lam, dt) -> bool:
 
 
 def _woodbury(H_kk, kc, G, bc, lam):
-    """Uniform weights (times beta): the leading-principal-block form of the module docstring. Returns
-    solve(rows) -> (S_t^-1 rows_t, the same in STATS) and read(those, H_kv, vc) -> (x, o)."""
+    """Uniform weights (times beta): the leading-principal-block form of the module docstring, its d x d steps
+    in hi (STATS when the keys are ill-conditioned, else dt). Returns solve(rows) -> (S_t^-1 rows_t, the same
+    in hi) and read(those, H_kv, vc) -> (x, o)."""
     dt, C = kc.dtype, kc.shape[-2]
+    hi = STATS if _needs_stats_precision(H_kk, lam, dt) else dt
     up_to = causal_mask(C, kc.device).T                                  # [i, t]: association i seen at t
-    khat = (kc * bc.sqrt()[..., None]).to(STATS)                         # sqrt(beta) k: [B, H, N, C, Dk]
-    chol_A = _cholesky(H_kk + torch.diag_embed(lam)[:, None], "H_kk + lamb")
+    khat = (kc * bc.sqrt()[..., None]).to(hi)                            # sqrt(beta) k: [B, H, N, C, Dk]
+    chol_A = _cholesky((H_kk + torch.diag_embed(lam)[:, None]).to(hi), "H_kk + lamb")
     Ak = torch.cholesky_solve(khat.transpose(-1, -2), chol_A)            # A^-1 khat_i as columns
-    eye = torch.eye(C, dtype=STATS, device=kc.device)
+    eye = torch.eye(C, dtype=hi, device=kc.device)
     chol_G = _cholesky(eye + khat @ Ak, "the chunk's Woodbury matrix").to(dt)
 
     def solve(rows):
-        Aq = torch.cholesky_solve(rows.to(STATS).transpose(-1, -2), chol_A)  # A^-1 q_t as columns [.., Dk, C]
+        Aq = torch.cholesky_solve(rows.to(hi).transpose(-1, -2), chol_A)  # A^-1 q_t as columns [.., Dk, C]
         rhs = (khat @ Aq).to(dt).masked_fill(~up_to, 0.0)                # column t: khat_i . A^-1 q_t, i <= t
         y = torch.linalg.solve_triangular(chol_G, rhs, upper=False).masked_fill(~up_to, 0.0)
         z = torch.linalg.solve_triangular(chol_G.transpose(-1, -2), y, upper=True)
-        x = (Aq - Ak @ z.to(STATS)).transpose(-1, -2)                    # S_t^-1 q_t as rows
+        x = (Aq - Ak @ z.to(hi)).transpose(-1, -2)                       # S_t^-1 q_t as rows
         return x.to(dt), x
 
     def read(xs, H_kv, vc):
         x, x_hi = xs
-        hi = STATS if _needs_stats_precision(H_kk, lam, dt) else dt
-        return x, _weighted(x_hi.to(hi), H_kv.to(hi), *(t.to(hi) for t in (kc, vc, G, bc))).to(dt)
+        return x, _weighted(x_hi, H_kv.to(hi), *(t.to(hi) for t in (kc, vc, G, bc))).to(dt)
 
     return solve, read
 
