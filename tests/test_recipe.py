@@ -70,3 +70,15 @@ def test_nonparametric_presets_and_their_ingredients():
         ttr.Recipe(ttr.Uniform(), ttr.LocalPolynomial(1), ttr.Exact()).op()
     with pytest.raises(ValueError, match="no op implements"):  # query-dependent weights do not decay here
         ttr.Recipe(ttr.ScalarGate(), ttr.LocalPolynomial(0), ttr.Exact()).op()
+
+
+@pytest.mark.parametrize("name", list(ttr.PRESETS))
+def test_an_empty_sequence_is_a_clear_error(name):
+    preset = ttr.get_preset(name)
+    q, k, v = make_qkv(2, 0, 1, 4, 4)
+    n = preset.recipe.steps_per_token
+    if n > 1:
+        k, v = (x.unsqueeze(3).expand(-1, -1, -1, n, -1) for x in (k, v))
+    inputs = parameter_free_inputs(preset, 0.9, 0.5, 2, 0, 4)
+    with pytest.raises(ValueError, match="T = 0"):
+        preset.recipe.op()(q, k, v, **inputs, initial_state=initial_state(preset, 2, 4))

@@ -43,6 +43,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, T, H, Dk = k.shape
+    if T == 0:
+        raise ValueError(f"q, k, v hold no tokens (T = 0, shape {_shape(q)}); call the op with at least one")
     return B, T, H, Dk, v.shape[-1]
 
 

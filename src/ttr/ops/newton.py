@@ -32,8 +32,10 @@ eigendecomposition's derivative is singular at repeated eigenvalues, which low-r
 
 Precision. In float32 the statistics are the weak point: rounding H_kv by eps mixes the key null space,
 where S_t^-1 q_t is of size |q| / lamb, into the answer, an error of about eps * (number of associations) /
-lamb. So H_kk, H_kv, the state, every d x d factorization and the projection of H_kv onto the solve's
-basis are float64 (STATS), and only the per-token C x C work runs in the input's precision. Measured at
+lamb. So H_kk, H_kv and the state are float64 (STATS) always; the d x d steps (factorization, eigenbasis,
+the projection of H_kv onto it, the read-out) are float64 where the keys are ill-conditioned
+(_needs_stats_precision) and in the input's precision otherwise; the per-token C x C work always runs in
+the input's precision. The recurrent form works in float64 throughout. Measured at
 T = 16384, d = 16, three repeated unit keys, float32: relative error 4e-4 (uniform) and 5e-3 (decay 0.999)
 at lamb = 1e-3, 5e-5 and 5e-4 at lamb = 1e-2 (tests/test_mesa.py bounds these).
 

@@ -145,6 +145,7 @@ def delta_product(
     if k.dim() != 5 or v.dim() != 5:
         raise ValueError(f"k and v must be [B, T, H, n, D] for delta_product, got {list(k.shape)} and {list(v.shape)}")
     B, T, H, n, Dk = k.shape
+    check_qkv(q, k[:, :, :, 0], v[:, :, :, 0])  # ranks, dtypes, devices, T > 0 (delta_rule checks every step)
     if q.shape != (B, T, H, Dk) or v.shape[:4] != (B, T, H, n):
         raise ValueError(f"q must be [B, T, H, Dk] = {[B, T, H, Dk]} and v [B, T, H, n, Dv] matching k, got "
                          f"q {list(q.shape)}, v {list(v.shape)}")
