@@ -1,5 +1,6 @@
 """kernel_regression: every kernel == the literal per-prefix representer solve (float64), chunk (one
-factorization, leading principal blocks) == recurrent (a solve per prefix), the cache, gradients, bad input."""
+factorization, leading principal blocks) == recurrent (one appended factor row per token), the cache and
+its carried factor, gradients, bad input."""
 
 import pytest
 import torch
@@ -46,6 +47,18 @@ def test_a_cache_and_several_queries(mode):
     rest, _ = kernel_regression(q[:, 6:], k[:, 6:], v[:, 6:], ridge=0.7, initial_state=cache, mode=mode)
     ref = oracle.kernel_regression(q[:, 6:], k[:, 6:], v[:, 6:], kernel="exp", ridge=0.7, initial_state=cache)
     assert max_rel(rest, ref) < F64_ATOL
+
+
+def test_the_carried_factor_equals_a_fresh_one():
+    """The state carries the Cholesky factor; passing (K, V, L) or only (K, V) (L recomputed) gives one answer,
+    and a factor of the wrong shape is a clear error."""
+    q, k, v = make_qkv(1, 12, 2, 4, 3)
+    _, (K, V, L) = kernel_regression(q[:, :8], k[:, :8], v[:, :8], kernel="rbf", ridge=0.3, output_final_state=True)
+    with_factor, _ = kernel_regression(q[:, 8:], k[:, 8:], v[:, 8:], kernel="rbf", ridge=0.3, initial_state=(K, V, L))
+    without, _ = kernel_regression(q[:, 8:], k[:, 8:], v[:, 8:], kernel="rbf", ridge=0.3, initial_state=(K, V))
+    assert L.shape == (1, 2, 8, 8) and max_rel(with_factor, without) < F64_ATOL
+    with pytest.raises(ValueError, match=r"initial_state \(L\)"):
+        kernel_regression(q[:, 8:], k[:, 8:], v[:, 8:], initial_state=(K, V, L[..., :7, :7]))
 
 
 @pytest.mark.parametrize("kernel", ["exp", "rbf", "poly"])

@@ -13,18 +13,22 @@ of L is the factor of prefix t's matrix, and the first t rows of a forward solve
 the forward solve with that block. So y_t = (L^-1 V)^T_{<=t} (L^-1 [Kern(k_i, q_t), i <= t, else 0])_{<=t}
 for every t at once, from two forward solves (one with Dv columns, one with T): T^3 / 3 + T^3 flops and
 T x T memory, the nonparametric memory's price, fine for T in the thousands.
+The factor is the state next to the cache (K, V): new tokens append rows to it (a blocked Cholesky
+append: one triangular solve against the old factor and a factorization of the new corner), so a call
+after T0 cached tokens costs O(T0^2 T) and not O((T0 + T)^3). "recurrent" appends one row per token,
+O(t^2) each, as decoding does.
 The factorization runs in float64 whatever the input: kernel Gram matrices with a small ridge are badly
 conditioned, and in float32 the answer at T = 400 errs by 3e-5 (exp kernel, ridge 1e-2) to 6e-2 (poly, degree 3,
 ridge 1e-4) against 3e-8 from float64 (tests/test_kernel.py).
-"recurrent" solves each prefix separately (the reference form). The state is the cache (K, V).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import append_to_cache, check_mode, check_positive, check_qkv, compute_dtype
+from .._checks import append_to_cache, check_mode, check_positive, check_qkv, check_state, compute_dtype
 
 KERNELS = ("exp", "rbf", "poly")
 
@@ -49,13 +53,14 @@ def kernel_regression(
     ridge: float = 1.0,
     scale: float | None = None,
     degree: int = 2,
-    initial_state: tuple[Tensor, Tensor] | None = None,
+    initial_state: tuple[Tensor, ...] | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
-) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """Causal kernel ridge regression. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; kernel "exp", "rbf" or "poly"
     (with `degree`); ridge > 0; scale defaults to Dk^-1/2. initial_state: the cache (K [B, T0, H, Dk],
-    V [B, T0, H, Dv]). Returns (o [B, T, H, Dv], the cache with these tokens appended, or None)."""
+    V [B, T0, H, Dv]), optionally with the factor L [B, H, T0, T0] a previous call returned (else it is
+    recomputed). Returns (o [B, T, H, Dv], (K, V, L) with these tokens appended, or None)."""
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     check_mode(mode, ("chunk", "recurrent"))
     if kernel not in KERNELS:
@@ -63,29 +68,59 @@ def kernel_regression(
     check_positive("ridge", ridge)
     if kernel == "poly" and not (isinstance(degree, int) and degree >= 1):
         raise ValueError(f"degree must be a positive int for the poly kernel, got {degree!r}")
+    factor = None
+    if isinstance(initial_state, (tuple, list)) and len(initial_state) == 3:
+        *initial_state, factor = initial_state
     k_all, v_all = append_to_cache(initial_state, k, v)
     out_dtype, dt = q.dtype, compute_dtype(q.dtype)
     scale = Dk ** -0.5 if scale is None else float(scale)
     qh, kh, vh = (x.transpose(1, 2).to(torch.float64) for x in (q, k_all, v_all))  # [B, H, T, D]
-    first, Tk = kh.shape[2] - T, kh.shape[2]
-    gram = kern(kh, kh, kernel, scale, degree) + ridge * torch.eye(Tk, dtype=torch.float64, device=q.device)
-    rhs = kern(kh, qh, kernel, scale, degree)                                    # [B, H, Tk, T]: key i, query t
-    seen = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(first).T   # [i, t]: key i seen by query t
-    rhs = rhs.masked_fill(~seen, 0.0)
-    if mode == "chunk":
-        L, info = torch.linalg.cholesky_ex(gram)
-        if bool((info > 0).any()):
-            raise ValueError("Kern(K, K) + ridge is not positive definite in float64: raise ridge")
-        # y_t = V_{<=t}^T L_{<=t}^-T L_{<=t}^-1 kern_t, and a forward solve's first t rows are those of the
-        # leading block's: with U = L^-1 V and Z = L^-1 [masked kern], y_t = sum_{i<=t} U_i Z_it
-        U = torch.linalg.solve_triangular(L, vh, upper=False)
-        Z = torch.linalg.solve_triangular(L, rhs, upper=False).masked_fill(~seen, 0.0)
-        o = Z.transpose(-1, -2) @ U
+    first = kh.shape[2] - T
+
+    def append(L: Tensor, start: int, end: int) -> Tensor:
+        """The factor of keys [0, end) from that of keys [0, start): a blocked Cholesky append."""
+        new = kh[:, :, start:end]
+        corner = kern(new, new, kernel, scale, degree) + ridge * torch.eye(end - start, dtype=torch.float64,
+                                                                         device=q.device)
+        if start == 0:
+            return _factor(corner)
+        below = torch.linalg.solve_triangular(L, kern(kh[:, :, :start], new, kernel, scale, degree),
+                                              upper=False).transpose(-1, -2)   # [B, H, end - start, start]
+        return torch.cat([F.pad(L, (0, end - start)), torch.cat([below, _factor(corner - below @ below.transpose(-1, -2))],
+                                                                 -1)], -2)
+
+    if factor is not None:
+        check_state("initial_state (L)", factor, (B, H, first, first))
+        L = factor.to(torch.float64)
     else:
-        alpha = torch.zeros_like(rhs)
-        for t in range(T):
+        L = append(kh.new_zeros(B, H, 0, 0), 0, first) if first else kh.new_zeros(B, H, 0, 0)
+    if mode == "chunk":
+        L = append(L, first, first + T)
+        o = _read(L, kh, vh, qh, first, kernel, scale, degree)
+    else:
+        outs = []
+        for t in range(T):  # one appended row of the factor per token: O(t^2) each
+            L = append(L, first + t, first + t + 1)
             n = first + t + 1
-            alpha[..., :n, t] = torch.linalg.solve(gram[..., :n, :n], rhs[..., :n, t])
-        o = alpha.transpose(-1, -2) @ vh
+            outs.append(_read(L, kh[:, :, :n], vh[:, :, :n], qh[:, :, t:t + 1], n - 1, kernel, scale, degree))
+        o = torch.cat(outs, 2)
     o = o.transpose(1, 2).to(dt).to(out_dtype)
-    return o, ((k_all, v_all) if output_final_state else None)
+    return o, ((k_all, v_all, L) if output_final_state else None)
+
+
+def _factor(gram: Tensor) -> Tensor:
+    L, info = torch.linalg.cholesky_ex(gram)
+    if bool((info > 0).any()):
+        raise ValueError("Kern(K, K) + ridge is not positive definite in float64: raise ridge")
+    return L
+
+
+def _read(L: Tensor, kh: Tensor, vh: Tensor, qh: Tensor, first: int, kernel: str, scale: float, degree: int) -> Tensor:
+    """Answers of queries qh [B, H, n, D] at positions first, first + 1, ... from the factor L of all keys kh.
+    y_t = V_{<=t}^T L_{<=t}^-T L_{<=t}^-1 kern_t, and a forward solve's first t rows are those of the leading
+    block's: with U = L^-1 V and Z = L^-1 [kern(k_i, q_t), i <= t, else 0], y_t = sum_{i<=t} U_i Z_it."""
+    n, Tk = qh.shape[2], kh.shape[2]
+    seen = torch.ones(n, Tk, dtype=torch.bool, device=qh.device).tril(first).T   # [i, t]: key i seen by query t
+    U = torch.linalg.solve_triangular(L, vh, upper=False)
+    Z = torch.linalg.solve_triangular(L, kern(kh, qh, kernel, scale, degree).masked_fill(~seen, 0.0), upper=False)
+    return Z.masked_fill(~seen, 0.0).transpose(-1, -2) @ U
