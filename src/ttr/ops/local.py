@@ -187,15 +187,16 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: f
     G = G + torch.diag_embed(ridge * omega[..., None] * penalty)
     e0 = torch.zeros(*G.shape[:-1], 1, dtype=q.dtype, device=q.device)
     e0[..., 0, 0] = 1.0
-    # the guard: a singular local design (or a failed factorization) answers order 0. It is decided first and
-    # those queries factorize the identity instead, so no non-finite value enters the graph (a zero gradient
-    # times a NaN is still NaN)
+    L, info = torch.linalg.cholesky_ex(G)
+    z = torch.cholesky_solve(e0, L)[..., 0]                   # G^-1 e_0: [B, H, n, p]; z_0 = 1 / delta
+    # the guard: a singular local design (or a failed factorization) answers order 0. Those queries are
+    # factorized again with the identity in their place, so no non-finite value stays in the graph (a zero
+    # gradient times a NaN is still NaN); the common case factorizes once
     with torch.no_grad():
-        L, info = torch.linalg.cholesky_ex(G)
-        z0 = torch.cholesky_solve(e0, L)[..., 0, 0]           # 1 / delta
-        singular = (info > 0) | ~(z0 * omega * math.sqrt(torch.finfo(q.dtype).eps) < 1.0)
-    G = torch.where(singular[..., None, None], torch.eye(p, dtype=q.dtype, device=q.device), G)
-    z = torch.cholesky_solve(e0, torch.linalg.cholesky(G))[..., 0]  # G^-1 e_0: [B, H, n, p]
-    z = torch.where(singular[..., None], e0[..., 0] / omega[..., None], z)
+        singular = (info > 0) | ~(z[..., 0] * omega * math.sqrt(torch.finfo(q.dtype).eps) < 1.0)
+    if bool(singular.any()):
+        G = torch.where(singular[..., None, None], torch.eye(p, dtype=q.dtype, device=q.device), G)
+        z = torch.cholesky_solve(e0, torch.linalg.cholesky(G))[..., 0]
+        z = torch.where(singular[..., None], e0[..., 0] / omega[..., None], z)
     coef = (A.transpose(-1, -2) @ z[..., None])[..., 0]      # A^T z: weights on the uncentred monomials
     return (w * (coef @ psi.transpose(-1, -2))) @ v
