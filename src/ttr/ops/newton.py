@@ -119,34 +119,44 @@ def mesa(
         check_state("initial_state (H_kv)", initial_state[1], (B, H, Dk, Dv))
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
-    lam = _ridge(lamb, H, Dk, q.device)
-    q = q.to(dt) * (Dk ** -0.5 if scale is None else float(scale))
-    k, v = k.to(dt), v.to(dt)
+    # the ridge as a change of variables: (H_kk + Lambda)^-1 = Lambda^-1/2 (Hs_kk + I)^-1 Lambda^-1/2 with
+    # Hs_kk, Hs_kv the statistics of the keys Lambda^-1/2 k, so every form below solves with ridge I
+    root = _ridge(lamb, H, Dk, q.device).sqrt()                          # Lambda^1/2: [H, Dk]
+    q = q.to(dt) * ((Dk ** -0.5 if scale is None else float(scale)) / root.to(dt))
+    k, v = k.to(dt) / root.to(dt), v.to(dt)
     beta = torch.ones(B, T, H, dtype=dt, device=q.device) if beta is None else beta.to(dt)
     g = None if g is None else g.to(dt)
     if initial_state is None:
         state = (q.new_zeros(B, H, Dk, Dk, dtype=STATS), q.new_zeros(B, H, Dk, Dv, dtype=STATS))
     else:
-        state = tuple(s.to(STATS) for s in initial_state)
+        H_kk, H_kv = (s.to(STATS) for s in initial_state)
+        state = (H_kk / (root[:, :, None] * root[:, None, :]), H_kv / root[:, :, None])
     if mode == "recurrent" and solver == "exact":
-        o, state = _recurrent(q, k, v, g, beta, lam, state)
+        o, state = _recurrent(q, k, v, g, beta, state)
     else:
         C = 1 if mode == "recurrent" else chunk_size if (g is None or solver == "cg") else min(chunk_size, GATED_CHUNK)
-        qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))     # padding: k = 0, beta = 0, g = 0
-        G = torch.zeros_like(bc) if g is None else to_chunks(g, C).cumsum(-1)
-        H_kk, H_kv, state = _chunk_starts(kc, vc, bc, G, state)
-        if solver == "cg":
-            oc = _cg(qc, H_kk.to(dt), H_kv.to(dt), kc, vc, G, bc, lam.to(dt), cg_steps)
-        else:
-            oc = _ExactRead.apply(qc, H_kk, H_kv, kc, vc, G, bc, lam, g is not None)
-        o = from_chunks(oc, T)
+        o, state = _chunked(q, k, v, beta, g, state, C, solver, cg_steps, dt)
+    if output_final_state:
+        state = (state[0] * (root[:, :, None] * root[:, None, :]), state[1] * root[:, :, None])
     return o.to(out_dtype), (state if output_final_state else None)
 
 
-def _recurrent(q, k, v, g, beta, lam, state):
+def _chunked(q, k, v, beta, g, state, C, solver, cg_steps, dt):
+    """The chunk form on one segment: every chunk's start first (_chunk_starts), then every chunk's solves."""
+    qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))     # padding: k = 0, beta = 0, g = 0
+    G = torch.zeros_like(bc) if g is None else to_chunks(g, C).cumsum(-1)
+    H_kk, H_kv, state = _chunk_starts(kc, vc, bc, G, state, dt)
+    if solver == "cg":
+        oc = _cg(qc, H_kk.to(dt), H_kv.to(dt), kc, vc, G, bc, cg_steps)
+    else:
+        oc = _ExactRead.apply(qc, H_kk, H_kv, kc, vc, G, bc, g is not None)
+    return from_chunks(oc, q.shape[1]), state
+
+
+def _recurrent(q, k, v, g, beta, state):
     """Token by token in STATS: accumulate H_kk and H_kv, one Cholesky solve per token."""
     H_kk, H_kv = state
-    ridge = torch.diag_embed(lam)
+    eye = torch.eye(H_kk.shape[-1], dtype=STATS, device=H_kk.device)
     q, k, v, beta = (x.to(STATS) for x in (q, k, v, beta))
     outs = []
     for t in range(q.shape[1]):
@@ -156,25 +166,60 @@ def _recurrent(q, k, v, g, beta, lam, state):
         bk = beta[:, t, :, None] * k[:, t]
         H_kk = H_kk + bk[..., :, None] * k[:, t, :, None, :]
         H_kv = H_kv + bk[..., :, None] * v[:, t, :, None, :]
-        x = torch.cholesky_solve(q[:, t, :, :, None], _cholesky(H_kk + ridge, "H_kk + lamb"))
+        x = torch.cholesky_solve(q[:, t, :, :, None], _cholesky(H_kk + eye, "H_kk + lamb"))
         outs.append((H_kv.transpose(-1, -2) @ x)[..., 0])
     return torch.stack(outs, dim=1), (H_kk, H_kv)
 
 
-def _chunk_starts(kc, vc, bc, G, state):
-    """The statistics (H_kk, H_kv) at the start of every chunk, in STATS: they do not depend on any solve, so
-    all of them come first (a cheap linear recurrence) and every chunk's solves then run at once.
-    kc, vc: [B, H, N, C, D]; bc, G: [B, H, N, C]. Returns starts [B, H, N, ...] and the final state."""
-    to_end = ((torch.exp(G[..., -1:] - G) * bc)[..., None] * kc).to(STATS)  # w_{end, i} k_i
-    kk, kv = to_end.transpose(-1, -2) @ kc.to(STATS), to_end.transpose(-1, -2) @ vc.to(STATS)
-    decay = torch.exp(G[..., -1].to(STATS))[..., None, None]
-    H_kk, H_kv = state
-    starts_kk, starts_kv = [], []
-    for kk_n, kv_n, d_n in zip(kk.unbind(2), kv.unbind(2), decay.unbind(2)):
-        starts_kk.append(H_kk)
-        starts_kv.append(H_kv)
-        H_kk, H_kv = d_n * H_kk + kk_n, d_n * H_kv + kv_n
-    return torch.stack(starts_kk, dim=2), torch.stack(starts_kv, dim=2), (H_kk, H_kv)
+def _chunk_starts(kc, vc, bc, G, state, dt):
+    """The statistics (H_kk, H_kv) at the start of every chunk: they do not depend on any solve, so all of them
+    come first and every chunk's solves then run at once. The recurrence is carried in STATS; the starts are
+    stored in dt where the keys are well-conditioned and in STATS where they are not: in dt the d x d steps
+    err by about eps * |H_kk| <= eps * trace(H_kk) against the unit ridge, so dt serves while the largest trace
+    stays below 1e-4 / eps. kc, vc: [B, H, N, C, D]; bc, G: [B, H, N, C]. Returns the starts [B, H, N, ...]
+    and the final state."""
+    decay = torch.exp(G[..., -1].to(STATS))
+
+    def starts(hi):
+        to_end = ((torch.exp(G[..., -1:] - G) * bc)[..., None] * kc).to(hi)  # w_{end, i} k_i
+        kk, kv = to_end.transpose(-1, -2) @ kc.to(hi), to_end.transpose(-1, -2) @ vc.to(hi)
+        return _Scan.apply(kk, kv, decay, *state)
+
+    out = starts(dt)
+    if dt != STATS:
+        peak = max(float(torch.diagonal(H.detach(), dim1=-2, dim2=-1).sum(-1).max()) for H in (out[0], out[2]))
+        if peak * torch.finfo(dt).eps > 1e-4:
+            out = starts(STATS)
+    return out[0], out[1], out[2:]
+
+
+class _Scan(torch.autograd.Function):
+    """H_{n+1} = a_n H_n + inc_n for the pair (H_kk, H_kv): returns every H_n (in the increments' dtype) and the
+    last one (in STATS, where the recurrence is carried). Backward runs the same recurrence in reverse, so the
+    scan keeps no per-chunk graph."""
+
+    @staticmethod
+    def forward(ctx, kk, kv, a, H_kk, H_kv):
+        running = [H_kk.clone(), H_kv.clone()]
+        starts = [kk.new_empty(kk.shape), kv.new_empty(kv.shape)]
+        for n in range(kk.shape[2]):
+            for out, H_n, inc in zip(starts, running, (kk, kv)):
+                out[:, :, n] = H_n
+                H_n.mul_(a[:, :, n, None, None]).add_(inc[:, :, n])
+        ctx.save_for_backward(a, *starts)
+        return (*starts, *running)
+
+    @staticmethod
+    def backward(ctx, d_starts_kk, d_starts_kv, d_kk, d_kv):
+        a, starts_kk, starts_kv = ctx.saved_tensors
+        carry = [d_kk.clone(), d_kv.clone()]                             # d / d H_{n+1}
+        d_inc = [torch.empty_like(starts_kk), torch.empty_like(starts_kv)]
+        for n in reversed(range(a.shape[2])):
+            for d_out, c, d_start in zip(d_inc, carry, (d_starts_kk, d_starts_kv)):
+                d_out[:, :, n] = c
+                c.mul_(a[:, :, n, None, None]).add_(d_start[:, :, n])
+        d_a = (d_inc[0] * starts_kk).sum((-1, -2)) + (d_inc[1] * starts_kv).sum((-1, -2))
+        return (*d_inc, d_a.to(a.dtype), *carry)
 
 
 def _log_weights(G: Tensor, bc: Tensor) -> Tensor:
@@ -184,7 +229,7 @@ def _log_weights(G: Tensor, bc: Tensor) -> Tensor:
 
 def _weighted(P: Tensor, H0: Tensor, a: Tensor, b: Tensor, G: Tensor, bc: Tensor) -> Tensor:
     """Rows p_t -> rows (e^{G_t} H0 + sum_{i<=t} w_ti a_i b_i^T)^T p_t for every token of every chunk. With
-    (H_kk, k, k) it applies S_t - Lambda, with (H_kv, k, v) it reads the memory, with (H_kv^T, v, k) it is
+    (H_kk, k, k) it applies S_t - I, with (H_kv, k, v) it reads the memory, with (H_kv^T, v, k) it is
     the read-out's transpose."""
     w = masked_exp(_log_weights(G, bc), causal_mask(G.shape[-1], G.device))
     return torch.exp(G)[..., None] * (P @ H0) + (w * (P @ a.transpose(-1, -2))) @ b
@@ -192,55 +237,45 @@ def _weighted(P: Tensor, H0: Tensor, a: Tensor, b: Tensor, G: Tensor, bc: Tensor
 
 class _ExactRead(torch.autograd.Function):
     """o_t = H_kv,t^T S_t^-1 q_t for every token of every chunk, S_t = e^{G_t} H_kk,0 + sum_{i<=t} w_ti k_i k_i^T
-    + Lambda. Forward factorizes once per chunk (_woodbury without decay, _eigen with it). Backward is implicit
+    + I. Forward factorizes once per chunk (_woodbury without decay, _eigen with it). Backward is implicit
     differentiation of the solve: with x_t = S_t^-1 q_t and u_t = S_t^-1 H_kv,t do_t (S_t is symmetric),
     dq_t = u_t and every other input gets the gradient of  sum_t do_t . (H_kv,t^T x_t) - u_t . (S_t x_t)
     at fixed x and u: a few products, no factorization is differentiated."""
 
     @staticmethod
-    def forward(ctx, qc, H_kk, H_kv, kc, vc, G, bc, lam, gated):
-        solve, read = (_eigen if gated else _woodbury)(H_kk, kc, G, bc, lam)
+    def forward(ctx, qc, H_kk, H_kv, kc, vc, G, bc, gated):
+        solve, read = (_eigen if gated else _woodbury)(H_kk, kc, G, bc)
         x, o = read(solve(qc), H_kv, vc)
         ctx.solve = solve
-        ctx.save_for_backward(H_kk, H_kv, kc, vc, G, bc, lam, x)
+        ctx.save_for_backward(H_kk, H_kv, kc, vc, G, bc, x)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        H_kk, H_kv, kc, vc, G, bc, lam, x = ctx.saved_tensors
+        H_kk, H_kv, kc, vc, G, bc, x = ctx.saved_tensors
         dt = x.dtype
         u, _ = ctx.solve(_weighted(do, H_kv.transpose(-1, -2).to(dt), vc, kc, G, bc))
         leaves = [t.detach().requires_grad_(need) for t, need in
-                  zip((H_kk, H_kv, kc, vc, G, bc, lam), ctx.needs_input_grad[1:8])]
+                  zip((H_kk, H_kv, kc, vc, G, bc), ctx.needs_input_grad[1:7])]
         grads = [None] * len(leaves)
         wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
         if wanted:
             with torch.enable_grad():
-                H_kk_, H_kv_, kc_, vc_, G_, bc_, lam_ = leaves
-                S_x = _weighted(x, H_kk_.to(dt), kc_, kc_, G_, bc_) + lam_.to(dt)[:, None, None] * x
+                H_kk_, H_kv_, kc_, vc_, G_, bc_ = leaves
+                S_x = _weighted(x, H_kk_.to(dt), kc_, kc_, G_, bc_) + x
                 f = (do * _weighted(x, H_kv_.to(dt), kc_, vc_, G_, bc_)).sum() - (u * S_x).sum()
                 for i, grad in zip(wanted, torch.autograd.grad(f, [leaves[i] for i in wanted])):
                     grads[i] = grad
         return (u, *grads, None)
 
 
-def _needs_stats_precision(H_kk, lam, dt) -> bool:
-    """Whether the read-out (and the eigendecomposition) must run in STATS rather than dt: their error in dt is
-    about eps * |Lambda^-1/2 H_kk Lambda^-1/2| <= eps * trace(Lambda^-1 H_kk) against the ridge's 1, so dt serves
-    while that stays below 1e-4 (well-conditioned keys, the common case)."""
-    trace = (torch.diagonal(H_kk, dim1=-2, dim2=-1) / lam[:, None]).sum(-1)
-    return float(trace.max()) * torch.finfo(dt).eps > 1e-4
-
-
-def _woodbury(H_kk, kc, G, bc, lam):
+def _woodbury(H_kk, kc, G, bc):
     """Uniform weights (times beta): the leading-principal-block form of the module docstring, its d x d steps
-    in hi (STATS when the keys are ill-conditioned, else dt). Returns solve(rows) -> (S_t^-1 rows_t, the same
-    in hi) and read(those, H_kv, vc) -> (x, o)."""
-    dt, C = kc.dtype, kc.shape[-2]
-    hi = STATS if _needs_stats_precision(H_kk, lam, dt) else dt
+    in H_kk's dtype hi. Returns solve(rows) -> (S_t^-1 rows_t, the same in hi) and read(those, H_kv, vc) -> (x, o)."""
+    dt, hi, C = kc.dtype, H_kk.dtype, kc.shape[-2]
     up_to = causal_mask(C, kc.device).T                                  # [i, t]: association i seen at t
     khat = (kc * bc.sqrt()[..., None]).to(hi)                            # sqrt(beta) k: [B, H, N, C, Dk]
-    chol_A = _cholesky((H_kk + torch.diag_embed(lam)[:, None]).to(hi), "H_kk + lamb")
+    chol_A = _cholesky(H_kk + torch.eye(H_kk.shape[-1], dtype=hi, device=kc.device), "H_kk + lamb")
     Ak = torch.cholesky_solve(khat.transpose(-1, -2), chol_A)            # A^-1 khat_i as columns
     eye = torch.eye(C, dtype=hi, device=kc.device)
     chol_G = _cholesky(eye + khat @ Ak, "the chunk's Woodbury matrix").to(dt)
@@ -255,57 +290,54 @@ def _woodbury(H_kk, kc, G, bc, lam):
 
     def read(xs, H_kv, vc):
         x, x_hi = xs
-        return x, _weighted(x_hi, H_kv.to(hi), *(t.to(hi) for t in (kc, vc, G, bc))).to(dt)
+        return x, _weighted(x_hi, H_kv, *(t.to(hi) for t in (kc, vc, G, bc))).to(dt)
 
     return solve, read
 
 
-def _eigen(H_kk, kc, G, bc, lam):
-    """Decay and ridge: the per-chunk simultaneous diagonalization of the module docstring. Returns
+def _eigen(H_kk, kc, G, bc):
+    """Decay: the per-chunk eigendecomposition of the module docstring, in H_kk's dtype hi. Returns
     solve(rows) -> (S_t^-1 rows_t, the same in the eigenbasis) and read(those, H_kv, vc) -> (x, o)."""
     dt, C = kc.dtype, kc.shape[-2]
-    lam_isqrt = lam.rsqrt()[:, None]                                     # Lambda^-1/2: [H, 1, Dk]
-    M = lam_isqrt[..., :, None] * H_kk * lam_isqrt[..., None, :]
-    hi = STATS if _needs_stats_precision(H_kk, lam, dt) else dt
-    mu, U = (x.to(STATS) for x in torch.linalg.eigh(M.to(hi)))
+    mu, U_hi = torch.linalg.eigh(H_kk)                                   # H_kk,0 = U diag(mu) U^T
     if bool((mu <= -1.0).any()):  # the same condition the Cholesky of H_kk + lamb checks elsewhere
         raise ValueError("H_kk + lamb is not positive definite: the initial state H_kk must be positive semi-definite")
-    V_hi = lam_isqrt[..., :, None] * U                                   # V^T Lambda V = I, V^T H_kk V = diag(mu)
-    V = V_hi.to(dt)
-    D = 1.0 / (torch.exp(G)[..., :, None] * mu.to(dt)[..., None, :] + 1.0)  # [B, H, N, t, d]
-    Y = kc @ V                                                           # keys in that basis
+    U = U_hi.to(dt)
+    D = 1.0 / (torch.exp(G)[..., :, None] * mu.to(dt)[..., None, :] + 1.0)  # the base's inverse: [B, H, N, t, d]
+    Y = kc @ U                                                           # keys in the eigenbasis
     root_w = masked_exp(0.5 * _log_weights(G, bc), causal_mask(C, kc.device))  # sqrt(w_ti), 0 for i > t
-    gram = (Y[..., None, :, :] * D[..., :, None, :]) @ Y[..., None, :, :].transpose(-1, -2)  # Y diag(D_t) Y^T
-    E = torch.eye(C, dtype=dt, device=kc.device) + root_w[..., :, :, None] * gram * root_w[..., :, None, :]
+    # E_t = I + Z_t Z_t^T with rows z_ti = sqrt(w_ti) y_i sqrt(D_t): token t's C x C Woodbury matrix
+    Z = (D.sqrt()[..., :, None, :] * Y[..., None, :, :]).mul_(root_w[..., None])  # [B, H, N, t, i, d]
+    E = Z @ Z.transpose(-1, -2)
+    E.diagonal(dim1=-2, dim2=-1).add_(1.0)
     chol_E = _cholesky(E, "the chunk's Woodbury matrix")
 
     def solve(rows):
-        r = rows @ V
+        r = rows @ U
         rhs = root_w * ((D * r) @ Y.transpose(-1, -2))
         z = torch.cholesky_solve(rhs[..., None], chol_E)[..., 0]
         xb = D * (r - (root_w * z) @ Y)                                  # S_t^-1 q_t in the basis, as rows
-        return xb @ V.transpose(-1, -2), xb
+        return xb @ U.transpose(-1, -2), xb
 
     def read(xs, H_kv, vc):
-        # read out in the basis: with V^T H_kv formed in hi, the large null-space part of S_t^-1 q_t
+        # read out in the basis: with U^T H_kv formed in hi, the large null-space part of S_t^-1 q_t
         # (size |q| / lamb) meets exact zeros instead of float32 rounding of H_kv
         x, xb = xs
-        return x, _weighted(xb, (V_hi.transpose(-1, -2).to(hi) @ H_kv.to(hi)).to(dt), Y, vc, G, bc)
+        return x, _weighted(xb, (U_hi.transpose(-1, -2) @ H_kv).to(dt), Y, vc, G, bc)
 
     return solve, read
 
 
-def _cg(qc, H_kk, H_kv, kc, vc, G, bc, lam, steps):
+def _cg(qc, H_kk, H_kv, kc, vc, G, bc, steps):
     """Conjugate gradients on S_t x_t = q_t for every token at once (C = 1: token by token), with
-    S_t p = e^{G_t} H_kk,0 p + sum_{i<=t} w_ti k_i (k_i . p) + Lambda p. Gradients follow the steps taken."""
+    S_t p = e^{G_t} H_kk,0 p + sum_{i<=t} w_ti k_i (k_i . p) + p. Gradients follow the steps taken."""
     tiny = torch.finfo(qc.dtype).tiny
-    lam = lam[:, None, None]                                               # [H, 1, 1, Dk]
 
     def apply(P: Tensor) -> Tensor:                                        # rows p_t -> rows (S_t p_t)^T
-        return _weighted(P, H_kk, kc, kc, G, bc) + lam * P
+        return _weighted(P, H_kk, kc, kc, G, bc) + P
 
     w = masked_exp(_log_weights(G, bc), causal_mask(G.shape[-1], G.device))
-    diag = torch.exp(G)[..., None] * torch.diagonal(H_kk, dim1=-2, dim2=-1)[..., None, :] + w @ (kc * kc) + lam
+    diag = torch.exp(G)[..., None] * torch.diagonal(H_kk, dim1=-2, dim2=-1)[..., None, :] + w @ (kc * kc) + 1.0
     x = qc / diag
     r = qc - apply(x)
     z = r / diag
