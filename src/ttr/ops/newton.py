@@ -50,10 +50,11 @@ import torch
 from torch import Tensor
 
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
-from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_chunks
+from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, masked_exp, to_chunks
 
 STATS = torch.float64  # the statistics and every d x d step; see "Precision" in the module docstring
 GATED_CHUNK = 16
+Z_SLICE = 2 ** 19  # entries of _eigen's Z formed at once (2 MiB in float32)
 
 
 def _cholesky(M: Tensor, what: str) -> Tensor:
@@ -212,14 +213,18 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_starts_kk, d_starts_kv, d_kk, d_kv):
         a, starts_kk, starts_kv = ctx.saved_tensors
-        carry = [d_kk.clone(), d_kv.clone()]                             # d / d H_{n+1}
-        d_inc = [torch.empty_like(starts_kk), torch.empty_like(starts_kv)]
-        for n in reversed(range(a.shape[2])):
-            for d_out, c, d_start in zip(d_inc, carry, (d_starts_kk, d_starts_kv)):
-                d_out[:, :, n] = c
-                c.mul_(a[:, :, n, None, None]).add_(d_start[:, :, n])
-        d_a = (d_inc[0] * starts_kk).sum((-1, -2)) + (d_inc[1] * starts_kv).sum((-1, -2))
-        return (*d_inc, d_a.to(a.dtype), *carry)
+        a_dt = a.to(starts_kk.dtype)[..., None, None]
+        grads = []
+        for d_starts, d_last, starts in ((d_starts_kk, d_kk, starts_kk), (d_starts_kv, d_kv, starts_kv)):
+            d_inc = torch.empty_like(starts)                              # d_inc[n] = d / d H_{n+1}
+            d_inc[:, :, -1] = d_last
+            for n in reversed(range(a.shape[2] - 1)):
+                torch.addcmul(d_starts[:, :, n + 1], d_inc[:, :, n + 1], a_dt[:, :, n + 1], out=d_inc[:, :, n])
+            d_H = (d_starts[:, :, 0] + a_dt[:, :, 0] * d_inc[:, :, 0]).to(d_last.dtype)
+            d_a = (d_inc.flatten(-2)[..., None, :] @ starts.flatten(-2)[..., :, None])[..., 0, 0]  # no d x d product
+            grads.append((d_inc, d_H, d_a))
+        (d_kk_inc, d_H_kk, d_a_kk), (d_kv_inc, d_H_kv, d_a_kv) = grads
+        return d_kk_inc, d_kv_inc, (d_a_kk + d_a_kv).to(a.dtype), d_H_kk, d_H_kv
 
 
 def _log_weights(G: Tensor, bc: Tensor) -> Tensor:
@@ -237,10 +242,11 @@ def _weighted(P: Tensor, H0: Tensor, a: Tensor, b: Tensor, G: Tensor, bc: Tensor
 
 class _ExactRead(torch.autograd.Function):
     """o_t = H_kv,t^T S_t^-1 q_t for every token of every chunk, S_t = e^{G_t} H_kk,0 + sum_{i<=t} w_ti k_i k_i^T
-    + I. Forward factorizes once per chunk (_woodbury without decay, _eigen with it). Backward is implicit
-    differentiation of the solve: with x_t = S_t^-1 q_t and u_t = S_t^-1 H_kv,t do_t (S_t is symmetric),
-    dq_t = u_t and every other input gets the gradient of  sum_t do_t . (H_kv,t^T x_t) - u_t . (S_t x_t)
-    at fixed x and u: a few products, no factorization is differentiated."""
+    + I with w_ti = e^{G_t - G_i} beta_i. Forward factorizes once per chunk (_woodbury without decay, _eigen
+    with it). Backward is implicit differentiation of the solve: with x_t = S_t^-1 q_t and
+    u_t = S_t^-1 H_kv,t do_t (S_t is symmetric), dq_t = u_t and every other input gets the gradient of
+        f = sum_t do_t . (H_kv,t^T x_t) - u_t . (S_t x_t)
+    at fixed x and u, written out below: a few products, no factorization is differentiated."""
 
     @staticmethod
     def forward(ctx, qc, H_kk, H_kv, kc, vc, G, bc, gated):
@@ -253,20 +259,24 @@ class _ExactRead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         H_kk, H_kv, kc, vc, G, bc, x = ctx.saved_tensors
-        dt = x.dtype
-        u, _ = ctx.solve(_weighted(do, H_kv.transpose(-1, -2).to(dt), vc, kc, G, bc))
-        leaves = [t.detach().requires_grad_(need) for t, need in
-                  zip((H_kk, H_kv, kc, vc, G, bc), ctx.needs_input_grad[1:7])]
-        grads = [None] * len(leaves)
-        wanted = [i for i, t in enumerate(leaves) if t.requires_grad]
-        if wanted:
-            with torch.enable_grad():
-                H_kk_, H_kv_, kc_, vc_, G_, bc_ = leaves
-                S_x = _weighted(x, H_kk_.to(dt), kc_, kc_, G_, bc_) + x
-                f = (do * _weighted(x, H_kv_.to(dt), kc_, vc_, G_, bc_)).sum() - (u * S_x).sum()
-                for i, grad in zip(wanted, torch.autograd.grad(f, [leaves[i] for i in wanted])):
-                    grads[i] = grad
-        return (u, *grads, None)
+        H_kk, H_kv = H_kk.to(x.dtype), H_kv.to(x.dtype)
+        e_G = torch.exp(G)[..., None]
+        decay = decay_mask(G)                                            # e^{G_t - G_i}, [.., t, i]
+        w = decay * bc[..., None, :]
+        do_v = do @ vc.transpose(-1, -2)                                 # do_t . v_i
+        H_do = do @ H_kv.transpose(-1, -2)                               # rows H_kv,0 do_t
+        u, _ = ctx.solve(e_G * H_do + (w * do_v) @ kc)                   # S_t^-1 H_kv,t do_t
+        x_k = x @ kc.transpose(-1, -2)                                   # x_t . k_i
+        r = do_v - u @ kc.transpose(-1, -2)                              # d f / d (x_t . k_i), per weight w_ti
+        f_w = x_k * r                                                    # d f / d w_ti
+        d_log_w = w * f_w
+        base = (H_do * x).sum(-1) - ((u @ H_kk) * x).sum(-1)             # d f / d e^{G_t}
+        dG = d_log_w.sum(-1) - d_log_w.sum(-2) + e_G[..., 0] * base
+        dk = (w * r).transpose(-1, -2) @ x - (w * x_k).transpose(-1, -2) @ u
+        dv = (w * x_k).transpose(-1, -2) @ do
+        dH_kk = -(e_G * u).transpose(-1, -2) @ x
+        dH_kv = (e_G * x).transpose(-1, -2) @ do
+        return u, dH_kk, dH_kv, dk, dv, dG, (decay * f_w).sum(-2), None
 
 
 def _woodbury(H_kk, kc, G, bc):
@@ -306,9 +316,13 @@ def _eigen(H_kk, kc, G, bc):
     D = 1.0 / (torch.exp(G)[..., :, None] * mu.to(dt)[..., None, :] + 1.0)  # the base's inverse: [B, H, N, t, d]
     Y = kc @ U                                                           # keys in the eigenbasis
     root_w = masked_exp(0.5 * _log_weights(G, bc), causal_mask(C, kc.device))  # sqrt(w_ti), 0 for i > t
-    # E_t = I + Z_t Z_t^T with rows z_ti = sqrt(w_ti) y_i sqrt(D_t): token t's C x C Woodbury matrix
-    Z = (D.sqrt()[..., :, None, :] * Y[..., None, :, :]).mul_(root_w[..., None])  # [B, H, N, t, i, d]
-    E = Z @ Z.transpose(-1, -2)
+    # E_t = I + Z_t Z_t^T with rows z_ti = sqrt(w_ti) y_i sqrt(D_t): token t's C x C Woodbury matrix. Z has
+    # C^2 d entries per chunk, so it is formed a slice of chunks at a time, each slice used while in cache
+    E = torch.empty(*G.shape, C, C, dtype=dt, device=kc.device)
+    per = max(1, Z_SLICE // (C * C * Y.shape[-1]))
+    for E_s, Y_s, D_s, r_s in zip(*(x.flatten(0, 2).split(per) for x in (E, Y, D.sqrt(), root_w))):
+        Z = (D_s[..., :, None, :] * Y_s[..., None, :, :]).mul_(r_s[..., None])  # [chunks, t, i, d]
+        torch.matmul(Z, Z.transpose(-1, -2), out=E_s)
     E.diagonal(dim1=-2, dim2=-1).add_(1.0)
     chol_E = _cholesky(E, "the chunk's Woodbury matrix")
 
@@ -320,9 +334,11 @@ def _eigen(H_kk, kc, G, bc):
         return xb @ U.transpose(-1, -2), xb
 
     def read(xs, H_kv, vc):
-        # read out in the basis: with U^T H_kv formed in hi, the large null-space part of S_t^-1 q_t
-        # (size |q| / lamb) meets exact zeros instead of float32 rounding of H_kv
         x, xb = xs
+        if H_kv.dtype == dt:
+            return x, _weighted(x, H_kv, kc, vc, G, bc)
+        # ill-conditioned keys: read out in the basis, where with U^T H_kv formed in hi the large null-space part
+        # of S_t^-1 q_t (size |q| / lamb) meets exact zeros instead of the rounding of H_kv to dt
         return x, _weighted(xb, (U_hi.transpose(-1, -2) @ H_kv).to(dt), Y, vc, G, bc)
 
     return solve, read
