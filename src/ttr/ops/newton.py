@@ -47,6 +47,7 @@ token's iterate at once with a few matrix products, decay or not. Gradients foll
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
@@ -135,15 +136,14 @@ def mesa(
     if mode == "recurrent" and solver == "exact":
         o, state = _recurrent(q, k, v, g, beta, state)
     else:
-        C = 1 if mode == "recurrent" else chunk_size if (g is None or solver == "cg") else min(chunk_size, GATED_CHUNK)
-        o, state = _chunked(q, k, v, beta, g, state, C, solver, cg_steps, dt)
+        o, state = _chunked(q, k, v, beta, g, state, 1 if mode == "recurrent" else chunk_size, solver, cg_steps, dt)
     if output_final_state:
         state = (state[0] * (root[:, :, None] * root[:, None, :]), state[1] * root[:, :, None])
     return o.to(out_dtype), (state if output_final_state else None)
 
 
 def _chunked(q, k, v, beta, g, state, C, solver, cg_steps, dt):
-    """The chunk form on one segment: every chunk's start first (_chunk_starts), then every chunk's solves."""
+    """The chunk form: every chunk's start first (_chunk_starts), then every chunk's solves and read-outs."""
     qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))     # padding: k = 0, beta = 0, g = 0
     G = torch.zeros_like(bc) if g is None else to_chunks(g, C).cumsum(-1)
     H_kk, H_kv, state = _chunk_starts(kc, vc, bc, G, state, dt)
@@ -182,9 +182,7 @@ def _chunk_starts(kc, vc, bc, G, state, dt):
     decay = torch.exp(G[..., -1].to(STATS))
 
     def starts(hi):
-        to_end = ((torch.exp(G[..., -1:] - G) * bc)[..., None] * kc).to(hi)  # w_{end, i} k_i
-        kk, kv = to_end.transpose(-1, -2) @ kc.to(hi), to_end.transpose(-1, -2) @ vc.to(hi)
-        return _Scan.apply(kk, kv, decay, *state)
+        return _Scan.apply(_increment(kc, kc, G, bc, hi), _increment(kc, vc, G, bc, hi), decay, *state)
 
     out = starts(dt)
     if dt != STATS:
@@ -192,6 +190,12 @@ def _chunk_starts(kc, vc, bc, G, state, dt):
         if peak * torch.finfo(dt).eps > 1e-4:
             out = starts(STATS)
     return out[0], out[1], out[2:]
+
+
+def _increment(kc: Tensor, xc: Tensor, G: Tensor, bc: Tensor, hi: torch.dtype) -> Tensor:
+    """What a chunk adds to a statistic by its end: sum_i w_{end, i} k_i x_i^T, in hi. kc, xc: [..., C, D]."""
+    to_end = ((torch.exp(G[..., -1:] - G) * bc)[..., None] * kc).to(hi)
+    return to_end.transpose(-1, -2) @ xc.to(hi)
 
 
 class _Scan(torch.autograd.Function):
@@ -306,42 +310,67 @@ def _woodbury(H_kk, kc, G, bc):
 
 
 def _eigen(H_kk, kc, G, bc):
-    """Decay: the per-chunk eigendecomposition of the module docstring, in H_kk's dtype hi. Returns
-    solve(rows) -> (S_t^-1 rows_t, the same in the eigenbasis) and read(those, H_kv, vc) -> (x, o)."""
-    dt, C = kc.dtype, kc.shape[-2]
-    mu, U_hi = torch.linalg.eigh(H_kk)                                   # H_kk,0 = U diag(mu) U^T
+    """Decay: the eigendecomposition form of the module docstring, in H_kk's dtype hi, on sub-chunks of
+    GATED_CHUNK tokens inside each chunk (the chunk keeps the state and the read-out). Returns
+    solve(rows) -> (S_t^-1 rows_t, the same in each sub-chunk's eigenbasis) and read(those, H_kv, vc) -> (x, o)."""
+    dt, shape = kc.dtype, kc.shape
+    c = min(shape[-2], GATED_CHUNK)
+
+    def sub(x: Tensor) -> Tensor:                                        # [B, H, M, C, ...] -> [B, H, M, R, c, ...]
+        return x.unflatten(3, (-1, c))
+
+    G_sub = sub(G) - F.pad(sub(G)[..., :-1, -1], (1, 0))[..., None]    # log-decay since the sub-chunk's start
+    k_sub, b_sub = sub(kc), sub(bc)
+    mu, U_hi = torch.linalg.eigh(_sub_starts(H_kk, k_sub, k_sub, G_sub, b_sub))  # H_kk,0 = U diag(mu) U^T
     if bool((mu <= -1.0).any()):  # the same condition the Cholesky of H_kk + lamb checks elsewhere
         raise ValueError("H_kk + lamb is not positive definite: the initial state H_kk must be positive semi-definite")
+    k_sub, G_sub, b_sub = k_sub.flatten(2, 3), G_sub.flatten(2, 3), b_sub.flatten(2, 3)  # sub-chunks as chunks
     U = U_hi.to(dt)
-    D = 1.0 / (torch.exp(G)[..., :, None] * mu.to(dt)[..., None, :] + 1.0)  # the base's inverse: [B, H, N, t, d]
-    Y = kc @ U                                                           # keys in the eigenbasis
-    root_w = masked_exp(0.5 * _log_weights(G, bc), causal_mask(C, kc.device))  # sqrt(w_ti), 0 for i > t
-    # E_t = I + Z_t Z_t^T with rows z_ti = sqrt(w_ti) y_i sqrt(D_t): token t's C x C Woodbury matrix. Z has
-    # C^2 d entries per chunk, so it is formed a slice of chunks at a time, each slice used while in cache
-    E = torch.empty(*G.shape, C, C, dtype=dt, device=kc.device)
-    per = max(1, Z_SLICE // (C * C * Y.shape[-1]))
+    D = 1.0 / (torch.exp(G_sub)[..., :, None] * mu.to(dt)[..., None, :] + 1.0)  # the base's inverse: [.., t, d]
+    Y = k_sub @ U                                                        # keys in the eigenbasis
+    root_w = masked_exp(0.5 * _log_weights(G_sub, b_sub), causal_mask(c, kc.device))  # sqrt(w_ti), 0 for i > t
+    # E_t = I + Z_t Z_t^T with rows z_ti = sqrt(w_ti) y_i sqrt(D_t): token t's c x c Woodbury matrix. Z has
+    # c^2 d entries per sub-chunk, so it is formed a slice of sub-chunks at a time, each used while in cache
+    E = torch.empty(*G_sub.shape, c, c, dtype=dt, device=kc.device)
+    per = max(1, Z_SLICE // (c * c * Y.shape[-1]))
     for E_s, Y_s, D_s, r_s in zip(*(x.flatten(0, 2).split(per) for x in (E, Y, D.sqrt(), root_w))):
-        Z = (D_s[..., :, None, :] * Y_s[..., None, :, :]).mul_(r_s[..., None])  # [chunks, t, i, d]
+        Z = (D_s[..., :, None, :] * Y_s[..., None, :, :]).mul_(r_s[..., None])  # [sub-chunks, t, i, d]
         torch.matmul(Z, Z.transpose(-1, -2), out=E_s)
     E.diagonal(dim1=-2, dim2=-1).add_(1.0)
     chol_E = _cholesky(E, "the chunk's Woodbury matrix")
 
     def solve(rows):
-        r = rows @ U
+        r = rows.reshape(*Y.shape[:3], c, -1) @ U
         rhs = root_w * ((D * r) @ Y.transpose(-1, -2))
         z = torch.cholesky_solve(rhs[..., None], chol_E)[..., 0]
         xb = D * (r - (root_w * z) @ Y)                                  # S_t^-1 q_t in the basis, as rows
-        return xb @ U.transpose(-1, -2), xb
+        return (xb @ U.transpose(-1, -2)).reshape(rows.shape), xb
 
     def read(xs, H_kv, vc):
         x, xb = xs
         if H_kv.dtype == dt:
             return x, _weighted(x, H_kv, kc, vc, G, bc)
-        # ill-conditioned keys: read out in the basis, where with U^T H_kv formed in hi the large null-space part
-        # of S_t^-1 q_t (size |q| / lamb) meets exact zeros instead of the rounding of H_kv to dt
-        return x, _weighted(xb, (U_hi.transpose(-1, -2) @ H_kv).to(dt), Y, vc, G, bc)
+        # ill-conditioned keys: read out in each sub-chunk's basis, where with U^T H_kv formed in hi the large
+        # null-space part of S_t^-1 q_t (size |q| / lamb) meets exact zeros instead of the rounding of H_kv to dt
+        v_sub = sub(vc)
+        H_kv_sub = _sub_starts(H_kv, sub(kc), v_sub, sub(G) - F.pad(sub(G)[..., :-1, -1], (1, 0))[..., None], sub(bc))
+        o = _weighted(xb, (U_hi.transpose(-1, -2) @ H_kv_sub).to(dt), Y, v_sub.flatten(2, 3), G_sub, b_sub)
+        return x, o.reshape(*shape[:-1], -1)
 
     return solve, read
+
+
+def _sub_starts(H0: Tensor, k_sub: Tensor, x_sub: Tensor, G_sub: Tensor, b_sub: Tensor) -> Tensor:
+    """A statistic at every sub-chunk's start from its chunk's start H0 [B, H, M, d, e], in H0's dtype:
+    [B, H, M * R, d, e]. k_sub, x_sub: [B, H, M, R, c, .]; G_sub (log-decay since the sub-chunk's start), b_sub:
+    [B, H, M, R, c]. Not differentiated: the implicit backward is written in terms of S_t alone."""
+    inc = _increment(k_sub, x_sub, G_sub, b_sub, H0.dtype)              # [B, H, M, R, d, e]
+    a = torch.exp(G_sub[..., -1]).to(H0.dtype)[..., None, None]
+    starts = torch.empty_like(inc)
+    starts[..., 0, :, :] = H0
+    for j in range(inc.shape[3] - 1):
+        torch.addcmul(inc[..., j, :, :], starts[..., j, :, :], a[..., j, :, :], out=starts[..., j + 1, :, :])
+    return starts.flatten(2, 3)
 
 
 def _cg(qc, H_kk, H_kv, kc, vc, G, bc, steps):
