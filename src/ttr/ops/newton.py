@@ -11,33 +11,46 @@ Optimizer   the exact minimizer, one Newton step from anywhere:
 
 State: the pair (H_kk [B, H, Dk, Dk], H_kv [B, H, Dk, Dv]), in float64 (see Precision).
 
-Chunk form without decay (the Woodbury / leading-principal-block structure): inside a chunk that
-starts from A = H_kk,0 + Lambda, S_t = A + Khat_{<=t}^T Khat_{<=t} with Khat = sqrt(beta) K, and
+The ridge is a change of variables: (H_kk + Lambda)^-1 = Lambda^-1/2 (H~_kk + I)^-1 Lambda^-1/2, where H~_kk,
+H~_kv are the statistics of the keys Lambda^-1/2 k. So every form scales q and k by Lambda^-1/2 on entry
+(and the state on entry and exit) and then solves with the ridge I; below Lambda = I.
+
+Chunk form. The statistics at every chunk's start come first (they depend on no solve): a linear recurrence
+over chunks, carried in float64, with a hand-written reverse recurrence as its backward (_Scan). Every
+chunk's solves and read-outs then run at once.
+
+Without decay (the Woodbury / leading-principal-block structure): inside a chunk that starts from
+A = H_kk,0 + I, S_t = A + Khat_{<=t}^T Khat_{<=t} with Khat = sqrt(beta) K, and
     S_t^-1 q = A^-1 q - A^-1 Khat_{<=t}^T (I + Khat A^-1 Khat^T)_{<=t}^-1 Khat_{<=t} A^-1 q.
 Every prefix needs the leading t x t block of one C x C matrix G = I + Khat A^-1 Khat^T; the Cholesky
 factor of a leading block is the leading block of the Cholesky factor, so one factorization of A and
 one of G serve the whole chunk, and masking the right-hand sides makes one triangular solve with C
 columns answer every prefix at once.
 
-With decay the ridge does not decay with the rest, so the base e^{G_t} H_kk,0 + Lambda changes with t and
-no single factorization serves a chunk. One symmetric eigendecomposition per chunk diagonalizes H_kk,0 and
-Lambda together (V^T Lambda V = I, V^T H_kk,0 V = diag(mu)), so the base's inverse is
-V diag(1 / (e^{G_t} mu + 1)) V^T for every t at once; the Woodbury matrix of the chunk's associations then
-still depends on t, so that form factorizes one C x C matrix per token, on chunks of GATED_CHUNK tokens:
-no d x d factorization per token, every exponent <= 0. The eigendecomposition is what this form costs.
+With decay the ridge does not decay with the rest, so the base e^{G_t} H_kk,0 + I changes with t and no
+single factorization serves a chunk. One symmetric eigendecomposition H_kk,0 = U diag(mu) U^T makes the
+base's inverse U diag(1 / (e^{G_t} mu + 1)) U^T for every t at once; the Woodbury matrix of the
+associations since H_kk,0 then still depends on t, so that form factorizes one c x c matrix per token.
+To keep c small the eigenbases belong to sub-chunks of GATED_CHUNK tokens: each sub-chunk's start is
+computed from its chunk's start (no gradient flows through it, see below), while the state, the read-out
+and the backward stay at the chunk's size. No d x d factorization per token, every exponent <= 0; the
+eigendecompositions are what this form costs.
 
 Gradients of the exact forms are implicit differentiation of the solve (_ExactRead): backward solves once
-more with the same factors, and no factorization or eigendecomposition is itself differentiated (an
-eigendecomposition's derivative is singular at repeated eigenvalues, which low-rank H_kk always has).
+more with the same factors, and the gradient of every input is written out from S_t, x_t and u_t alone, so
+no factorization, eigendecomposition or sub-chunk start is differentiated (an eigendecomposition's
+derivative is singular at repeated eigenvalues, which low-rank H_kk always has).
 
 Precision. In float32 the statistics are the weak point: rounding H_kv by eps mixes the key null space,
 where S_t^-1 q_t is of size |q| / lamb, into the answer, an error of about eps * (number of associations) /
-lamb. So H_kk, H_kv and the state are float64 (STATS) always; the d x d steps (factorization, eigenbasis,
-the projection of H_kv onto it, the read-out) are float64 where the keys are ill-conditioned
-(_needs_stats_precision) and in the input's precision otherwise; the per-token C x C work always runs in
-the input's precision. The recurrent form works in float64 throughout. Measured at
+lamb. So the statistics are carried in float64 (STATS) always. The chunk starts, the d x d steps
+(factorization, eigenbasis) and the read-out run in the input's precision where the keys are
+well-conditioned, and in float64 where they are not (_chunk_starts decides from the largest trace of H~_kk);
+there the read-out goes through the eigenbasis with U^T H_kv formed in float64. The per-token c x c work
+always runs in the input's precision. The recurrent form works in float64 throughout. Measured at
 T = 16384, d = 16, three repeated unit keys, float32: relative error 4e-4 (uniform) and 5e-3 (decay 0.999)
-at lamb = 1e-3, 5e-5 and 5e-4 at lamb = 1e-2 (tests/test_mesa.py bounds these).
+at lamb = 1e-3, 5e-5 and 5e-4 at lamb = 1e-2 (tests/test_mesa.py bounds these); gradients there err by
+1e-5 to 4e-2.
 
 solver="cg" replaces every solve by `cg_steps` steps of conjugate gradients preconditioned by the
 diagonal of S_t and started from q / diag(S_t) (the Jacobi guess); its chunk form applies S_t to every
@@ -53,7 +66,7 @@ from torch import Tensor
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, masked_exp, to_chunks
 
-STATS = torch.float64  # the statistics and every d x d step; see "Precision" in the module docstring
+STATS = torch.float64  # the carried statistics, and the d x d steps on ill-conditioned keys; see "Precision"
 GATED_CHUNK = 16
 Z_SLICE = 2 ** 19  # entries of _eigen's Z formed at once (2 MiB in float32)
 
@@ -121,8 +134,7 @@ def mesa(
         check_state("initial_state (H_kv)", initial_state[1], (B, H, Dk, Dv))
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
-    # the ridge as a change of variables: (H_kk + Lambda)^-1 = Lambda^-1/2 (Hs_kk + I)^-1 Lambda^-1/2 with
-    # Hs_kk, Hs_kv the statistics of the keys Lambda^-1/2 k, so every form below solves with ridge I
+    # the ridge as a change of variables (module docstring): every form below solves with the ridge I
     root = _ridge(lamb, H, Dk, q.device).sqrt()                          # Lambda^1/2: [H, Dk]
     q = q.to(dt) * ((Dk ** -0.5 if scale is None else float(scale)) / root.to(dt))
     k, v = k.to(dt) / root.to(dt), v.to(dt)
