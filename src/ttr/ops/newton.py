@@ -284,15 +284,16 @@ class _ExactRead(torch.autograd.Function):
         u, _ = ctx.solve(e_G * H_do + (w * do_v) @ kc)                   # S_t^-1 H_kv,t do_t
         x_k = x @ kc.transpose(-1, -2)                                   # x_t . k_i
         r = do_v - u @ kc.transpose(-1, -2)                              # d f / d (x_t . k_i), per weight w_ti
-        f_w = x_k * r                                                    # d f / d w_ti
-        d_log_w = w * f_w
+        d_beta = decay * x_k * r                                         # d f / d beta_i, per t
+        d_log_w = d_beta * bc[..., None, :]
         base = (H_do * x).sum(-1) - ((u @ H_kk) * x).sum(-1)             # d f / d e^{G_t}
         dG = d_log_w.sum(-1) - d_log_w.sum(-2) + e_G[..., 0] * base
-        dk = (w * r).transpose(-1, -2) @ x - (w * x_k).transpose(-1, -2) @ u
-        dv = (w * x_k).transpose(-1, -2) @ do
+        w_x_k = w * x_k
+        dk = (w * r).transpose(-1, -2) @ x - w_x_k.transpose(-1, -2) @ u
+        dv = w_x_k.transpose(-1, -2) @ do
         dH_kk = -(e_G * u).transpose(-1, -2) @ x
         dH_kv = (e_G * x).transpose(-1, -2) @ do
-        return u, dH_kk, dH_kv, dk, dv, dG, (decay * f_w).sum(-2), None
+        return u, dH_kk, dH_kv, dk, dv, dG, d_beta.sum(-2), None
 
 
 def _woodbury(H_kk, kc, G, bc):
