@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from ttr.cli import main
 
 
@@ -41,6 +43,10 @@ def test_bench_small_grid_writes_json(tmp_path):
     errors = {s["solver"]: s["rel_error_vs_float64"] for s in res["mesa_solvers"]}
     assert errors["exact float32"] < 1e-4 and errors["cg 32"] < errors["cg 1"]  # CG converges towards exact
     assert len(res["mesa_conditioning"]) == 4
+    fb = {(r["op"], r["gate"], r["T"]): r["chunk_fwdbwd_ms"] for r in res["rows"]}
+    ratios = {(x["gate"], x["T"]): x["ratio"] for x in res["mesa_over_gated_delta"]}
+    assert set(ratios) == {(g, T) for g in ("none", "scalar") for T in (64, 100)}
+    assert ratios["scalar", 100] == pytest.approx(fb["mesa", "scalar", 100] / fb["delta_rule", "scalar", 100])
     assert all(c["chunk_rel_error"] < 1e-2 and c["recurrent_rel_error"] < 1e-5 for c in res["mesa_conditioning"])
 
 

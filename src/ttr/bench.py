@@ -303,6 +303,14 @@ def mesa_conditioning(cfg: BenchConfig, device: torch.device) -> list[dict]:
     return rows
 
 
+def mesa_over_gated_delta(rows: list[BenchRow]) -> list[dict]:
+    """The exact memory's chunk forward+backward over the chunk gated delta rule's (delta_rule, scalar gate),
+    measured in the same run, for every size where both were timed: the second-order memory's price."""
+    gdn = {(r.D, r.T): r.chunk_fwdbwd_ms for r in rows if r.op == "delta_rule" and r.gate == "scalar"}
+    return [{"gate": r.gate, "D": r.D, "T": r.T, "ratio": r.chunk_fwdbwd_ms / gdn[r.D, r.T]}
+            for r in rows if r.op == "mesa" and (r.D, r.T) in gdn]
+
+
 _SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_lengths")
 
 
@@ -375,6 +383,7 @@ def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[di
         "rows": [asdict(r) | {"speedup_vs_recurrent": r.speedup, "sdpa_over_chunk": r.vs_sdpa} for r in rows],
         "mesa_solvers": solvers or [],
         "mesa_conditioning": conditioning or [],
+        "mesa_over_gated_delta": mesa_over_gated_delta(rows),
     }
     partial = out.with_suffix(".partial")
     partial.write_text(json.dumps(payload, indent=1))

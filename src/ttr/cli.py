@@ -105,6 +105,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       "-" if r.chunk_gflops is None else f"{r.chunk_gflops:.0f}",
                       "-" if r.chunk_gflops is None else f"{100 * r.chunk_gflops / matmul:.0f}", "-" if r.peak_mb is None else f"{r.peak_mb:.0f}")
     console.print(table)
+    ratios = bench.mesa_over_gated_delta(rows)
+    if ratios:
+        ratio_table = Table(title="mesa (exact) chunk f+b over the chunk gated delta rule's, same run",
+                            box=box.SIMPLE_HEAD, padding=(0, 1))
+        for c in ("mesa gate", "D", "T", "ratio"):
+            ratio_table.add_column(c, justify="right")
+        for x in ratios:
+            ratio_table.add_row(x["gate"], str(x["D"]), str(x["T"]), f"{x['ratio']:.2f}")
+        console.print(ratio_table)
     if solvers:
         solver_table = Table(title=f"mesa, gated, T={solvers[0]['T']}, D={solvers[0]['D']}, H={cfg.heads}: "
                              "solvers against the float64 exact solve", box=box.SIMPLE_HEAD, padding=(0, 1))
