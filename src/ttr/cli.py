@@ -107,7 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     console.print(table)
     ratios = bench.mesa_over_gated_delta(rows)
     if ratios:
-        ratio_table = Table(title="mesa (exact) chunk f+b over the chunk gated delta rule's, same run",
+        ratio_table = Table(title="mesa over the gated delta rule, chunk f+b",
                             box=box.SIMPLE_HEAD, padding=(0, 1))
         for c in ("mesa gate", "D", "T", "ratio"):
             ratio_table.add_column(c, justify="right")
