@@ -332,12 +332,12 @@ def _eigen(H_kk, kc, G, bc):
     def sub(x: Tensor) -> Tensor:                                        # [B, H, M, C, ...] -> [B, H, M, R, c, ...]
         return x.unflatten(3, (-1, c))
 
-    G_sub = sub(G) - F.pad(sub(G)[..., :-1, -1], (1, 0))[..., None]    # log-decay since the sub-chunk's start
+    G_rel = sub(G) - F.pad(sub(G)[..., :-1, -1], (1, 0))[..., None]    # log-decay since the sub-chunk's start
     k_sub, b_sub = sub(kc), sub(bc)
-    mu, U_hi = torch.linalg.eigh(_sub_starts(H_kk, k_sub, k_sub, G_sub, b_sub))  # H_kk,0 = U diag(mu) U^T
+    mu, U_hi = torch.linalg.eigh(_sub_starts(H_kk, k_sub, k_sub, G_rel, b_sub))  # H_kk,0 = U diag(mu) U^T
     if bool((mu <= -1.0).any()):  # the same condition the Cholesky of H_kk + lamb checks elsewhere
         raise ValueError("H_kk + lamb is not positive definite: the initial state H_kk must be positive semi-definite")
-    k_sub, G_sub, b_sub = k_sub.flatten(2, 3), G_sub.flatten(2, 3), b_sub.flatten(2, 3)  # sub-chunks as chunks
+    k_sub, G_sub, b_sub = k_sub.flatten(2, 3), G_rel.flatten(2, 3), b_sub.flatten(2, 3)  # sub-chunks as chunks
     U = U_hi.to(dt)
     D = 1.0 / (torch.exp(G_sub)[..., :, None] * mu.to(dt)[..., None, :] + 1.0)  # the base's inverse: [.., t, d]
     Y = k_sub @ U                                                        # keys in the eigenbasis
@@ -366,7 +366,7 @@ def _eigen(H_kk, kc, G, bc):
         # ill-conditioned keys: read out in each sub-chunk's basis, where with U^T H_kv formed in hi the large
         # null-space part of S_t^-1 q_t (size |q| / lamb) meets exact zeros instead of the rounding of H_kv to dt
         v_sub = sub(vc)
-        H_kv_sub = _sub_starts(H_kv, sub(kc), v_sub, sub(G) - F.pad(sub(G)[..., :-1, -1], (1, 0))[..., None], sub(bc))
+        H_kv_sub = _sub_starts(H_kv, sub(kc), v_sub, G_rel, sub(bc))
         o = _weighted(xb, (U_hi.transpose(-1, -2) @ H_kv_sub).to(dt), Y, v_sub.flatten(2, 3), G_sub, b_sub)
         return x, o.reshape(*shape[:-1], -1)
 
