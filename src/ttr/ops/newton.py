@@ -285,9 +285,11 @@ class _ExactRead(torch.autograd.Function):
         x_k = x @ kc.transpose(-1, -2)                                   # x_t . k_i
         r = do_v - u @ kc.transpose(-1, -2)                              # d f / d (x_t . k_i), per weight w_ti
         d_beta = decay * x_k * r                                         # d f / d beta_i, per t
-        d_log_w = d_beta * bc[..., None, :]
-        base = (H_do * x).sum(-1) - ((u @ H_kk) * x).sum(-1)             # d f / d e^{G_t}
-        dG = d_log_w.sum(-1) - d_log_w.sum(-2) + e_G[..., 0] * base
+        dG = None
+        if ctx.needs_input_grad[5]:                                      # only with decay
+            d_log_w = d_beta * bc[..., None, :]
+            base = (H_do * x).sum(-1) - ((u @ H_kk) * x).sum(-1)         # d f / d e^{G_t}
+            dG = d_log_w.sum(-1) - d_log_w.sum(-2) + e_G[..., 0] * base
         w_x_k = w * x_k
         dk = (w * r).transpose(-1, -2) @ x - w_x_k.transpose(-1, -2) @ u
         dv = w_x_k.transpose(-1, -2) @ do
@@ -377,11 +379,12 @@ def _sub_starts(H0: Tensor, k_sub: Tensor, x_sub: Tensor, G_sub: Tensor, b_sub: 
     """A statistic at every sub-chunk's start from its chunk's start H0 [B, H, M, d, e], in H0's dtype:
     [B, H, M * R, d, e]. k_sub, x_sub: [B, H, M, R, c, .]; G_sub (log-decay since the sub-chunk's start), b_sub:
     [B, H, M, R, c]. Not differentiated: the implicit backward is written in terms of S_t alone."""
-    inc = _increment(k_sub, x_sub, G_sub, b_sub, H0.dtype)              # [B, H, M, R, d, e]
+    last = slice(None, -1)                                               # the last sub-chunk's increment is unused
+    inc = _increment(k_sub[..., last, :, :], x_sub[..., last, :, :], G_sub[..., last, :], b_sub[..., last, :], H0.dtype)
     a = torch.exp(G_sub[..., -1]).to(H0.dtype)[..., None, None]
-    starts = torch.empty_like(inc)
+    starts = inc.new_empty(*inc.shape[:3], k_sub.shape[3], *inc.shape[4:])  # [B, H, M, R, d, e]
     starts[..., 0, :, :] = H0
-    for j in range(inc.shape[3] - 1):
+    for j in range(inc.shape[3]):
         torch.addcmul(inc[..., j, :, :], starts[..., j, :, :], a[..., j, :, :], out=starts[..., j + 1, :, :])
     return starts.flatten(2, 3)
 
