@@ -1,6 +1,8 @@
 """mesa (the exact memory): chunk == recurrent == literal per-token ridge regression, gradients, carried
 state, ill-conditioned keys, bad input. Groundwork of the second-order family."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from ttr import oracle
 from ttr.bench import repeated_keys
 from ttr.ops import mesa
+from ttr.ops.newton import _eigh
 
 from conftest import F64_ATOL, make_gate, make_qkv, max_rel
 
@@ -135,6 +138,42 @@ def test_mesa_state_carried_across_calls(gated):
         outs.append(o)
     assert (torch.cat(outs, 1) - whole).abs().max() < 1e-10
     assert max_rel(state[0], s_whole[0]) < F64_ATOL and max_rel(state[1], s_whole[1]) < F64_ATOL
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_eigh_split_over_threads_equals_torch(threads):
+    """The gated form's eigendecompositions, the batch split over CPU threads (3 parts of 3, 3, 1 matrices here):
+    torch's decomposition of every matrix, and torch's thread count as it was, also for threads started later
+    (they take the count the workers set and restore)."""
+    X = torch.randn(7, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    A = (X @ X.transpose(-1, -2)).reshape(1, 7, 9, 9)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        mu, U = _eigh(A)
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert torch.get_num_threads() == threads and seen == [threads]
+    finally:
+        torch.set_num_threads(before)
+    mu_ref, _ = torch.linalg.eigh(A)
+    assert mu.shape == (1, 7, 9) and U.shape == (1, 7, 9, 9)
+    assert (mu - mu_ref).abs().max() < 1e-12 * mu_ref.abs().max()
+    assert (U @ torch.diag_embed(mu) @ U.transpose(-1, -2) - A).abs().max() < 1e-12 * mu_ref.abs().max()
+    assert (U.transpose(-1, -2) @ U - torch.eye(9, dtype=torch.float64)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_mesa_under_no_grad_and_inference_mode(gated):
+    """The chunk form gives the same numbers when torch records no graph (the decoding and evaluation modes)."""
+    q, k, v, g, beta, _ = _inputs(1, 40, 2, 8, gated)
+    y, _ = mesa(q, k, v, g, beta, lamb=0.5)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            y_mode, _ = mesa(q, k, v, g, beta, lamb=0.5)
+        assert (y_mode - y).abs().max() < 1e-12
 
 
 def test_mesa_float32_matches_float64_when_well_conditioned():

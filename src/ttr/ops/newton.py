@@ -34,7 +34,7 @@ associations since H_kk,0 then still depends on t, so that form factorizes one c
 To keep c small the eigenbases belong to sub-chunks of GATED_CHUNK tokens: each sub-chunk's start is
 computed from its chunk's start (no gradient flows through it, see below), while the state, the read-out
 and the backward stay at the chunk's size. No d x d factorization per token, every exponent <= 0; the
-eigendecompositions are what this form costs.
+eigendecompositions are what this form costs (on the CPU _eigh spreads them over the cores).
 
 Gradients of the exact forms are implicit differentiation of the solve (_ExactRead): backward solves once
 more with the same factors, and the gradient of every input is written out from S_t, x_t and u_t alone, so
@@ -59,6 +59,8 @@ token's iterate at once with a few matrix products, decay or not. Gradients foll
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -78,6 +80,34 @@ def _cholesky(M: Tensor, what: str) -> Tensor:
         raise ValueError(f"{what} is not positive definite in {M.dtype}: the keys are too ill-conditioned for "
                          "this ridge at this precision; raise lamb or use solver='cg'")
     return L
+
+
+def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh of a batch of symmetric matrices [..., d, d], the batch split over torch's CPU threads.
+    On the CPU torch decomposes a batch one matrix after another, each with every thread, which small matrices
+    cannot use; these decompositions are most of the gated exact form's cost. So each thread decomposes its part
+    of the batch alone (LAPACK releases the GIL), with torch's thread count 1 inside it and restored after, and
+    the caller's grad and inference modes (which torch keeps per thread)."""
+    flat = A.reshape(-1, *A.shape[-2:])
+    threads, grad, inference = torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    parts = min(threads, flat.shape[0])
+    if A.device.type != "cpu" or parts < 2:
+        return torch.linalg.eigh(A)
+    mu, U = flat.new_empty(flat.shape[:-1]), torch.empty_like(flat)
+
+    def part(a: Tensor, out: tuple[Tensor, Tensor]) -> None:
+        torch.set_num_threads(1)
+        try:
+            with torch.set_grad_enabled(grad), torch.inference_mode(inference):
+                torch.linalg.eigh(a, out=out)
+        finally:
+            torch.set_num_threads(threads)
+
+    with ThreadPoolExecutor(parts) as pool:
+        done = [pool.submit(part, a, (m, u)) for a, m, u in zip(flat.chunk(parts), mu.chunk(parts), U.chunk(parts))]
+    for d in done:
+        d.result()                                                       # re-raises a part's error here
+    return mu.view(A.shape[:-1]), U.view(A.shape)
 
 
 def _ridge(lamb: float | Tensor, H: int, Dk: int, device: torch.device) -> Tensor:
@@ -336,7 +366,7 @@ def _eigen(H_kk, kc, G, bc):
 
     G_rel = sub(G) - F.pad(sub(G)[..., :-1, -1], (1, 0))[..., None]    # log-decay since the sub-chunk's start
     k_sub, b_sub = sub(kc), sub(bc)
-    mu, U_hi = torch.linalg.eigh(_sub_starts(H_kk, k_sub, k_sub, G_rel, b_sub))  # H_kk,0 = U diag(mu) U^T
+    mu, U_hi = _eigh(_sub_starts(H_kk, k_sub, k_sub, G_rel, b_sub))  # H_kk,0 = U diag(mu) U^T
     if bool((mu <= -1.0).any()):  # the same condition the Cholesky of H_kk + lamb checks elsewhere
         raise ValueError("H_kk + lamb is not positive definite: the initial state H_kk must be positive semi-definite")
     k_sub, G_sub, b_sub = k_sub.flatten(2, 3), G_rel.flatten(2, 3), b_sub.flatten(2, 3)  # sub-chunks as chunks
