@@ -75,15 +75,16 @@ def test_mesa_gradients_match_oracle(gated):
             assert max_rel(a, b) < 1e-8
 
 
-def test_gated_chunks_with_sub_chunks_equal_the_oracle():
-    """chunk_size 64 with decay: each chunk keeps the state and the read-out, its four 16-token sub-chunks
-    each get an eigenbasis. T = 70 (a partial last chunk), an initial state, a per-channel ridge: output,
-    final state and every gradient equal per-token least squares."""
-    q, k, v, g, beta, (P, H_kv) = _inputs(1, 70, 2, 6, True)
-    lamb = torch.linspace(0.2, 2.0, 12, dtype=torch.float64).reshape(2, 6)
+@pytest.mark.parametrize("D", [6, 128])
+def test_gated_chunks_with_sub_chunks_equal_the_oracle(D):
+    """chunk_size 64 with decay: each chunk keeps the state and the read-out, its sub-chunks (four of 16 tokens
+    at D = 6, two of 32 at D = 128) each get an eigenbasis. T = 70 (a partial last chunk), an initial state, a
+    per-channel ridge: output, final state and every gradient equal per-token least squares."""
+    q, k, v, g, beta, (P, H_kv) = _inputs(1, 70, 2, D, True)
+    lamb = torch.linspace(0.2, 2.0, 2 * D, dtype=torch.float64).reshape(2, D)
     leaves = [x.requires_grad_() for x in (q, k, v, g, beta, lamb, P, H_kv)]
     state = (0.5 * (P + P.transpose(-1, -2)), H_kv)  # H_kk moves as a symmetric matrix, as below
-    w = torch.randn(1, 70, 2, 6, dtype=torch.float64)
+    w = torch.randn(1, 70, 2, D, dtype=torch.float64)
     y_o, s_o = oracle.ridge_regression(q, k, v, g, beta, lamb=lamb, initial_state=state)
     y, s = mesa(q, k, v, g, beta, lamb=lamb, initial_state=state, output_final_state=True, chunk_size=64)
     assert (y - y_o).abs().max() < 1e-10

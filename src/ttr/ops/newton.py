@@ -31,7 +31,7 @@ With decay the ridge does not decay with the rest, so the base e^{G_t} H_kk,0 + 
 single factorization serves a chunk. One symmetric eigendecomposition H_kk,0 = U diag(mu) U^T makes the
 base's inverse U diag(1 / (e^{G_t} mu + 1)) U^T for every t at once; the Woodbury matrix of the
 associations since H_kk,0 then still depends on t, so that form factorizes one c x c matrix per token.
-To keep c small the eigenbases belong to sub-chunks of GATED_CHUNK tokens: each sub-chunk's start is
+To keep c small the eigenbases belong to sub-chunks of c tokens (_sub_chunk): each sub-chunk's start is
 computed from its chunk's start (no gradient flows through it, see below), while the state, the read-out
 and the backward stay at the chunk's size. No d x d factorization per token, every exponent <= 0; the
 eigendecompositions are what this form costs (on the CPU _eigh spreads them over the cores).
@@ -69,7 +69,6 @@ from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, masked_exp, to_chunks
 
 STATS = torch.float64  # the carried statistics, and the d x d steps on ill-conditioned keys; see "Precision"
-GATED_CHUNK = 16
 Z_SLICE = 2 ** 19  # entries of _eigen's Z formed at once (2 MiB in float32)
 
 
@@ -354,12 +353,19 @@ def _woodbury(H_kk, kc, G, bc):
     return solve, read
 
 
+def _sub_chunk(C: int, Dk: int) -> int:
+    """Tokens per eigenbasis in chunks of C: a sub-chunk's eigendecomposition costs about Dk^3, its tokens'
+    c x c Woodbury matrices about c^2 Dk each. Measured (2 cores, T = 4096) the balance is 16 tokens up to
+    Dk = 64 and Dk / 4 above it (32 at Dk = 128: 585 ms against 720 with 16), rounded up to a power of two."""
+    return min(C, max(16, 1 << (Dk // 4 - 1).bit_length()))
+
+
 def _eigen(H_kk, kc, G, bc):
     """Decay: the eigendecomposition form of the module docstring, in H_kk's dtype hi, on sub-chunks of
-    GATED_CHUNK tokens inside each chunk (the chunk keeps the state and the read-out). Returns
+    _sub_chunk tokens inside each chunk (the chunk keeps the state and the read-out). Returns
     solve(rows) -> (S_t^-1 rows_t, the same in each sub-chunk's eigenbasis) and read(those, H_kv, vc) -> (x, o)."""
     dt, shape = kc.dtype, kc.shape
-    c = min(shape[-2], GATED_CHUNK)
+    c = _sub_chunk(shape[-2], shape[-1])
 
     def sub(x: Tensor) -> Tensor:                                        # [B, H, M, C, ...] -> [B, H, M, R, c, ...]
         return x.unflatten(3, (-1, c))
