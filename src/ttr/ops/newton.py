@@ -356,7 +356,7 @@ def _woodbury(H_kk, kc, G, bc):
 def _sub_chunk(C: int, Dk: int) -> int:
     """Tokens per eigenbasis in chunks of C: a sub-chunk's eigendecomposition costs about Dk^3, its tokens'
     c x c Woodbury matrices about c^2 Dk each. Measured (2 cores, T = 4096) the balance is 16 tokens up to
-    Dk = 64 and Dk / 4 above it (32 at Dk = 128: 585 ms against 720 with 16), rounded up to a power of two."""
+    Dk = 64 and Dk / 4 above it (32 at Dk = 128: about 600 ms against 720 with 16), rounded up to a power of two."""
     return min(C, max(16, 1 << (Dk // 4 - 1).bit_length()))
 
 
