@@ -217,6 +217,21 @@ def test_cg_gradients_agree_between_forms():
 
 
 @pytest.mark.parametrize("gated", [False, True])
+def test_cg_gradient_reaches_a_zero_beta(gated):
+    """An association weighted 0 still has a gradient in its weight. CG with 3d steps has converged in float64,
+    so its gradients equal the exact solve's, zero betas included."""
+    q, k, v, g, beta, _ = _inputs(1, 21, 1, 4, gated)
+    beta[0, [2, 5, 12], 0] = 0.0
+    leaves = [x.requires_grad_() for x in (q, k, v, beta)]
+    w = torch.randn(1, 21, 1, 4, dtype=torch.float64)
+    grads = [torch.autograd.grad((mesa(q, k, v, g, beta, lamb=0.5, solver=solver, cg_steps=12, chunk_size=8)[0]
+                                  * w).sum(), leaves) for solver in ("cg", "exact")]
+    assert grads[1][3][0, [2, 5, 12], 0].abs().min() > 1e-3
+    for a, b in zip(*grads):
+        assert max_rel(a, b) < 1e-8
+
+
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("lamb,bound", [(1e-2, 2e-3), (1e-3, 2e-2)])
 def test_float32_stays_accurate_with_ill_conditioned_keys(gated, lamb, bound):
     """T = 16384 associations on 3 repeated unit keys in d = 16 (condition ~ T / lamb), decay 0.999 when gated,

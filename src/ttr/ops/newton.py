@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
-from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, masked_exp, to_chunks
+from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
 
 STATS = torch.float64  # the carried statistics, and the d x d steps on ill-conditioned keys; see "Precision"
 Z_SLICE = 2 ** 19  # entries of _eigen's Z formed at once (2 MiB in float32)
@@ -272,16 +272,16 @@ class _Scan(torch.autograd.Function):
         return d_kk_inc, d_kv_inc, (d_a_kk + d_a_kv).to(a.dtype), d_H_kk, d_H_kv
 
 
-def _log_weights(G: Tensor, bc: Tensor) -> Tensor:
-    """log w_ti = G_t - G_i + log beta_i: association i's weight at t, [..., t, i] (mask i <= t to use)."""
-    return G[..., :, None] - G[..., None, :] + bc.clamp_min(torch.finfo(bc.dtype).tiny).log()[..., None, :]
+def _weights(G: Tensor, bc: Tensor) -> Tensor:
+    """w_ti = e^{G_t - G_i} beta_i: association i's weight at t, [..., t, i], 0 for i > t."""
+    return decay_mask(G) * bc[..., None, :]
 
 
 def _weighted(P: Tensor, H0: Tensor, a: Tensor, b: Tensor, G: Tensor, bc: Tensor) -> Tensor:
     """Rows p_t -> rows (e^{G_t} H0 + sum_{i<=t} w_ti a_i b_i^T)^T p_t for every token of every chunk. With
     (H_kk, k, k) it applies S_t - I, with (H_kv, k, v) it reads the memory, with (H_kv^T, v, k) it is
     the read-out's transpose."""
-    w = masked_exp(_log_weights(G, bc), causal_mask(G.shape[-1], G.device))
+    w = _weights(G, bc)
     return torch.exp(G)[..., None] * (P @ H0) + (w * (P @ a.transpose(-1, -2))) @ b
 
 
@@ -307,7 +307,7 @@ class _ExactRead(torch.autograd.Function):
         H_kk, H_kv = H_kk.to(x.dtype), H_kv.to(x.dtype)
         e_G = torch.exp(G)[..., None]
         decay = decay_mask(G)                                            # e^{G_t - G_i}, [.., t, i]
-        w = decay * bc[..., None, :]
+        w = decay * bc[..., None, :]                                     # _weights, with decay kept for d_beta
         do_v = do @ vc.transpose(-1, -2)                                 # do_t . v_i
         H_do = do @ H_kv.transpose(-1, -2)                               # rows H_kv,0 do_t
         u, _ = ctx.solve(e_G * H_do + (w * do_v) @ kc)                   # S_t^-1 H_kv,t do_t
@@ -379,7 +379,7 @@ def _eigen(H_kk, kc, G, bc):
     U = U_hi.to(dt)
     D = 1.0 / (torch.exp(G_sub)[..., :, None] * mu.to(dt)[..., None, :] + 1.0)  # the base's inverse: [.., t, d]
     Y = k_sub @ U                                                        # keys in the eigenbasis
-    root_w = masked_exp(0.5 * _log_weights(G_sub, b_sub), causal_mask(c, kc.device))  # sqrt(w_ti), 0 for i > t
+    root_w = _weights(G_sub, b_sub).sqrt()                               # sqrt(w_ti), 0 for i > t
     # E_t = I + Z_t Z_t^T with rows z_ti = sqrt(w_ti) y_i sqrt(D_t): token t's c x c Woodbury matrix. Z has
     # c^2 d entries per sub-chunk, so it is formed a slice of sub-chunks at a time, each used while in cache
     E = torch.empty(*G_sub.shape, c, c, dtype=dt, device=kc.device)
@@ -433,7 +433,7 @@ def _cg(qc, H_kk, H_kv, kc, vc, G, bc, steps):
     def apply(P: Tensor) -> Tensor:                                        # rows p_t -> rows (S_t p_t)^T
         return _weighted(P, H_kk, kc, kc, G, bc) + P
 
-    w = masked_exp(_log_weights(G, bc), causal_mask(G.shape[-1], G.device))
+    w = _weights(G, bc)
     diag = torch.exp(G)[..., None] * torch.diagonal(H_kk, dim1=-2, dim2=-1)[..., None, :] + w @ (kc * kc) + 1.0
     x = qc / diag
     r = qc - apply(x)
