@@ -174,7 +174,7 @@ def _good():
     (lambda q, k, v: (q, k, v, None, {"initial_state": torch.zeros(1, 2, 3, 3)}), "initial_state must have shape"),
     (lambda q, k, v: (q, k, v, None, {"mode": "parallel"}), "mode must be one of"),
     (lambda q, k, v: (q, k, v, None, {"chunk_size": 48}), "power of two"),
-    (lambda q, k, v: (q, k, v, None, {"normalize": True}), "positive feature map"),
+    (lambda q, k, v: (q, k, v, None, {"normalize": True}), "needs non-negative features"),
     (lambda q, k, v: (q, k, v, None, {"feature_map": "softmax"}), "feature_map must be one of"),
 ])
 def test_bad_input_raises_clear_value_error(mutate, match):

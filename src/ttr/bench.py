@@ -208,6 +208,8 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
     }[op]()
     if op == "mesa":  # unit keys, as the layers feed it
         k = F.normalize(k, dim=-1)
+    if op in ONLINE_OPS:  # unit q and k, as the presets ask for them
+        extra["qk_l2norm"] = True
     tensors = [t for x in (q, k, v, *extra.values()) if isinstance(x, (torch.Tensor, tuple))
                for t in (x if isinstance(x, tuple) else (x,))]
     leaves = [t.requires_grad_() for t in tensors]
@@ -224,6 +226,7 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
 
 CHUNKED = ("linear_attention", "delta_rule", "longhorn", "delta_product", "mesa")  # take chunk_size
 MINI_BATCH_OPS = ("ttt_linear", "ttt_mlp", "titans")  # chunk = mini-batch
+ONLINE_OPS = ("delta_rule", "longhorn", "delta_product", *MINI_BATCH_OPS)
 
 
 def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:

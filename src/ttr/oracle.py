@@ -303,7 +303,7 @@ def ridge_regression(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, b
     """
     q, k, v, g, beta = _float64(q, k, v, g, beta)
     B, T, H, Dk = k.shape
-    scale = Dk ** -0.5 if scale is None else scale
+    scale = 1.0 if scale is None else scale  # MesaNet reads the memory at q itself
     lam = torch.as_tensor(lamb, dtype=torch.float64)
     lam = lam.expand(H, Dk) if lam.dim() == 0 else (lam[:, None].expand(H, Dk) if lam.dim() == 1 else lam)
     beta = torch.ones(B, T, H, dtype=torch.float64) if beta is None else beta

@@ -181,7 +181,7 @@ class Recipe:
             if o.momentum:
                 return functools.partial(ops.titans, batch_size=o.batch_size, qk_l2norm=_l2_keys(r))
             if isinstance(r, MLP):
-                return functools.partial(ops.ttt_mlp, batch_size=o.batch_size)
+                return functools.partial(ops.ttt_mlp, batch_size=o.batch_size, qk_l2norm=True)
             return functools.partial(ops.ttt_linear, batch_size=o.batch_size, qk_l2norm=_l2_keys(r))
         raise ValueError(f"no op implements {self.describe()} yet")
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, compute_dtype
 from ..features import get_feature_map
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
+from ._varlen import Layout, check_cu_seqlens
 
 
 def linear_attention(
@@ -42,37 +43,48 @@ def linear_attention(
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Linear attention as one step of batch GD. q, k: [B, T, H, Dk], v: [B, T, H, Dv].
 
     Returns (o [B, T, H, Dv] in the input dtype, final state [B, H, D_phi, Dv(+1)] in float32/64 or None).
-    `scale` defaults to Dk^-1/2 (Dk before the feature map). Modes: "chunk" (training), "recurrent"
-    (token by token, the decoding path).
+    `scale` defaults to Dk^-1/2 (Dk before the feature map), as in fla. Modes: "chunk" (training),
+    "recurrent" (token by token, the decoding path). cu_seqlens [N + 1] (with B = 1) packs N sequences:
+    states start afresh at each boundary, initial and final states are [N, H, D_phi, Dv(+1)].
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    layout = None if cu_seqlens is None else Layout(check_cu_seqlens(cu_seqlens, B, T))
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
     phi = get_feature_map(feature_map)
-    if normalize and not phi.positive:
-        raise ValueError(f"normalize=True needs a positive feature map (phi(q)^T phi(k) >= 0), got {phi.name!r}")
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
     q, k, v = phi(q.to(dt)), phi(k.to(dt)), v.to(dt)
+    if normalize and not phi.positive:  # the caller's own features (fla's convention): they must be >= 0
+        low = min(float(x.detach().min()) for x in (q, k))
+        if low < 0:
+            raise ValueError(f"normalize=True needs non-negative features phi(q), phi(k) (weights phi(q)^T phi(k) "
+                             f">= 0); feature map {phi.name!r} gave a value of {low:.4g}")
     Df = k.shape[-1]
     kind = check_log_gate(g, B, T, H, Df)
     scale = Dk ** -0.5 if scale is None else float(scale)
     q = q * scale
     if normalize:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    check_state("initial_state", initial_state, (B, H, Df, v.shape[-1]))
+    rows = B if layout is None else layout.n
+    check_state("initial_state", initial_state, (rows, H, Df, v.shape[-1]))
     # g as [B, T, H, 1 or Dk]: one broadcasting rule serves scalar and vector gates.
     g = None if g is None else (g.to(dt).unsqueeze(-1) if kind == "scalar" else g.to(dt))
     s0 = None if initial_state is None else initial_state.to(dt)
+    if layout is not None:  # zero features and gates outside the sequences: no association, no decay
+        q, k, v, g = (None if x is None else layout.pad(x) for x in (q, k, v, g))
 
     if mode == "recurrent":
         o, state = _recurrent(q, k, v, g, s0)
     else:
         o, state = _chunked(q, k, v, g, s0, chunk_size, vector=kind == "vector")
+    if layout is not None:
+        o = layout.unpad(o)
     if normalize:
         # Positive features: a zero normalizer means every weight is zero, and so is the numerator.
         o = o[..., :-1] / o[..., -1:].clamp_min(torch.finfo(dt).tiny)

@@ -30,18 +30,20 @@ from torch import Tensor
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
 from ..features import FEATURE_MAPS
 from ._chunk import causal_mask, decay_mask, to_chunks
+from ._varlen import Layout, check_cu_seqlens
 
 
 @dataclass
 class MiniBatchState:
     """Where a mini-batch learner stands between calls: its weights now, the weights its current
     mini-batch started from (every gradient of that mini-batch is taken there), and how many of the
-    mini-batch's tokens are done. Handing it to the next call continues the same mini-batch, so a
-    sequence fed in pieces (or token by token) equals the sequence fed whole."""
+    mini-batch's tokens are done, per row (an int: the same for every row). Handing it to the next call
+    continues the same mini-batch, so a sequence fed in pieces (or token by token) equals the sequence
+    fed whole, and rows that have seen different numbers of tokens each keep their own place."""
 
     weights: tuple[Tensor, ...]
     start: tuple[Tensor, ...]
-    offset: int = 0
+    offset: Tensor | int = 0
 
 
 def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale, lr_name="lr"):
@@ -49,7 +51,7 @@ def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale, lr_name="lr"):
     B, T, H, Dk = q.shape
     check_mode(mode, ("chunk", "recurrent"))
     check_step(lr_name, lr, (B, T, H))
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     dt = compute_dtype(q.dtype)
     q, k, v, lr = q.to(dt), k.to(dt), v.to(dt), lr.to(dt)
@@ -59,15 +61,14 @@ def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale, lr_name="lr"):
 
 
 def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ...]], names: list[str],
-            n_start: int, batch_size: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor], int]:
-    """(weights, start weights, offset) from an initial state: None, the weights, or a MiniBatchState.
-    shapes and names: one per weight; the first n_start weights are the ones gradients are taken at."""
+            n_start: int, batch_size: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """(weights, start weights, offset [rows]) from an initial state: None, the weights, or a MiniBatchState.
+    shapes and names: one per weight (rows first); the first n_start weights are where gradients are taken."""
+    rows = shapes[0][0]
     if initial_state is None:
-        return list(fresh), list(fresh[:n_start]), 0
+        return list(fresh), list(fresh[:n_start]), torch.zeros(rows, dtype=torch.long, device=fresh[0].device)
     if isinstance(initial_state, MiniBatchState):
         weights, start, offset = initial_state.weights, initial_state.start, initial_state.offset
-        if not 0 <= offset < batch_size:
-            raise ValueError(f"initial_state.offset must be in [0, batch_size={batch_size}), got {offset}")
     else:
         weights = initial_state if isinstance(initial_state, (tuple, list)) else (initial_state,)
         start, offset = weights, 0
@@ -75,41 +76,61 @@ def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ..
         raise ValueError(f"initial_state must hold {', '.join(names)}; got {len(weights)} tensors")
     for name, w, shape in zip(names, weights, shapes):
         check_state(f"initial_state ({name})", w, shape)
+    offset = torch.as_tensor(offset, device=fresh[0].device)
+    if offset.is_floating_point() or offset.dim() > 1 or offset.numel() not in (1, rows):
+        raise ValueError(f"initial_state.offset must be an int or an int tensor [{rows}], got {offset!r}")
+    offset = offset.long().expand(rows)
+    if bool(((offset < 0) | (offset >= batch_size)).any()):
+        raise ValueError(f"initial_state.offset must lie in [0, batch_size={batch_size}), got {offset.tolist()}")
     return [w.to(dtype) for w in weights], [w.to(dtype) for w in start[:n_start]], offset
 
 
-def _run_chunks(body, tensors: list[Tensor], batch_size: int, offset: int, weights: list[Tensor],
-                start: list[Tensor], T: int):
-    """Run a chunk body over a head that finishes the mini-batch in progress (if any), then over whole
-    mini-batches.
+def _rows(B: int, T: int, cu_seqlens: Tensor | None) -> tuple[int, Tensor | None]:
+    """How many sequences (rows of the state) a call holds, and its checked cu_seqlens."""
+    if cu_seqlens is None:
+        return B, None
+    cu = check_cu_seqlens(cu_seqlens, B, T)
+    return cu.numel() - 1, cu
 
-    body(chunks, weights, start, row) -> (out [B, H, C, Dv], weights after `row`), with chunks [B, H, C, ...]
-    and `row` the chunk's last real token (a padded tail has rows past it). When a chunk completes its
-    mini-batch, the next one starts from the new weights.
+
+def _run(body, tensors: list[Tensor], batch_size: int, offset: Tensor, weights: list[Tensor], start: list[Tensor],
+         cu_seqlens: Tensor | None) -> tuple[Tensor, MiniBatchState]:
+    """Run a mini-batch body over every sequence, each continuing its own mini-batch.
+
+    Sequence n (row n, or the n-th packed sequence) is laid out in a frame with its tokens at offset_n,
+    offset_n + 1, ...: the frame's mini-batches of batch_size tokens are then every row's mini-batches.
+    The positions around the tokens hold zeros (step size 0: no gradient step) and a mask m = 0, which the
+    body uses where zeros alone would not leave the weights as they are.
+    body(chunks, weights, start) -> (out [B, H, C, Dv], weights after the chunk), chunks [B, H, C, ...] with
+    the mask [B, H, C] last. Returns (o in the input's layout, the final MiniBatchState).
     """
+    B, T = tensors[0].shape[:2]
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, B * T + 1, T, device=tensors[0].device)
+        tensors = [x.reshape(1, B * T, *x.shape[2:]) for x in tensors]
+    layout = Layout(cu_seqlens, shift=offset)
+    mask = layout.mask[..., None].expand(-1, -1, tensors[0].shape[2]).to(tensors[0].dtype)  # [rows, F, H]
+    chunked = [to_chunks(x, batch_size) for x in [layout.pad(x) for x in tensors] + [mask]]
+    end = offset + layout.lengths                           # frame position after each row's last token
+    last = (end - 1).div(batch_size, rounding_mode="floor")  # the mini-batch holding it (-1: no token at all)
+    final_start = start
     outs = []
-    pieces = []
-    head = min((batch_size - offset) % batch_size, T)
-    if head:
-        pieces.append(([x[:, :head].movedim(1, 2) for x in tensors], head - 1, head == batch_size - offset))
-    rest = T - head
-    if rest:
-        chunked = [to_chunks(x[:, head:], batch_size) for x in tensors]
-        N = chunked[0].shape[2]
-        for n in range(N):
-            row = batch_size - 1 if n < N - 1 else (rest - 1) % batch_size
-            pieces.append(([x[:, :, n] for x in chunked], row, row == batch_size - 1))
-    for chunks, row, complete in pieces:
-        out, weights = body(chunks, weights, start, row)
-        if complete:
-            start = weights[: len(start)]
-        outs.append(out[..., : row + 1, :])
-    return torch.cat(outs, dim=2).movedim(2, 1), weights, start
+    for n in range(chunked[0].shape[2]):
+        here = (last == n)[:, None, None, None]
+        final_start = [torch.where(here, s, f) for s, f in zip(start, final_start)]
+        out, weights = body([x[:, :, n] for x in chunked], weights, start)
+        start = weights[: len(start)]
+        outs.append(out)
+    o = torch.stack(outs, 2).flatten(2, 3)[:, :, : layout.frame].movedim(1, 2)  # [rows, F, H, Dv]
+    o = layout.unpad(o)
+    complete = (end % batch_size == 0)[:, None, None, None]  # a finished mini-batch starts the next from here
+    final_start = [torch.where(complete, w, f) for w, f in zip(weights, final_start)]
+    return o.reshape(B, T, *o.shape[2:]), MiniBatchState(tuple(weights), tuple(final_start), end % batch_size)
 
 
-def _final(weights, start, offset, T, batch_size) -> MiniBatchState:
-    end = (offset + T) % batch_size
-    return MiniBatchState(tuple(weights), tuple(weights[: len(start)]) if end == 0 else tuple(start), end)
+def _tokens(chunks: list[Tensor]) -> list[list[Tensor]]:
+    """A chunk's tensors [B, H, C, ...] token by token: for the recurrent bodies."""
+    return list(zip(*(x.unbind(2) for x in chunks)))
 
 
 def ttt_linear(
@@ -119,42 +140,44 @@ def ttt_linear(
     lr: Tensor,
     *,
     batch_size: int = 16,
-    qk_l2norm: bool = True,
+    qk_l2norm: bool = False,
     scale: float | None = None,
     initial_state: Tensor | MiniBatchState | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, MiniBatchState | None]:
     """TTT-Linear. q, k: [B, T, H, Dk], v: [B, T, H, Dv], lr: [B, T, H] >= 0 (inner learning rate).
 
     Weights are held as S = W^T [B, H, Dk, Dv]; initial_state is S or a MiniBatchState. The chunk
-    form's chunks are the mini-batches.
+    form's chunks are the mini-batches. q and k are used as given (qk_l2norm=True normalizes them);
+    scale defaults to Dk^-1/2. cu_seqlens [N + 1] (with B = 1) packs N sequences, states per sequence.
     """
     out_dtype = q.dtype
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    rows, cu_seqlens = _rows(B, T, cu_seqlens)
     q, k, v, lr = _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale)
-    zero = q.new_zeros(B, H, Dk, Dv)
-    (state,), (start,), offset = _resume(initial_state, (zero,), [(B, H, Dk, Dv)], ["S"], 1, batch_size, q.dtype)
-    if mode == "recurrent":
-        outs = []
-        for t in range(T):
-            if (offset + t) % batch_size == 0:
-                start = state
-            error = torch.einsum("bhk,bhkv->bhv", k[:, t], start) - v[:, t]
-            state = state - lr[:, t, :, None, None] * k[:, t, :, :, None] * error[..., None, :]
-            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
-        o, weights = torch.stack(outs, dim=1), [state]
-    else:
-        def body(chunks, weights, start, row):
-            q_n, k_n, v_n, l_n = chunks
-            (state,), (start,) = weights, start
-            scores = (q_n @ k_n.transpose(-1, -2)).masked_fill(~causal_mask(q_n.shape[-2], q.device), 0.0)
-            step = l_n[..., None] * (k_n @ start - v_n)                       # eta_i times the residual at W_0
-            out = q_n @ state - scores @ step
-            return out, [state - k_n.transpose(-1, -2) @ step]
+    zero = q.new_zeros(rows, H, Dk, Dv)
+    weights, start, offset = _resume(initial_state, (zero,), [(rows, H, Dk, Dv)], ["S"], 1, batch_size, q.dtype)
 
-        o, weights, (start,) = _run_chunks(body, [q, k, v, lr], batch_size, offset, [state], [start], T)
-    final = _final(weights, [start], offset, T, batch_size)
+    def recurrent(chunks, weights, start):
+        (state,), (start,) = weights, start
+        outs = []
+        for q_t, k_t, v_t, l_t, _ in _tokens(chunks):
+            error = torch.einsum("bhk,bhkv->bhv", k_t, start) - v_t
+            state = state - l_t[..., None, None] * k_t[..., :, None] * error[..., None, :]
+            outs.append(torch.einsum("bhk,bhkv->bhv", q_t, state))
+        return torch.stack(outs, 2), [state]
+
+    def chunk(chunks, weights, start):
+        q_n, k_n, v_n, l_n, _ = chunks
+        (state,), (start,) = weights, start
+        scores = (q_n @ k_n.transpose(-1, -2)).masked_fill(~causal_mask(q_n.shape[-2], q.device), 0.0)
+        step = l_n[..., None] * (k_n @ start - v_n)                       # eta_i times the residual at W_0
+        return q_n @ state - scores @ step, [state - k_n.transpose(-1, -2) @ step]
+
+    o, final = _run(recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset, weights, start,
+                    cu_seqlens)
     return o.to(out_dtype), (final if output_final_state else None)
 
 
@@ -171,58 +194,60 @@ def ttt_mlp(
     *,
     initial_state: tuple[Tensor, Tensor] | MiniBatchState,
     batch_size: int = 16,
-    qk_l2norm: bool = True,
+    qk_l2norm: bool = False,
     scale: float | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, MiniBatchState | None]:
     """TTT-MLP: the memory f(k) = W2 gelu(W1 k) learned by mini-batch GD. q, k: [B, T, H, Dk],
     v: [B, T, H, Dv], lr: [B, T, H]. initial_state = (W1 [B, H, Dh, Dk], W2 [B, H, Dv, Dh]) or a
     MiniBatchState is required: the starting weights are what a layer learns (from zero weights W1
-    would get no gradient).
+    would get no gradient). q, k as given unless qk_l2norm; scale defaults to Dk^-1/2; cu_seqlens
+    [N + 1] (with B = 1) packs N sequences, the weights then [N, H, ., .].
     """
     out_dtype = q.dtype
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    rows, cu_seqlens = _rows(B, T, cu_seqlens)
     first = initial_state.weights[0] if isinstance(initial_state, MiniBatchState) else (
         initial_state[0] if isinstance(initial_state, (tuple, list)) and initial_state else None)
     if not isinstance(first, Tensor) or first.dim() != 4:
         raise ValueError("initial_state must be (W1 [B, H, Dh, Dk], W2 [B, H, Dv, Dh]) or a MiniBatchState for ttt_mlp")
     Dh = first.shape[2]
     q, k, v, lr = _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale)
-    weights, start, offset = _resume(initial_state, (first, first), [(B, H, Dh, Dk), (B, H, Dv, Dh)],
+    weights, start, offset = _resume(initial_state, (first, first), [(rows, H, Dh, Dk), (rows, H, Dv, Dh)],
                                      ["W1", "W2"], 2, batch_size, q.dtype)
-    if mode == "recurrent":
+
+    def recurrent(chunks, weights, start):
         (W1, W2), (W1_0, W2_0) = weights, start
         outs = []
-        for t in range(T):
-            if (offset + t) % batch_size == 0:
-                W1_0, W2_0 = W1, W2
-            z = torch.einsum("bhdk,bhk->bhd", W1_0, k[:, t])
+        for q_t, k_t, v_t, l_t, _ in _tokens(chunks):
+            z = torch.einsum("bhdk,bhk->bhd", W1_0, k_t)
             a = F.gelu(z)
-            e = torch.einsum("bhvd,bhd->bhv", W2_0, a) - v[:, t]
+            e = torch.einsum("bhvd,bhd->bhv", W2_0, a) - v_t
             delta = torch.einsum("bhvd,bhv->bhd", W2_0, e) * gelu_derivative(z)
-            eta = lr[:, t, :, None, None]
+            eta = l_t[..., None, None]
             W2 = W2 - eta * e[..., :, None] * a[..., None, :]
-            W1 = W1 - eta * delta[..., :, None] * k[:, t, :, None, :]
-            outs.append(torch.einsum("bhvd,bhd->bhv", W2, F.gelu(torch.einsum("bhdk,bhk->bhd", W1, q[:, t]))))
-        o, weights, start = torch.stack(outs, dim=1), [W1, W2], [W1_0, W2_0]
-    else:
-        def body(chunks, weights, start, row):
-            q_n, k_n, v_n, l_n = chunks
-            (W1, W2), (W1_0, W2_0) = weights, start
-            mask = causal_mask(q_n.shape[-2], q.device)
-            scores = (q_n @ k_n.transpose(-1, -2)).masked_fill(~mask, 0.0)
-            z = k_n @ W1_0.transpose(-1, -2)                                   # [B, H, C, Dh], at W_0
-            a = F.gelu(z)
-            step2 = l_n[..., None] * (a @ W2_0.transpose(-1, -2) - v_n)        # eta_i e_i
-            step1 = (step2 @ W2_0) * gelu_derivative(z)                        # eta_i delta_i
-            hidden = F.gelu(q_n @ W1.transpose(-1, -2) - scores @ step1)       # gelu(W1_t q_t)
-            read = (hidden @ a.transpose(-1, -2)).masked_fill(~mask, 0.0)
-            out = hidden @ W2.transpose(-1, -2) - read @ step2                 # W2_t gelu(W1_t q_t)
-            return out, [W1 - step1.transpose(-1, -2) @ k_n, W2 - step2.transpose(-1, -2) @ a]
+            W1 = W1 - eta * delta[..., :, None] * k_t[..., None, :]
+            outs.append(torch.einsum("bhvd,bhd->bhv", W2, F.gelu(torch.einsum("bhdk,bhk->bhd", W1, q_t))))
+        return torch.stack(outs, 2), [W1, W2]
 
-        o, weights, start = _run_chunks(body, [q, k, v, lr], batch_size, offset, weights, start, T)
-    final = _final(weights, start, offset, T, batch_size)
+    def chunk(chunks, weights, start):
+        q_n, k_n, v_n, l_n, _ = chunks
+        (W1, W2), (W1_0, W2_0) = weights, start
+        mask = causal_mask(q_n.shape[-2], q.device)
+        scores = (q_n @ k_n.transpose(-1, -2)).masked_fill(~mask, 0.0)
+        z = k_n @ W1_0.transpose(-1, -2)                                   # [B, H, C, Dh], at W_0
+        a = F.gelu(z)
+        step2 = l_n[..., None] * (a @ W2_0.transpose(-1, -2) - v_n)        # eta_i e_i
+        step1 = (step2 @ W2_0) * gelu_derivative(z)                        # eta_i delta_i
+        hidden = F.gelu(q_n @ W1.transpose(-1, -2) - scores @ step1)       # gelu(W1_t q_t)
+        read = (hidden @ a.transpose(-1, -2)).masked_fill(~mask, 0.0)
+        out = hidden @ W2.transpose(-1, -2) - read @ step2                 # W2_t gelu(W1_t q_t)
+        return out, [W1 - step1.transpose(-1, -2) @ k_n, W2 - step2.transpose(-1, -2) @ a]
+
+    o, final = _run(recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset, weights, start,
+                    cu_seqlens)
     return o.to(out_dtype), (final if output_final_state else None)
 
 
@@ -235,54 +260,57 @@ def titans(
     g: Tensor | None = None,
     *,
     batch_size: int = 16,
-    qk_l2norm: bool = True,
+    qk_l2norm: bool = False,
     scale: float | None = None,
     initial_state: tuple[Tensor, Tensor] | MiniBatchState | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, MiniBatchState | None]:
     """Titans' linear memory: mini-batch gradients with momentum and decay. q, k: [B, T, H, Dk],
     v: [B, T, H, Dv]; theta [B, T, H] >= 0 (learning rate), momentum [B, T, H] in (0, 1], g a log-gate
     [B, T, H] (memory decay alpha = exp(g)) or None. Weights: (memory M^T, momentum^T), each [B, H, Dk, Dv].
+    q, k as given unless qk_l2norm; scale defaults to Dk^-1/2; cu_seqlens [N + 1] (with B = 1) packs N
+    sequences, the weights then [N, H, Dk, Dv].
     """
     out_dtype = q.dtype
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    rows, cu_seqlens = _rows(B, T, cu_seqlens)
     check_step("momentum", momentum, (B, T, H), upper=1.0)
     if float(momentum.detach().min()) <= 0:
         raise ValueError("momentum must lie in (0, 1]: a zero momentum coefficient is the plain TTT-Linear update")
     check_log_gate(g, B, T, H, Dk, scalar_for="titans")
     q, k, v, theta = _prepare(q, k, v, theta, batch_size, mode, qk_l2norm, scale, lr_name="theta")
-    log_eta = momentum.to(q.dtype).log()
+    log_eta = momentum.to(q.dtype).log()                # 0 outside the sequences: the momentum stays
     g = torch.zeros_like(log_eta) if g is None else g.to(q.dtype)
-    zero = q.new_zeros(B, H, Dk, Dv)
-    weights, start, offset = _resume(initial_state, (zero, zero), [(B, H, Dk, Dv)] * 2, ["memory", "momentum"],
+    zero = q.new_zeros(rows, H, Dk, Dv)
+    weights, start, offset = _resume(initial_state, (zero, zero), [(rows, H, Dk, Dv)] * 2, ["memory", "momentum"],
                                      1, batch_size, q.dtype)
-    if mode == "recurrent":
+
+    # outside the sequences the mask m = 0 keeps the momentum out of the memory: M_t = alpha_t M_{t-1} + m_t momentum_t
+    def recurrent(chunks, weights, start):
         (memory, mom), (start,) = weights, start
         outs = []
-        for t in range(T):
-            if (offset + t) % batch_size == 0:
-                start = memory
-            error = torch.einsum("bhk,bhkv->bhv", k[:, t], start) - v[:, t]
-            mom = log_eta[:, t, :, None, None].exp() * mom - theta[:, t, :, None, None] * k[:, t, :, :, None] * error[..., None, :]
-            memory = g[:, t, :, None, None].exp() * memory + mom
-            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], memory))
-        o, weights, start = torch.stack(outs, dim=1), [memory, mom], [start]
-    else:
-        def body(chunks, weights, start, row):
-            q_n, k_n, v_n, t_n, g_n, le_n = chunks
-            (memory, mom), (start,) = weights, start
-            GA, GE = g_n.cumsum(-1), le_n.cumsum(-1)
-            L_A, L_E = decay_mask(GA), decay_mask(GE)
-            D = L_A @ L_E                                      # weight of g_i in M_t
-            c = L_A @ GE.exp()[..., None]                      # weight of momentum_0 in M_t: [B, H, C, 1]
-            step = t_n[..., None] * (k_n @ start - v_n)        # theta_i times the residual at M_0
-            out = GA.exp()[..., None] * (q_n @ memory) + c * (q_n @ mom) - (q_n @ k_n.transpose(-1, -2) * D) @ step
-            # leave at the last real token: in a padded tail, momentum would keep flowing into the memory
-            return out, [GA[..., row, None, None].exp() * memory + c[..., row, None, :] * mom
-                         - k_n.transpose(-1, -2) @ (D[..., row, :, None] * step),
-                         GE[..., row, None, None].exp() * mom - k_n.transpose(-1, -2) @ (L_E[..., row, :, None] * step)]
+        for q_t, k_t, v_t, t_t, g_t, le_t, m_t in _tokens(chunks):
+            error = torch.einsum("bhk,bhkv->bhv", k_t, start) - v_t
+            mom = le_t[..., None, None].exp() * mom - t_t[..., None, None] * k_t[..., :, None] * error[..., None, :]
+            memory = g_t[..., None, None].exp() * memory + m_t[..., None, None] * mom
+            outs.append(torch.einsum("bhk,bhkv->bhv", q_t, memory))
+        return torch.stack(outs, 2), [memory, mom]
 
-        o, weights, start = _run_chunks(body, [q, k, v, theta, g, log_eta], batch_size, offset, weights, start, T)
-    final = _final(weights, start, offset, T, batch_size)
+    def chunk(chunks, weights, start):
+        q_n, k_n, v_n, t_n, g_n, le_n, m_n = chunks
+        (memory, mom), (start,) = weights, start
+        GA, GE = g_n.cumsum(-1), le_n.cumsum(-1)
+        L_A, L_E = decay_mask(GA) * m_n[..., None, :], decay_mask(GE)  # momentum_s reaches the memory where m_s = 1
+        D = L_A @ L_E                                      # weight of g_i in M_t
+        c = L_A @ GE.exp()[..., None]                      # weight of momentum_0 in M_t: [B, H, C, 1]
+        step = t_n[..., None] * (k_n @ start - v_n)        # theta_i times the residual at M_0
+        out = GA.exp()[..., None] * (q_n @ memory) + c * (q_n @ mom) - (q_n @ k_n.transpose(-1, -2) * D) @ step
+        return out, [GA[..., -1, None, None].exp() * memory + c[..., -1, None, :] * mom
+                     - k_n.transpose(-1, -2) @ (D[..., -1, :, None] * step),
+                     GE[..., -1, None, None].exp() * mom - k_n.transpose(-1, -2) @ (L_E[..., -1, :, None] * step)]
+
+    o, final = _run(recurrent if mode == "recurrent" else chunk, [q, k, v, theta, g, log_eta], batch_size, offset,
+                    weights, start, cu_seqlens)
     return o.to(out_dtype), (final if output_final_state else None)

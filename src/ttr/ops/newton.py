@@ -6,8 +6,9 @@ Function    linear: m(k) = M k
 Optimizer   the exact minimizer, one Newton step from anywhere:
                 M_t = H_kv,t^T (H_kk,t + Lambda)^-1,   H_kk,t = alpha_t H_kk,t-1 + beta_t k_t k_t^T,
                                                        H_kv,t = alpha_t H_kv,t-1 + beta_t k_t v_t^T,
-            o_t = M_t (scale q_t); Lambda = diag(lamb) > 0 is the ridge, added at read-out. Dropping the
-            inverse (H_kk + Lambda ~ I) gives back gated linear attention (ttr.ops.linear_attention).
+            o_t = M_t (scale q_t), scale 1 by default (as MesaNet); Lambda = diag(lamb) > 0 is the ridge, added
+            at read-out. Dropping the inverse (H_kk + Lambda ~ I) gives back gated linear attention
+            (ttr.ops.linear_attention).
 
 State: the pair (H_kk [B, H, Dk, Dk], H_kv [B, H, Dk, Dv]), in float64 (see Precision).
 
@@ -67,6 +68,7 @@ from torch import Tensor
 
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
+from ._varlen import Layout, check_cu_seqlens
 
 STATS = torch.float64  # the carried statistics, and the d x d steps on ill-conditioned keys; see "Precision"
 Z_SLICE = 2 ** 19  # entries of _eigen's Z formed at once (2 MiB in float32)
@@ -139,14 +141,19 @@ def mesa(
     chunk_size: int = 64,
     solver: str = "exact",
     cg_steps: int = 8,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """The mesa layer (g, beta None) and MesaNet (decay g [B, T, H] <= 0, input weight beta [B, T, H] >= 0).
 
     q, k: [B, T, H, Dk], v: [B, T, H, Dv]; lamb > 0 a scalar, [H] or [H, Dk]. Returns (o [B, T, H, Dv],
     (H_kk, H_kv) in float64, or None). "recurrent" solves a Cholesky system per token (the decoding path).
-    solver "exact" or "cg" (cg_steps conjugate-gradient steps, in both forms alike).
+    solver "exact" or "cg" (cg_steps conjugate-gradient steps, in both forms alike). scale defaults to 1:
+    MesaNet (and fla's op) reads the memory at q itself. cu_seqlens [N + 1] (with B = 1) packs N sequences,
+    with states [N, H, Dk, .].
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    layout = None if cu_seqlens is None else Layout(check_cu_seqlens(cu_seqlens, B, T))
+    rows = B if layout is None else layout.n
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
     if solver not in ("exact", "cg"):
@@ -159,18 +166,20 @@ def mesa(
     if initial_state is not None:
         if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
             raise ValueError("initial_state must be the pair (H_kk [B, H, Dk, Dk], H_kv [B, H, Dk, Dv])")
-        check_state("initial_state (H_kk)", initial_state[0], (B, H, Dk, Dk))
-        check_state("initial_state (H_kv)", initial_state[1], (B, H, Dk, Dv))
+        check_state("initial_state (H_kk)", initial_state[0], (rows, H, Dk, Dk))
+        check_state("initial_state (H_kv)", initial_state[1], (rows, H, Dk, Dv))
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
     # the ridge as a change of variables (module docstring): every form below solves with the ridge I
     root = _ridge(lamb, H, Dk, q.device).sqrt()                          # Lambda^1/2: [H, Dk]
-    q = q.to(dt) * ((Dk ** -0.5 if scale is None else float(scale)) / root.to(dt))
+    q = q.to(dt) * ((1.0 if scale is None else float(scale)) / root.to(dt))
     k, v = k.to(dt) / root.to(dt), v.to(dt)
     beta = torch.ones(B, T, H, dtype=dt, device=q.device) if beta is None else beta.to(dt)
     g = None if g is None else g.to(dt)
+    if layout is not None:  # zero beta and gates outside the sequences: no association, no decay
+        q, k, v, beta, g = (None if x is None else layout.pad(x) for x in (q, k, v, beta, g))
     if initial_state is None:
-        state = (q.new_zeros(B, H, Dk, Dk, dtype=STATS), q.new_zeros(B, H, Dk, Dv, dtype=STATS))
+        state = (q.new_zeros(rows, H, Dk, Dk, dtype=STATS), q.new_zeros(rows, H, Dk, Dv, dtype=STATS))
     else:
         H_kk, H_kv = (s.to(STATS) for s in initial_state)
         state = (H_kk / (root[:, :, None] * root[:, None, :]), H_kv / root[:, :, None])
@@ -178,6 +187,8 @@ def mesa(
         o, state = _recurrent(q, k, v, g, beta, state)
     else:
         o, state = _chunked(q, k, v, beta, g, state, 1 if mode == "recurrent" else chunk_size, solver, cg_steps, dt)
+    if layout is not None:
+        o = layout.unpad(o)
     if output_final_state:
         state = (state[0] * (root[:, :, None] * root[:, None, :]), state[1] * root[:, :, None])
     return o.to(out_dtype), (state if output_final_state else None)

@@ -2,7 +2,7 @@
 
 Objective   the running regression loss L_t(M) = sum_{i<=t} 1/2 || v_i - M k_i ||^2, visited online
 Weights     uniform (DeltaNet), or decayed by alpha_t = exp(g_t) (Gated DeltaNet: weight decay, see below)
-Function    linear: m(k) = M k (keys L2-normalized by default, so beta in (0, 2) is a contraction)
+Function    linear: m(k) = M k (qk_l2norm=True normalizes q and k first, so beta in [0, 2] is a contraction)
 Optimizer   one SGD step per token on the newest term, step size beta_t:
                 M_t = M_{t-1} - beta_t (M_{t-1} k_t - v_t) k_t^T = M_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T
 
@@ -24,6 +24,7 @@ from torch import Tensor
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
 from ..features import FEATURE_MAPS
 from ._chunk import check_chunk_size, decay_mask, from_chunks, to_chunks
+from ._varlen import Layout, check_cu_seqlens
 
 
 def delta_rule(
@@ -33,20 +34,24 @@ def delta_rule(
     beta: Tensor,
     g: Tensor | None = None,
     *,
-    qk_l2norm: bool = True,
+    qk_l2norm: bool = False,
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The (gated) delta rule. q, k: [B, T, H, Dk], v: [B, T, H, Dv], beta: [B, T, H] in [0, 2],
     g: a log-gate [B, T, H] or None. Returns (o [B, T, H, Dv], final state [B, H, Dk, Dv] or None).
 
-    qk_l2norm=True normalizes q and k to unit length first (as DeltaNet does); without it beta_t ||k_t||^2
-    must lie in [0, 2] for the step to be a contraction (checked).
+    As fla's chunk_gated_delta_rule: the op uses q and k as given (qk_l2norm=True normalizes them to unit
+    length first, as DeltaNet's layer does, fla's use_qk_l2norm_in_kernel); beta_t ||k_t||^2 must lie in
+    [0, 2] for the step to be a contraction (checked). scale defaults to Dk^-1/2. cu_seqlens [N + 1]
+    (with B = 1) packs N sequences, with states [N, H, Dk, Dv].
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    layout = None if cu_seqlens is None else Layout(check_cu_seqlens(cu_seqlens, B, T))
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
     check_step("beta", beta, (B, T, H), upper=2.0 if qk_l2norm else None)
@@ -55,7 +60,7 @@ def delta_rule(
         if reach > 2.0 + 1e-6:
             raise ValueError(f"beta * ||k||^2 must lie in [0, 2] with raw keys (qk_l2norm=False), got max {reach:.4g}")
     check_log_gate(g, B, T, H, Dk, scalar_for="the delta rule")
-    check_state("initial_state", initial_state, (B, H, Dk, Dv))
+    check_state("initial_state", initial_state, (B if layout is None else layout.n, H, Dk, Dv))
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
     q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
@@ -64,10 +69,14 @@ def delta_rule(
     q = q * (Dk ** -0.5 if scale is None else float(scale))
     g = None if g is None else g.to(dt)
     s0 = None if initial_state is None else initial_state.to(dt)
+    if layout is not None:  # zero beta and gates outside the sequences: no step, no decay
+        q, k, v, beta, g = (None if x is None else layout.pad(x) for x in (q, k, v, beta, g))
     if mode == "recurrent":
         o, state = _recurrent(q, k, v, beta, g, s0)
     else:
         o, state = _chunked(q, k, v, beta, g, s0, chunk_size)
+    if layout is not None:
+        o = layout.unpad(o)
     return o.to(out_dtype), (state if output_final_state else None)
 
 
@@ -128,12 +137,13 @@ def delta_product(
     beta: Tensor,
     g: Tensor | None = None,
     *,
-    qk_l2norm: bool = True,
+    qk_l2norm: bool = False,
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """DeltaProduct: n online SGD steps per token, each with its own key, value and step size.
 
@@ -162,7 +172,7 @@ def delta_product(
                           v.transpose(2, 3).reshape(B, T * n, H, -1), beta.transpose(2, 3).reshape(B, T * n, H),
                           g_sub, qk_l2norm=qk_l2norm, scale=scale,
                           initial_state=initial_state, output_final_state=output_final_state, mode=mode,
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, cu_seqlens=None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T) * n)
     return o.reshape(B, T, n, H, -1)[:, :, -1], state
 
 
@@ -172,12 +182,13 @@ def longhorn(
     v: Tensor,
     delta: Tensor,
     *,
-    qk_l2norm: bool = True,
+    qk_l2norm: bool = False,
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Longhorn: the implicit (proximal) online step, delta [B, T, H] >= 0 its strength.
 
@@ -193,4 +204,4 @@ def longhorn(
     k_sq = torch.ones_like(delta) if qk_l2norm else (k.to(delta.dtype) ** 2).sum(-1)
     beta = delta / (1.0 + delta * k_sq)
     return delta_rule(q, k, v, beta, qk_l2norm=qk_l2norm, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, mode=mode, chunk_size=chunk_size)
+                      output_final_state=output_final_state, mode=mode, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
