@@ -10,6 +10,8 @@ A shift lets a mini-batch learner line each sequence up with its own mini-batch 
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import Tensor
 
@@ -61,3 +63,28 @@ class Layout:
     def unpad(self, y: Tensor) -> Tensor:
         """[N, F, ...] -> [1, total, ...]: the sequences' tokens in packed order."""
         return y.flatten(0, 1)[self.flat][None]
+
+
+def per_sequence(op: Callable[..., tuple[Tensor, Any]], cu_seqlens: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                 initial_state: list | None, empty: Any, output_final_state: bool,
+                 **kwargs: Any) -> tuple[Tensor, list | None]:
+    """A nonparametric memory over packed sequences: one call per sequence, since each one's state is its own
+    cache of keys and values (of its own length). initial_state and the final state are lists of N
+    per-sequence states; `empty` is the state of a sequence with no tokens and no initial state."""
+    N = cu_seqlens.numel() - 1
+    if initial_state is not None and not (isinstance(initial_state, (list, tuple)) and len(initial_state) == N
+                                          and not isinstance(initial_state[0], Tensor)):
+        raise ValueError(f"initial_state with cu_seqlens must be a list of the {N} sequences' caches (None for a "
+                         f"sequence without one), got {type(initial_state).__name__}")
+    bounds = cu_seqlens.tolist()
+    outs, finals = [], []
+    for n in range(N):
+        a, b = bounds[n], bounds[n + 1]
+        state = None if initial_state is None else initial_state[n]
+        if a == b:
+            finals.append(empty if state is None else state)
+            continue
+        o, final = op(q[:, a:b], k[:, a:b], v[:, a:b], initial_state=state, output_final_state=True, **kwargs)
+        outs.append(o)
+        finals.append(final)
+    return torch.cat(outs, 1), (finals if output_final_state else None)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import append_to_cache, check_mode, check_positive, check_qkv, check_state, compute_dtype
+from ._varlen import check_cu_seqlens, per_sequence
 
 KERNELS = ("exp", "rbf", "poly")
 
@@ -56,12 +57,18 @@ def kernel_regression(
     initial_state: tuple[Tensor, ...] | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | list | None]:
     """Causal kernel ridge regression. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; kernel "exp", "rbf" or "poly"
     (with `degree`); ridge > 0; scale defaults to Dk^-1/2. initial_state: the cache (K [B, T0, H, Dk],
     V [B, T0, H, Dv]), optionally with the factor L [B, H, T0, T0] a previous call returned (else it is
-    recomputed). Returns (o [B, T, H, Dv], (K, V, L) with these tokens appended, or None)."""
+    recomputed). Returns (o [B, T, H, Dv], (K, V, L) with these tokens appended, or None). cu_seqlens [N + 1]
+    (with B = 1) packs N sequences; initial and final states are then lists of N caches."""
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    if cu_seqlens is not None:
+        empty = (k[:, :0], v[:, :0], k.new_zeros(1, H, 0, 0, dtype=torch.float64))
+        return per_sequence(kernel_regression, check_cu_seqlens(cu_seqlens, B, T), q, k, v, initial_state, empty,
+                            output_final_state, kernel=kernel, ridge=ridge, scale=scale, degree=degree, mode=mode)
     check_mode(mode, ("chunk", "recurrent"))
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .._checks import append_to_cache, check_mode, check_positive, check_qkv, check_step, compute_dtype
+from ._varlen import check_cu_seqlens, per_sequence
 
 MAX_ORDER2_DIM = 16  # order 2 has 1 + D + D(D+1)/2 monomials and p^2 moments per query
 BLOCK = 128          # queries per block, keys per tile
@@ -58,15 +59,21 @@ def local_polynomial_attention(
     initial_state: tuple[Tensor, Tensor] | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
-) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | list | None]:
     """Causal local polynomial attention. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; order 0, 1, or 2 (Dk <= 16).
 
     ridge > 0 penalizes the non-constant coefficients (relative to the weight mass; unused at order 0).
     scale: a number, or a positive tensor [H] (a temperature per head, e.g. learned with QKNorm).
     initial_state: the cache (K [B, T0, H, Dk], V [B, T0, H, Dv]) of earlier tokens, which every query sees.
-    Returns (o [B, T, H, Dv], the cache with these tokens appended, or None).
+    Returns (o [B, T, H, Dv], the cache with these tokens appended, or None). scale defaults to Dk^-1/2.
+    cu_seqlens [N + 1] (with B = 1) packs N sequences; initial and final states are then lists of N caches.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    if cu_seqlens is not None:
+        return per_sequence(local_polynomial_attention, check_cu_seqlens(cu_seqlens, B, T), q, k, v, initial_state,
+                            (k[:, :0], v[:, :0]), output_final_state, order=order, ridge=ridge, scale=scale,
+                            qk_norm=qk_norm, mode=mode)
     check_mode(mode, ("chunk", "recurrent"))
     if order not in (0, 1, 2) or isinstance(order, bool):
         raise ValueError(f"order must be 0, 1 or 2, got {order!r}")
