@@ -26,8 +26,8 @@ def test_gated_delta_rule_very_long_float32():
     q, k, v = make_qkv(1, T, 1, 32, 32, dtype=torch.float32)
     beta = torch.sigmoid(torch.randn(1, T, 1, generator=torch.Generator().manual_seed(0)))
     g = make_gate("scalar", 1, T, 1, dtype=torch.float32)
-    o_c, s_c = ops.delta_rule(q, k, v, beta, g, output_final_state=True)
-    o_r, s_r = ops.delta_rule(q, k, v, beta, g, output_final_state=True, mode="recurrent")
+    o_c, s_c = ops.delta_rule(q, k, v, beta, g, output_final_state=True, qk_l2norm=True)
+    o_r, s_r = ops.delta_rule(q, k, v, beta, g, output_final_state=True, mode="recurrent", qk_l2norm=True)
     assert torch.isfinite(o_c).all() and max_rel(o_c, o_r) < 1e-4 and max_rel(s_c, s_r) < 1e-4
 
 

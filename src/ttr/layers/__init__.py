@@ -1,6 +1,7 @@
 """Layers: nn.Modules around the ops (projections, short convolution, gates, norms)."""
 
 from .conv import ShortConv
-from .ttr_layer import LayerState, TTRLayer
+from .cache import LayerState
+from .ttr_layer import TTRLayer
 
 __all__ = ["LayerState", "ShortConv", "TTRLayer"]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._varlen import Layout
+
 
 class ShortConv(nn.Module):
     """y_t = sum_{j<K} w_j * x_{t-j} per channel. The decoding cache holds the last K-1 inputs [B, K-1, C]."""
@@ -19,11 +21,20 @@ class ShortConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
 
-    def forward(self, x: Tensor, cache: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x [B, T, C] -> (y [B, T, C], new cache [B, K-1, C])."""
+    def forward(self, x: Tensor, cache: Tensor | None = None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, T, C] -> (y [B, T, C], new cache [B, K-1, C]). With cu_seqlens [N + 1] (B = 1, checked by the
+        caller) x packs N sequences: each is convolved alone, from its own cache [N, K-1, C] (zeros if None)."""
+        layout = None if cu_seqlens is None else Layout(cu_seqlens)
+        if layout is not None:
+            x = layout.pad(x)                                                  # [N, F, C], zeros after each sequence
         B, T, C = x.shape
+        keep = self.kernel_size - 1
         if cache is None:
-            cache = x.new_zeros(B, self.kernel_size - 1, C)
+            cache = x.new_zeros(B, keep, C)
         full = torch.cat([cache.to(x.dtype), x], dim=1)
         y = F.conv1d(full.transpose(1, 2), self.weight, self.bias, groups=C).transpose(1, 2)
-        return y, full[:, full.shape[1] - (self.kernel_size - 1):]
+        if layout is None:
+            return y, full[:, full.shape[1] - keep:]
+        # each sequence's last K-1 inputs (its cache included) sit at full[n, L_n : L_n + K-1]
+        rows = layout.lengths[:, None] + torch.arange(keep, device=x.device)
+        return layout.unpad(y), full.gather(1, rows[..., None].expand(-1, -1, C))

@@ -1,95 +1,200 @@
-"""TTRLayer: x -> q, k, v (+ short conv) -> test-time regression memory -> (norm, gate) -> output."""
+"""TTRLayer: x -> q, k, v (+ short conv) -> test-time regression memory -> (norm, gate) -> output.
+
+Batches as training and serving make them: a padding mask (left, right or holes, as Hugging Face passes
+it) or packed sequences (cu_seqlens). A masked batch runs as packed sequences: the real tokens of row b
+are sequence b, so a padded position writes nothing into the memory, neither decays nor advances it (a
+mini-batch learner's offset counts real tokens only), never reaches the short convolution, and outputs
+zeros. Query heads may share key and value heads (GQA / MQA: the slides' shared regression inputs and
+outputs), and value heads may be wider than key heads (expand_v).
+"""
 
 from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..recipe import MLP, LocalPolynomial, Preset, Recipe, get_preset
+from ..ops import MiniBatchState
+from ..ops._varlen import check_cu_seqlens
+from ..recipe import MLP, LocalPolynomial, MiniBatchGD, Preset, Recipe, get_preset
+from .cache import LayerState
 from .conv import ShortConv
 from .gates import make_inputs
-
 
 # QKNorm's temperature starts at log2(L^2 - L) for a training length L (Henry et al., 2020), here L = 1024
 QKNORM_SCALE_INIT = math.log2(1024 ** 2 - 1024)
 
 
-@dataclass
-class LayerState:
-    """What decoding carries between calls: the conv cache [B, K-1, 3 H D] and the memory state."""
-
-    conv: Tensor | None = None
-    memory: Tensor | None = None
+def _positive_int(name: str, x: object) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+    return x
 
 
 class TTRLayer(nn.Module):
     """A sequence layer with test-time associative memory, given by a Recipe or a preset name.
 
-    forward(x [B, T, d_model], state=None) -> (y [B, T, d_model], new LayerState). Feeding a sequence
-    in pieces, passing the state along, equals feeding it whole.
+    forward(x [B, T, d_model], state=None, *, attention_mask=None, cu_seqlens=None) -> (y [B, T, d_model],
+    new LayerState). Feeding a sequence in pieces, passing the state along, equals feeding it whole.
+    n_heads query heads of head_dim (default d_model / n_heads); num_kv_heads key and value heads (default
+    n_heads; a divisor of n_heads: GQA, 1: MQA); value heads of expand_v * head_dim; conv_silu applies SiLU
+    after the short convolution.
     """
 
-    def __init__(self, d_model: int, n_heads: int, memory: Recipe | str, *, head_dim: int | None = None,
-                 conv_size: int = 4, output_gate: bool = True, norm: bool = True, chunk_size: int = 64,
-                 mode: str = "chunk") -> None:
+    def __init__(self, d_model: int, n_heads: int, memory: Recipe | Preset | str, *, head_dim: int | None = None,
+                 num_kv_heads: int | None = None, expand_v: float = 1.0, conv_size: int = 4, conv_silu: bool = False,
+                 output_gate: bool = True, norm: bool = True, chunk_size: int = 64, mode: str = "chunk") -> None:
         super().__init__()
+        self.d_model, self.n_heads = _positive_int("d_model", d_model), _positive_int("n_heads", n_heads)
         if isinstance(memory, str):
             memory = get_preset(memory).recipe
         elif isinstance(memory, Preset):
             memory = memory.recipe
+        elif not isinstance(memory, Recipe):
+            raise ValueError(f"memory must be a preset name, a Preset or a Recipe, got {type(memory).__name__} "
+                             f"{memory!r}")
         self.recipe = memory
-        self.n_heads = n_heads
-        self.head_dim = head_dim or d_model // n_heads
-        if self.head_dim < 1:
-            raise ValueError(f"head_dim must be >= 1, got d_model={d_model}, n_heads={n_heads}")
-        inner = n_heads * self.head_dim
+        if head_dim is None and d_model % n_heads:
+            raise ValueError(f"n_heads = {n_heads} does not divide d_model = {d_model}; pass head_dim")
+        self.head_dim = d_model // n_heads if head_dim is None else _positive_int("head_dim", head_dim)
+        self.num_kv_heads = n_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+        if n_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads = {num_kv_heads} must divide n_heads = {n_heads}")
+        value_dim = expand_v * self.head_dim
+        if not (isinstance(expand_v, (int, float)) and value_dim >= 1 and float(value_dim).is_integer()):
+            raise ValueError(f"expand_v * head_dim must be a positive whole number, got {expand_v!r} * {self.head_dim}")
+        if mode not in ("chunk", "recurrent"):
+            raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
+        self.value_dim = int(value_dim)
+        H, Hkv, Dk, Dv = n_heads, self.num_kv_heads, self.head_dim, self.value_dim
         # n keys and values per token for memories that take n steps per token (DeltaProduct)
         self.n_steps = memory.steps_per_token
-        width = (1 + 2 * self.n_steps) * inner
-        self.qkv = nn.Linear(d_model, width, bias=False)
-        self.conv = ShortConv(width, conv_size) if conv_size > 0 else None
-        self.inputs = make_inputs(memory, d_model, n_heads, self.head_dim)
+        self.widths = [H * Dk, self.n_steps * Hkv * Dk, self.n_steps * Hkv * Dv]
+        self.qkv = nn.Linear(d_model, sum(self.widths), bias=False)
+        self.conv = ShortConv(sum(self.widths), conv_size) if conv_size > 0 else None
+        self.conv_silu = conv_silu
+        self.inputs = make_inputs(memory, d_model, n_heads, Dk)
         if isinstance(memory.regressor, MLP):  # the MLP memory's starting weights are learned
-            hidden = memory.regressor.expansion * self.head_dim
-            self.W1 = nn.Parameter(torch.randn(n_heads, hidden, self.head_dim) * self.head_dim ** -0.5)
-            self.W2 = nn.Parameter(torch.randn(n_heads, self.head_dim, hidden) * hidden ** -0.5)
+            hidden = memory.regressor.expansion * Dk
+            self.W1 = nn.Parameter(torch.randn(n_heads, hidden, Dk) * Dk ** -0.5)
+            self.W2 = nn.Parameter(torch.randn(n_heads, Dv, hidden) * hidden ** -0.5)
         if isinstance(memory.regressor, LocalPolynomial) and memory.regressor.qk_norm:  # learned temperature
             self.log_qk_scale = nn.Parameter(torch.full((n_heads,), math.log(QKNORM_SCALE_INIT)))
-        self.norm = nn.RMSNorm(self.head_dim) if norm else None
-        self.out_gate = nn.Linear(d_model, inner, bias=False) if output_gate else None
-        self.out = nn.Linear(inner, d_model, bias=False)
+        self.norm = nn.RMSNorm(Dv) if norm else None
+        self.out_gate = nn.Linear(d_model, H * Dv, bias=False) if output_gate else None
+        self.out = nn.Linear(H * Dv, d_model, bias=False)
         self.op = memory.op()
         self.takes_chunk_size = "chunk_size" in inspect.signature(self.op.func).parameters
         self.chunk_size, self.mode = chunk_size, mode
+        self.kind = f"{self.op.func.__name__}: {memory.describe()}"
 
-    def forward(self, x: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
+    def forward(self, x: Tensor, state: LayerState | None = None, *, attention_mask: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> tuple[Tensor, LayerState]:
+        """x [B, T, d_model]; attention_mask [B, T] (1 or True: a real token, 0: padding) or cu_seqlens [N + 1]
+        (B = 1: N packed sequences). Returns (y [B, T, d_model], zeros at padding; the state, one row per row
+        of x, or per packed sequence)."""
+        B, T = self._check_input(x)
+        if state is not None and not isinstance(state, LayerState):
+            raise ValueError(f"state must be the LayerState a TTRLayer returned, got {type(state).__name__}")
+        if attention_mask is not None and cu_seqlens is not None:
+            raise ValueError("pass attention_mask or cu_seqlens, not both")
+        if cu_seqlens is not None:
+            cu = check_cu_seqlens(cu_seqlens, B, T)
+            return self._run(x, state, cu)
+        mask = None if attention_mask is None else self._check_mask(attention_mask, B, T, x.device)
+        ragged = state is not None and isinstance(state.memory, list)  # caches of different lengths per row
+        if mask is None and not ragged:
+            return self._run(x, state, None)
+        mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
+        if not ragged and bool(mask.all()):
+            return self._run(x, state, None)
+        # the real tokens of row b become packed sequence b
+        lengths = mask.sum(1)
+        cu = F.pad(lengths.cumsum(0), (1, 0))
+        y, state = self._run(x[mask][None], state, cu)
+        return x.new_zeros(B, T, self.d_model).masked_scatter(mask[..., None], y[0]), state
+
+    def _run(self, x: Tensor, state: LayerState | None, cu: Tensor | None) -> tuple[Tensor, LayerState]:
+        """The layer on x [B, T, d] (cu None) or on N sequences packed in x [1, T, d]."""
         B, T, _ = x.shape
-        state = state or LayerState()
+        rows = B if cu is None else cu.numel() - 1
+        lengths = torch.full((rows,), T, device=x.device) if cu is None else cu[1:] - cu[:-1]
+        state = self._check_state(state, rows, x.dtype)
         qkv = self.qkv(x)
         conv_cache = None
         if self.conv is not None:
-            qkv, conv_cache = self.conv(qkv, state.conv)
-        H, D, n = self.n_heads, self.head_dim, self.n_steps
-        q, k, v = qkv.split([H * D, n * H * D, n * H * D], dim=-1)
-        q = q.view(B, T, H, D)
-        k, v = (t.view(B, T, H, n, D) if n > 1 else t.view(B, T, H, D) for t in (k, v))
+            qkv, conv_cache = self.conv(qkv, state.conv, cu)
+            if self.conv_silu:
+                qkv = F.silu(qkv)
+        H, Hkv, Dk, Dv, n = self.n_heads, self.num_kv_heads, self.head_dim, self.value_dim, self.n_steps
+        q, k, v = qkv.split(self.widths, dim=-1)
+        q = q.view(B, T, H, Dk)
+        k, v = (t.view(B, T, Hkv, n, d) if n > 1 else t.view(B, T, Hkv, d) for t, d in ((k, Dk), (v, Dv)))
+        if Hkv != H:  # each group of H / Hkv query heads reads its own memory of the shared keys and values
+            k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
         inputs = {name: module(x) for name, module in self.inputs.items()}
         memory = state.memory
         if memory is None and hasattr(self, "W1"):
-            memory = (self.W1.expand(B, -1, -1, -1), self.W2.expand(B, -1, -1, -1))
-        mode = "recurrent" if T == 1 else self.mode
+            memory = (self.W1.expand(rows, -1, -1, -1), self.W2.expand(rows, -1, -1, -1))
+        if cu is not None and isinstance(memory, tuple) and self.op.func.__name__ in _CACHE_OPS:
+            memory = [tuple(t[b:b + 1] for t in memory) for b in range(rows)]  # batched cache -> one per row
+        longest = int(lengths.max()) if cu is not None else T
+        mode = "recurrent" if longest == 1 else self.mode
         kwargs = {"chunk_size": self.chunk_size} if mode == "chunk" and self.takes_chunk_size else {}
         if hasattr(self, "log_qk_scale"):
             kwargs["scale"] = self.log_qk_scale.exp()
+        if cu is not None:
+            kwargs["cu_seqlens"] = cu
         o, memory = self.op(q, k, v, **inputs, initial_state=memory, output_final_state=True, mode=mode, **kwargs)
         if self.norm is not None:
             o = self.norm(o)
         o = o.reshape(B, T, -1)
         if self.out_gate is not None:
             o = o * F.silu(self.out_gate(x))
-        return self.out(o), LayerState(conv=conv_cache, memory=memory)
+        seen = lengths if state.lengths is None else state.lengths + lengths
+        return self.out(o), LayerState(conv_cache, memory, seen, self.kind, str(x.dtype).removeprefix("torch."))
+
+    def _check_input(self, x: Tensor) -> tuple[int, int]:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a torch.Tensor [B, T, d_model], got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be [B, T, d_model = {self.d_model}], got shape {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.shape[1] == 0:
+            raise ValueError(f"x holds no tokens (T = 0, shape {list(x.shape)}); call the layer with at least one")
+        return x.shape[0], x.shape[1]
+
+    @staticmethod
+    def _check_mask(mask: Tensor, B: int, T: int, device: torch.device) -> Tensor:
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must be a tensor [B, T] = [{B}, {T}], got "
+                             f"{list(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(f"attention_mask must be bool or integer (1: token, 0: padding), got dtype {mask.dtype}")
+        if mask.dtype != torch.bool:
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError(f"attention_mask must hold only 0 and 1, got values {mask.unique().tolist()[:8]}")
+            mask = mask.bool()
+        return mask.to(device)
+
+    def _check_state(self, state: LayerState | None, rows: int, dtype: torch.dtype) -> LayerState:
+        if state is None:
+            return LayerState()
+        if state.kind != self.kind:
+            raise ValueError(f"state was made by a layer with memory {state.kind!r}; this layer's memory is "
+                             f"{self.kind!r}")
+        if state.batch_size != rows:
+            raise ValueError(f"state holds {state.batch_size} rows (sequences), the input has {rows}; use "
+                             "state.select(...) to pick rows")
+        if state.dtype != str(dtype).removeprefix("torch."):
+            raise ValueError(f"state was made for {state.dtype} inputs, x is {dtype}; use state.to(dtype=...)")
+        if isinstance(state.memory, MiniBatchState) != isinstance(self.recipe.optimizer, MiniBatchGD):
+            raise ValueError(f"state.memory is a {type(state.memory).__name__}, not what memory {self.kind!r} keeps")
+        return state
+
+
+_CACHE_OPS = ("local_polynomial_attention", "kernel_regression")  # nonparametric: the state is a key/value cache

@@ -1,0 +1,85 @@
+"""LayerState: what a TTRLayer carries between calls, one object whatever the memory.
+
+The memory part is the op's state: a tensor (linear attention, the delta rule), a pair (the exact memory's
+statistics), a MiniBatchState (TTT, Titans), the cache of keys and values (nonparametric memories: a batched
+tuple, or a list with one cache per row once rows have seen different numbers of tokens). Every form has
+its rows first, so one function maps row selection, device and dtype moves over all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..ops import MiniBatchState
+
+
+def _map(memory: Any, fn: Callable[[Tensor], Tensor], rows: Callable[[list], list] | None = None) -> Any:
+    """fn on every tensor of a memory state; `rows` on a per-row list (where fn cannot reach the rows)."""
+    if memory is None:
+        return None
+    if isinstance(memory, Tensor):
+        return fn(memory)
+    if isinstance(memory, MiniBatchState):
+        return MiniBatchState(_map(memory.weights, fn), _map(memory.start, fn), _map(memory.offset, fn))
+    if isinstance(memory, list):  # one cache per row
+        return rows(memory) if rows is not None else [_map(m, fn) for m in memory]
+    return tuple(_map(m, fn) for m in memory)
+
+
+@dataclass
+class LayerState:
+    """A TTRLayer's decoding state (its cache): the short convolution's last inputs conv [B, K-1, C], the
+    memory's state, how many tokens each row has seen (lengths [B]), which memory made it (kind) and for
+    which input dtype. Rows can be selected or reordered (beam search, dropping finished rows), moved with
+    .to, detached, and saved with torch.save / loaded with torch.load (weights_only=True works)."""
+
+    conv: Tensor | None = None
+    memory: Any = None
+    lengths: Tensor | None = None
+    kind: str = ""
+    dtype: str = ""
+
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.lengths is None else self.lengths.shape[0]
+
+    def select(self, index: Tensor | list[int]) -> LayerState:
+        """The rows `index` (a list or an int tensor of row numbers, repeats allowed), in that order."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        if index.dim() != 1 or index.is_floating_point():
+            raise ValueError(f"index must be a 1-D list or tensor of row numbers, got {index!r}")
+        if index.numel() and (int(index.min()) < -self.batch_size or int(index.max()) >= self.batch_size):
+            raise ValueError(f"index must hold row numbers below the batch size {self.batch_size}, got "
+                             f"{index.tolist()}")
+        pick = lambda t: t[index.to(t.device)] if t.dim() else t  # noqa: E731  (a 0-d offset is every row's)
+        return replace(self, conv=None if self.conv is None else pick(self.conv), lengths=pick(self.lengths),
+                       memory=_map(self.memory, pick, rows=lambda caches: [caches[i] for i in index.tolist()]))
+
+    def reorder(self, beam_idx: Tensor) -> LayerState:
+        """Hugging Face's name for select: the rows in the order beam search keeps them."""
+        return self.select(beam_idx)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LayerState:
+        """Moves every tensor to `device`; with `dtype`, tensors in the input dtype follow it, while the wider
+        accumulators some memories keep (float32 under bf16 inputs, the exact memory's float64) stay wide."""
+        old = getattr(torch, self.dtype, None) if self.dtype else None
+
+        def move(t: Tensor) -> Tensor:
+            cast = dtype if dtype is not None and t.is_floating_point() and t.dtype == old else None
+            return t.to(device=device, dtype=cast)
+
+        return replace(self, conv=None if self.conv is None else move(self.conv), memory=_map(self.memory, move),
+                       lengths=None if self.lengths is None else self.lengths.to(device),
+                       dtype=str(dtype).removeprefix("torch.") if dtype is not None else self.dtype)
+
+    def detach(self) -> LayerState:
+        """The same state cut from the autograd graph (truncated backpropagation through time)."""
+        return replace(self, conv=None if self.conv is None else self.conv.detach(),
+                       memory=_map(self.memory, Tensor.detach))
+
+
+torch.serialization.add_safe_globals([LayerState, MiniBatchState])  # torch.load(weights_only=True) may rebuild them
