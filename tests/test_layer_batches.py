@@ -204,3 +204,18 @@ def test_head_dim_makes_any_head_count_work():
 def test_bad_input_is_a_clear_error(call, match):
     with pytest.raises(ValueError, match=match):
         call(ttr.TTRLayer(16, 2, "gated_deltanet"))
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "ttt_linear", "softmax_attention", "intention"])
+def test_an_all_padding_row_keeps_an_empty_state_and_decodes(name):
+    """A row with no real token: zeros out, its state is the empty one, and decoding starts it afresh."""
+    layer = _layer(name)
+    x = torch.randn(2, 6, D_MODEL, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1] = False
+    y, state = layer(x, attention_mask=mask)
+    assert torch.equal(y[1], torch.zeros_like(y[1])) and state.lengths.tolist() == [6, 0]
+    assert (y[0] - layer(x[:1])[0][0]).abs().max() < 1e-10
+    nxt = torch.randn(2, 1, D_MODEL, dtype=torch.float64)
+    y2, _ = layer(nxt, state)
+    assert (y2[1] - layer(nxt[1:])[0][0]).abs().max() < 1e-10

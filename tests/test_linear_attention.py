@@ -218,3 +218,16 @@ def test_feature_maps_are_their_closed_forms():
     assert torch.allclose(FEATURE_MAPS["elu1"](x), torch.where(x > 0, x + 1, torch.exp(x)), atol=1e-15)
     assert torch.allclose(FEATURE_MAPS["l2"](x), x / x.norm(dim=-1, keepdim=True), atol=1e-15)
     assert torch.equal(FEATURE_MAPS["identity"](x), x)
+
+
+def test_normalize_takes_the_callers_nonnegative_features():
+    """fla's convention: features made outside the op (identity here) may be normalized when they are >= 0,
+    and equal the op's own feature map on the same numbers; a negative feature is refused."""
+    q, k, v = make_qkv(1, 21, 2, 5, 3)
+    g = make_gate("scalar", 1, 21, 2)
+    own, s_own = linear_attention(q, k, v, g, feature_map="relu", normalize=True, output_final_state=True,
+                                  chunk_size=8)
+    given, s_given = linear_attention(q.relu(), k.relu(), v, g, normalize=True, output_final_state=True, chunk_size=8)
+    assert max_rel(given, own) < F64_ATOL and max_rel(s_given, s_own) < F64_ATOL
+    with pytest.raises(ValueError, match="feature map 'identity' gave a value of"):
+        linear_attention(q, k.relu(), v, normalize=True)

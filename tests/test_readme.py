@@ -13,3 +13,5 @@ def test_readme_example_runs():
         exec(compile(block, "README.md", "exec"), scope)
     assert scope["o"].shape == (2, 1000, 4, 64) and scope["state"].shape == (2, 4, 64, 64)
     assert scope["y"].shape == (2, 1000, 256) and scope["y_ref"].shape == (2, 64, 4, 64)
+    assert scope["cache"].batch_size == 2 and scope["cache"].lengths.tolist() == [10, 13]
+    assert scope["o_f"].shape == (1, 12, 2, 16) and scope["s_f"].shape == (1, 2, 16, 16)

@@ -150,7 +150,8 @@ def delta_product(
     k [B, T, H, n, Dk], v [B, T, H, n, Dv], beta [B, T, H, n]; q [B, T, H, Dk] reads the memory after the
     token's n-th step, and g (a log-gate [B, T, H]) decays it once, before the first. The state moves
     through a product of n generalized Householder factors per token (Siems et al., 2025). It is the
-    delta rule on the sequence of T n sub-steps, read every n-th.
+    delta rule on the sequence of T n sub-steps, read every n-th (q, k as given unless qk_l2norm; scale defaults
+    to Dk^-1/2; cu_seqlens as the delta rule's).
     """
     if k.dim() != 5 or v.dim() != 5:
         raise ValueError(f"k and v must be [B, T, H, n, D] for delta_product, got {list(k.shape)} and {list(v.shape)}")
@@ -197,7 +198,8 @@ def longhorn(
     (I + delta k k^T)^-1 = I - delta k k^T / (1 + delta ||k||^2), give
         M_t = M_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,   beta_t = delta_t / (1 + delta_t ||k_t||^2):
     the delta rule with that step (the slides print 1 / (1 + delta ||k||^2), which drops the numerator).
-    beta_t ||k_t||^2 < 1 for every delta_t, so the step never overshoots.
+    beta_t ||k_t||^2 < 1 for every delta_t, so the step never overshoots. q, k as given unless qk_l2norm;
+    scale defaults to Dk^-1/2; cu_seqlens as the delta rule's.
     """
     B, T, H, _, _ = check_qkv(q, k, v)
     check_step("delta", delta, (B, T, H))
