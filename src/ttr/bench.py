@@ -12,7 +12,7 @@ import ctypes
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .ops._varlen import Layout
 
 GATES = ("none", "scalar", "vector")
 # the ops benchmarked and the gate kinds each takes
@@ -215,11 +216,19 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
     leaves = [t.requires_grad_() for t in tensors]
     fn = ops.local_polynomial_attention if op in LOCAL_ORDERS else getattr(ops, op)
 
-    def call(mode: str) -> Callable[[], torch.Tensor]:
+    def call(mode: str, cu_seqlens: torch.Tensor | None = None,
+             tensors: list[torch.Tensor] | None = None) -> Callable[[], torch.Tensor]:
+        """The op's forward in `mode`, on the leaves or on `tensors` in their place (same order)."""
         chunk = {"chunk_size": cfg.chunk_size} if mode == "chunk" and op in CHUNKED else {}
         if op in MINI_BATCH_OPS:
             chunk = {"batch_size": MINI_BATCH}
-        return lambda: fn(q, k, v, **extra, mode=mode, **chunk)[0]
+        if cu_seqlens is not None:
+            chunk["cu_seqlens"] = cu_seqlens
+        given = iter(leaves if tensors is None else tensors)
+        q_, k_, v_ = next(given), next(given), next(given)
+        extra_ = {name: tuple(next(given) for _ in x) if isinstance(x, tuple) else
+                  next(given) if isinstance(x, torch.Tensor) else x for name, x in extra.items()}
+        return lambda: fn(q_, k_, v_, **extra_, mode=mode, **chunk)[0]
 
     return call, leaves
 
@@ -314,6 +323,47 @@ def mesa_over_gated_delta(rows: list[BenchRow]) -> list[dict]:
             for r in rows if r.op == "mesa" and (r.D, r.T) in gdn]
 
 
+VARLEN_OPS = {"linear_attention": "scalar", "delta_rule": "scalar", "mesa": "scalar", "ttt_linear": "none",
+              "softmax": "none"}
+VARLEN_SEQUENCES = 8
+
+
+def varlen_costs(cfg: BenchConfig, device: torch.device) -> list[dict]:
+    """Packed sequences: VARLEN_SEQUENCES sequences of lengths spread evenly from T / 8 to T (T = the longest
+    length up to 2048, the first head dim), forward+backward three ways: one packed call (cu_seqlens), the
+    padded batch [N, T] (what a call without cu_seqlens costs: 44% of it padding), and one call per sequence.
+    The three are interleaved, repeats + 2 rounds; min and median in ms."""
+    T, D, N = min(2048, max(cfg.lengths)), cfg.head_dims[0], VARLEN_SEQUENCES
+    lengths = torch.linspace(T / 8, T, N).round().long()
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(device)
+    layout = Layout(cu)
+    rows = []
+    for op, gate in VARLEN_OPS.items():
+        if op not in cfg.ops:
+            continue
+        call, leaves = _problem(replace(cfg, batch=1), op, gate, int(cu[-1]), D, device)
+        padded = [layout.pad(x.detach()).requires_grad_() for x in leaves]
+        forms = {
+            "packed": _fwd_bwd(lambda: call("chunk", cu_seqlens=cu)(), leaves),
+            "padded": _fwd_bwd(lambda: call("chunk", tensors=padded)(), padded),
+            "loop": _fwd_bwd(lambda: torch.cat([call("chunk", tensors=[x[:, a:b] for x in leaves])()
+                                                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1), leaves),
+        }
+        times: dict[str, list[float]] = {name: [] for name in forms}
+        for round_ in range(cfg.repeats + 2):  # the first round warms up
+            for name, fn in forms.items():
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                if round_:
+                    times[name].append(1e3 * (time.perf_counter() - start))
+        row = {"op": op, "gate": gate, "N": N, "T_max": T, "tokens": int(cu[-1]), "D": D}
+        for name, ts in times.items():
+            row[f"{name}_min_ms"], row[f"{name}_median_ms"] = min(ts), statistics.median(ts)
+        rows.append(row)
+    return rows
+
+
 _SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_lengths")
 
 
@@ -343,7 +393,7 @@ def grid(cfg: BenchConfig) -> list[tuple[str, str, int, int]]:
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
-        ) -> tuple[float, list[BenchRow], list[dict], list[dict]]:
+        ) -> tuple[float, list[BenchRow], list[dict], list[dict], list[dict]]:
     """All timings first, then all peak-memory measurements: on the CPU the latter change how the
     allocator returns memory (see _release_freed_memory), which must not touch the timings.
     The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
@@ -365,19 +415,22 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         save(cfg, mm, rows)
     solvers = mesa_solvers(cfg, device) if "mesa" in cfg.ops else []
     conditioning = mesa_conditioning(cfg, device) if "mesa" in cfg.ops else []
+    if progress is not None:
+        progress("packed sequences")
+    varlen = varlen_costs(cfg, device)
     for row in rows:
         if progress is not None:
             progress(f"memory {row.op} g={row.gate} D={row.D} T={row.T}")
         if row.peak_mb is None:
             call, leaves = _problem(cfg, row.op, row.gate, row.T, row.D, device)
             row.peak_mb = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
-            save(cfg, mm, rows, solvers, conditioning)
-    save(cfg, mm, rows, solvers, conditioning)
-    return mm, rows, solvers, conditioning
+            save(cfg, mm, rows, solvers, conditioning, varlen)
+    save(cfg, mm, rows, solvers, conditioning, varlen)
+    return mm, rows, solvers, conditioning, varlen
 
 
 def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[dict] | None = None,
-         conditioning: list[dict] | None = None) -> Path:
+         conditioning: list[dict] | None = None, varlen: list[dict] | None = None) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
@@ -387,6 +440,7 @@ def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[di
         "mesa_solvers": solvers or [],
         "mesa_conditioning": conditioning or [],
         "mesa_over_gated_delta": mesa_over_gated_delta(rows),
+        "packed_sequences": varlen or [],
     }
     partial = out.with_suffix(".partial")
     partial.write_text(json.dumps(payload, indent=1))

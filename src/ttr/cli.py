@@ -83,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
                             recurrent_lengths=args.recurrent_lengths, repeats=args.repeats, device=args.device,
                             conditioning_length=args.conditioning_length, out=args.out, resume=args.resume)
-    total = 2 * len(bench.grid(cfg))  # timing and memory per row
+    total = 2 * len(bench.grid(cfg)) + 1  # timing and memory per row, and the packed sequences
     with _progress() as bar:
         task = bar.add_task("bench", total=total)
 
@@ -91,7 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             bar.update(task, description=desc)
             bar.advance(task)
 
-        matmul, rows, solvers, conditioning = bench.run(cfg, progress=step)
+        matmul, rows, solvers, conditioning, varlen = bench.run(cfg, progress=step)
     path = Path(cfg.out)
     table = Table(title=f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch "
                         f"{bench.MINI_BATCH}), {cfg.device}; matmul {matmul:.0f} GFLOP/s", box=box.SIMPLE_HEAD,
@@ -131,6 +131,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
             cond_table.add_row(c["weights"], f"{c['lamb']:g}", f"{c['chunk_rel_error']:.1e}",
                                f"{c['recurrent_rel_error']:.1e}")
         console.print(cond_table)
+    if varlen:
+        v0 = varlen[0]
+        varlen_table = Table(title=f"{v0['N']} packed sequences, {v0['tokens']} tokens (up to T={v0['T_max']}), "
+                             f"D={v0['D']}: chunk f+b ms, min / median", box=box.SIMPLE_HEAD, padding=(0, 1))
+        for c in ("op", "g", "packed", "padded", "loop", "pad/pack", "loop/pack"):
+            varlen_table.add_column(c, justify="left" if c == "op" else "right", no_wrap=True)
+        for v in varlen:
+            varlen_table.add_row(_OP_SHORT.get(v["op"], v["op"]), v["gate"][0],
+                                 *(f"{_ms(v[f'{n}_min_ms'])}/{_ms(v[f'{n}_median_ms'])}" for n in ("packed", "padded", "loop")),
+                                 f"{v['padded_min_ms'] / v['packed_min_ms']:.2f}", f"{v['loop_min_ms'] / v['packed_min_ms']:.2f}")
+        console.print(varlen_table)
     console.print("op: la linear_attention, dr delta_rule, lh longhorn, dp delta_product, ttt ttt_linear, "
                   "mlp ttt_mlp, tit titans, sm softmax (local polynomial order 0), ll local_linear (order 1); g: gate (n none, s scalar, v vector). "
                   "fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "

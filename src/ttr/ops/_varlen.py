@@ -66,21 +66,28 @@ class Layout:
 
 
 def per_sequence(op: Callable[..., tuple[Tensor, Any]], cu_seqlens: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                 initial_state: list | None, empty: Any, output_final_state: bool,
-                 **kwargs: Any) -> tuple[Tensor, list | None]:
-    """A nonparametric memory over packed sequences: one call per sequence, since each one's state is its own
-    cache of keys and values (of its own length). initial_state and the final state are lists of N
-    per-sequence states; `empty` is the state of a sequence with no tokens and no initial state."""
+                 initial_state: list | None, empty: Any, trim: Callable[[Any, int, int], Any],
+                 output_final_state: bool, **kwargs: Any) -> tuple[Tensor, list | None]:
+    """A nonparametric memory over packed sequences. Each sequence's state is its own cache of keys and values
+    (of its own length), so initial_state and the final state are lists of N per-sequence caches. Without
+    caches the sequences run as one padded batch: right padding comes after every real query, which never
+    sees it, and trim(final, n, L_n) cuts sequence n's cache out of the padded one. With caches, one call per
+    sequence; `empty` is the state of a sequence with no tokens and no cache."""
     N = cu_seqlens.numel() - 1
     if initial_state is not None and not (isinstance(initial_state, (list, tuple)) and len(initial_state) == N
                                           and not isinstance(initial_state[0], Tensor)):
         raise ValueError(f"initial_state with cu_seqlens must be a list of the {N} sequences' caches (None for a "
                          f"sequence without one), got {type(initial_state).__name__}")
+    if initial_state is None or all(s is None for s in initial_state):
+        layout = Layout(cu_seqlens)
+        o, final = op(layout.pad(q), layout.pad(k), layout.pad(v), output_final_state=output_final_state, **kwargs)
+        finals = None if final is None else [trim(final, n, int(L)) for n, L in enumerate(layout.lengths.tolist())]
+        return layout.unpad(o), finals
     bounds = cu_seqlens.tolist()
     outs, finals = [], []
     for n in range(N):
         a, b = bounds[n], bounds[n + 1]
-        state = None if initial_state is None else initial_state[n]
+        state = initial_state[n]
         if a == b:
             finals.append(empty if state is None else state)
             continue

@@ -67,7 +67,9 @@ def kernel_regression(
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     if cu_seqlens is not None:
         empty = (k[:, :0], v[:, :0], k.new_zeros(1, H, 0, 0, dtype=torch.float64))
+        # a leading block of the factor is the factor of the leading keys: sequence n's is L[:L_n, :L_n]
         return per_sequence(kernel_regression, check_cu_seqlens(cu_seqlens, B, T), q, k, v, initial_state, empty,
+                            lambda c, n, L: (c[0][n:n + 1, :L], c[1][n:n + 1, :L], c[2][n:n + 1, :, :L, :L]),
                             output_final_state, kernel=kernel, ridge=ridge, scale=scale, degree=degree, mode=mode)
     check_mode(mode, ("chunk", "recurrent"))
     if kernel not in KERNELS:

@@ -72,8 +72,8 @@ def local_polynomial_attention(
     B, T, H, Dk, Dv = check_qkv(q, k, v)
     if cu_seqlens is not None:
         return per_sequence(local_polynomial_attention, check_cu_seqlens(cu_seqlens, B, T), q, k, v, initial_state,
-                            (k[:, :0], v[:, :0]), output_final_state, order=order, ridge=ridge, scale=scale,
-                            qk_norm=qk_norm, mode=mode)
+                            (k[:, :0], v[:, :0]), lambda kv, n, L: (kv[0][n:n + 1, :L], kv[1][n:n + 1, :L]),
+                            output_final_state, order=order, ridge=ridge, scale=scale, qk_norm=qk_norm, mode=mode)
     check_mode(mode, ("chunk", "recurrent"))
     if order not in (0, 1, 2) or isinstance(order, bool):
         raise ValueError(f"order must be 0, 1 or 2, got {order!r}")
