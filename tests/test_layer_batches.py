@@ -219,3 +219,53 @@ def test_an_all_padding_row_keeps_an_empty_state_and_decodes(name):
     nxt = torch.randn(2, 1, D_MODEL, dtype=torch.float64)
     y2, _ = layer(nxt, state)
     assert (y2[1] - layer(nxt[1:])[0][0]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("conv_size", [0, 4])
+@pytest.mark.parametrize("name", ["gated_deltanet", "ttt_linear", "softmax_attention"])
+def test_a_batch_of_padding_only_reads_and_writes_nothing(name, conv_size):
+    """Every row padding (every row finished in a decode step): zeros out, the state as it was."""
+    layer = _layer(name, conv_size=conv_size)
+    x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
+    y, empty = layer(x, attention_mask=torch.zeros(2, 5, dtype=torch.long))
+    assert torch.equal(y, torch.zeros_like(y)) and empty.lengths.tolist() == [0, 0]
+    assert (layer(x, empty)[0] - layer(x)[0]).abs().max() == 0           # the empty state is a fresh start
+    _, state = layer(x)
+    y, same = layer(x[:, :2], state, attention_mask=torch.zeros(2, 2, dtype=torch.bool))
+    assert torch.equal(y, torch.zeros_like(y)) and same.lengths.tolist() == [5, 5]
+    assert (layer(x[:, :1], same)[0] - layer(x[:, :1], state)[0]).abs().max() == 0
+
+
+def test_select_takes_a_bool_mask_and_refuses_other_indices():
+    layer = _layer("titans")
+    _, state = layer(torch.randn(3, 5, D_MODEL, dtype=torch.float64))
+    done = torch.tensor([True, False, False])
+    kept = state.select(~done)
+    assert kept.batch_size == 2 and torch.equal(kept.memory.weights[0], state.memory.weights[0][1:])
+    with pytest.raises(ValueError, match="a bool index must mask the 3 rows, got shape \\[2\\]"):
+        state.select(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="index must be a 1-D list or tensor of row numbers"):
+        state.select([0.9, 2.7])
+    shared = ttr.LayerState(None, MiniBatchState(state.memory.weights, state.memory.start, 3), state.lengths,
+                            state.kind, state.dtype)   # a hand-built state: one int offset for every row
+    assert shared.select([2]).memory.offset == 3 and shared.detach().to(dtype=torch.float32).memory.offset == 3
+
+
+def test_a_state_from_another_configuration_is_refused():
+    x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
+    _, state = _layer("gated_deltanet")(x)
+    for other, what in ((_layer("gated_deltanet", conv_size=2), "conv 2"),
+                        (_layer("gated_deltanet", num_kv_heads=1), "kv 1"),
+                        (_layer("gated_deltanet", expand_v=2), "of 8 x 16")):
+        with pytest.raises(ValueError, match=f"state was made by a layer with memory .*; this layer's memory is .*{what}"):
+            other(x, state)
+    with pytest.raises(ValueError, match="x holds no rows \\(B = 0"):
+        _layer("gated_deltanet")(x[:0])
+
+
+def test_minibatch_start_weights_are_checked():
+    q, k, v = (torch.randn(2, 5, 2, 4, dtype=torch.float64) for _ in range(3))
+    S = torch.zeros(2, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"initial_state.start \(S\) must have shape \[2, 2, 4, 4\], got \[1, 2, 4, 4\]"):
+        ttr.ops.ttt_linear(q, k, v, torch.full((2, 5, 2), 0.1, dtype=torch.float64),
+                           initial_state=MiniBatchState((S,), (S[:1],), 1))

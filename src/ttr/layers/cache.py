@@ -19,8 +19,8 @@ from ..ops import MiniBatchState
 
 def _map(memory: Any, fn: Callable[[Tensor], Tensor], rows: Callable[[list], list] | None = None) -> Any:
     """fn on every tensor of a memory state; `rows` on a per-row list (where fn cannot reach the rows)."""
-    if memory is None:
-        return None
+    if memory is None or isinstance(memory, int):  # an int offset is every row's
+        return memory
     if isinstance(memory, Tensor):
         return fn(memory)
     if isinstance(memory, MiniBatchState):
@@ -47,11 +47,17 @@ class LayerState:
     def batch_size(self) -> int:
         return 0 if self.lengths is None else self.lengths.shape[0]
 
-    def select(self, index: Tensor | list[int]) -> LayerState:
-        """The rows `index` (a list or an int tensor of row numbers, repeats allowed), in that order."""
-        index = torch.as_tensor(index, dtype=torch.long)
-        if index.dim() != 1 or index.is_floating_point():
+    def select(self, index: Tensor | list[int] | list[bool]) -> LayerState:
+        """The rows `index`: row numbers (a list or an int tensor, repeats allowed, in that order) or a bool mask
+        over the rows (state.select(~done) keeps the unfinished ones)."""
+        index = torch.as_tensor(index).cpu()
+        if index.dtype == torch.bool:
+            if tuple(index.shape) != (self.batch_size,):
+                raise ValueError(f"a bool index must mask the {self.batch_size} rows, got shape {list(index.shape)}")
+            index = index.nonzero()[:, 0]
+        if index.dim() != 1 or index.is_floating_point() or index.is_complex():
             raise ValueError(f"index must be a 1-D list or tensor of row numbers, got {index!r}")
+        index = index.long()
         if index.numel() and (int(index.min()) < -self.batch_size or int(index.max()) >= self.batch_size):
             raise ValueError(f"index must hold row numbers below the batch size {self.batch_size}, got "
                              f"{index.tolist()}")
@@ -64,8 +70,9 @@ class LayerState:
         return self.select(beam_idx)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LayerState:
-        """Moves every tensor to `device`; with `dtype`, tensors in the input dtype follow it, while the wider
-        accumulators some memories keep (float32 under bf16 inputs, the exact memory's float64) stay wide."""
+        """Moves every tensor to `device`; with `dtype`, the tensors in the input dtype follow it, while those a
+        memory keeps in a dtype of its own (float32 accumulators under bf16 inputs, the exact memory's float64
+        statistics under float32 ones) stay as they are."""
         old = getattr(torch, self.dtype, None) if self.dtype else None
 
         def move(t: Tensor) -> Tensor:

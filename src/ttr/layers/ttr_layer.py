@@ -89,7 +89,9 @@ class TTRLayer(nn.Module):
         self.op = memory.op()
         self.takes_chunk_size = "chunk_size" in inspect.signature(self.op.func).parameters
         self.chunk_size, self.mode = chunk_size, mode
-        self.kind = f"{self.op.func.__name__}: {memory.describe()}"
+        # what a state must come from: this memory, these heads and this convolution
+        self.kind = (f"{self.op.func.__name__}: {memory.describe()}; heads {H} (kv {Hkv}) of {Dk} x {Dv}, "
+                     f"conv {conv_size if conv_size > 0 else 'none'}")
 
     def forward(self, x: Tensor, state: LayerState | None = None, *, attention_mask: Tensor | None = None,
                 cu_seqlens: Tensor | None = None) -> tuple[Tensor, LayerState]:
@@ -113,6 +115,11 @@ class TTRLayer(nn.Module):
             return self._run(x, state, None)
         # the real tokens of row b become packed sequence b
         lengths = mask.sum(1)
+        if not bool(lengths.any()):  # padding only (every row finished): nothing is read or written
+            state = self._check_state(state, B, x.dtype)
+            seen = lengths if state.lengths is None else state.lengths
+            return x.new_zeros(B, T, self.d_model), LayerState(state.conv, state.memory, seen, self.kind,
+                                                               str(x.dtype).removeprefix("torch."))
         cu = F.pad(lengths.cumsum(0), (1, 0))
         y, state = self._run(x[mask][None], state, cu)
         return x.new_zeros(B, T, self.d_model).masked_scatter(mask[..., None], y[0]), state
@@ -166,6 +173,8 @@ class TTRLayer(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.shape[1] == 0:
             raise ValueError(f"x holds no tokens (T = 0, shape {list(x.shape)}); call the layer with at least one")
+        if x.shape[0] == 0:
+            raise ValueError(f"x holds no rows (B = 0, shape {list(x.shape)}); call the layer with at least one")
         return x.shape[0], x.shape[1]
 
     @staticmethod
@@ -192,7 +201,8 @@ class TTRLayer(nn.Module):
                              "state.select(...) to pick rows")
         if state.dtype != str(dtype).removeprefix("torch."):
             raise ValueError(f"state was made for {state.dtype} inputs, x is {dtype}; use state.to(dtype=...)")
-        if isinstance(state.memory, MiniBatchState) != isinstance(self.recipe.optimizer, MiniBatchGD):
+        if state.memory is not None and isinstance(state.memory, MiniBatchState) != isinstance(
+                self.recipe.optimizer, MiniBatchGD):
             raise ValueError(f"state.memory is a {type(state.memory).__name__}, not what memory {self.kind!r} keeps")
         return state
 

@@ -76,6 +76,8 @@ def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ..
         raise ValueError(f"initial_state must hold {', '.join(names)}; got {len(weights)} tensors")
     for name, w, shape in zip(names, weights, shapes):
         check_state(f"initial_state ({name})", w, shape)
+    for name, w, shape in zip(names, start[:n_start], shapes):
+        check_state(f"initial_state.start ({name})", w, shape)
     offset = torch.as_tensor(offset, device=fresh[0].device)
     if offset.is_floating_point() or offset.dim() > 1 or offset.numel() not in (1, rows):
         raise ValueError(f"initial_state.offset must be an int or an int tensor [{rows}], got {offset!r}")
