@@ -19,6 +19,7 @@ normalizer z rides along as one more value column, so the state is then [B, H, D
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, compute_dtype
 from ..features import get_feature_map
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
-from ._varlen import Layout, check_cu_seqlens
+from ._varlen import check_cu_seqlens, run_packed
 
 
 def linear_attention(
@@ -53,7 +54,7 @@ def linear_attention(
     states start afresh at each boundary, initial and final states are [N, H, D_phi, Dv(+1)].
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
-    layout = None if cu_seqlens is None else Layout(check_cu_seqlens(cu_seqlens, B, T))
+    cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
     phi = get_feature_map(feature_map)
@@ -71,20 +72,16 @@ def linear_attention(
     q = q * scale
     if normalize:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    rows = B if layout is None else layout.n
+    rows = B if cu is None else cu.numel() - 1
     check_state("initial_state", initial_state, (rows, H, Df, v.shape[-1]))
     # g as [B, T, H, 1 or Dk]: one broadcasting rule serves scalar and vector gates.
     g = None if g is None else (g.to(dt).unsqueeze(-1) if kind == "scalar" else g.to(dt))
     s0 = None if initial_state is None else initial_state.to(dt)
-    if layout is not None:  # zero features and gates outside the sequences: no association, no decay
-        q, k, v, g = (None if x is None else layout.pad(x) for x in (q, k, v, g))
-
-    if mode == "recurrent":
-        o, state = _recurrent(q, k, v, g, s0)
-    else:
-        o, state = _chunked(q, k, v, g, s0, chunk_size, vector=kind == "vector")
-    if layout is not None:
-        o = layout.unpad(o)
+    core = _recurrent if mode == "recurrent" else functools.partial(_chunked, C=chunk_size, vector=kind == "vector")
+    if cu is None:
+        o, state = core(q, k, v, g, s0)
+    else:  # zero features and gates outside the sequences: no association, no decay
+        o, state = run_packed(core, cu, [q, k, v, g], s0, None if mode == "recurrent" else chunk_size)
     if normalize:
         # Positive features: a zero normalizer means every weight is zero, and so is the numerator.
         o = o[..., :-1] / o[..., -1:].clamp_min(torch.finfo(dt).tiny)

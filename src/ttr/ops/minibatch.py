@@ -30,7 +30,7 @@ from torch import Tensor
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
 from ..features import FEATURE_MAPS
 from ._chunk import causal_mask, decay_mask, to_chunks
-from ._varlen import Layout, check_cu_seqlens
+from ._varlen import Layout, check_cu_seqlens, length_groups
 
 
 @dataclass
@@ -96,38 +96,50 @@ def _rows(B: int, T: int, cu_seqlens: Tensor | None) -> tuple[int, Tensor | None
 
 
 def _run(body, tensors: list[Tensor], batch_size: int, offset: Tensor, weights: list[Tensor], start: list[Tensor],
-         cu_seqlens: Tensor | None) -> tuple[Tensor, MiniBatchState]:
+         cu_seqlens: Tensor | None, chunked: bool) -> tuple[Tensor, MiniBatchState]:
     """Run a mini-batch body over every sequence, each continuing its own mini-batch.
 
     Sequence n (row n, or the n-th packed sequence) is laid out in a frame with its tokens at offset_n,
     offset_n + 1, ...: the frame's mini-batches of batch_size tokens are then every row's mini-batches.
     The positions around the tokens hold zeros (step size 0: no gradient step) and a mask m = 0, which the
-    body uses where zeros alone would not leave the weights as they are.
-    body(chunks, weights, start) -> (out [B, H, C, Dv], weights after the chunk), chunks [B, H, C, ...] with
-    the mask [B, H, C] last. Returns (o in the input's layout, the final MiniBatchState).
+    body uses where zeros alone would not leave the weights as they are. The chunk form runs each group of
+    similar frame lengths (length_groups) as one batch, the recurrent form all rows at once.
+    body(chunks, weights, start) -> (out [G, H, C, Dv], weights after the chunk), chunks [G, H, C, ...] with
+    the mask [G, H, C] last. Returns (o in the input's layout, the final MiniBatchState).
     """
     B, T = tensors[0].shape[:2]
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, B * T + 1, T, device=tensors[0].device)
         tensors = [x.reshape(1, B * T, *x.shape[2:]) for x in tensors]
-    layout = Layout(cu_seqlens, shift=offset)
-    mask = layout.mask[..., None].expand(-1, -1, tensors[0].shape[2]).to(tensors[0].dtype)  # [rows, F, H]
-    chunked = [to_chunks(x, batch_size) for x in [layout.pad(x) for x in tensors] + [mask]]
-    end = offset + layout.lengths                           # frame position after each row's last token
-    last = (end - 1).div(batch_size, rounding_mode="floor")  # the mini-batch holding it (-1: no token at all)
-    final_start = start
-    outs = []
-    for n in range(chunked[0].shape[2]):
-        here = (last == n)[:, None, None, None]
-        final_start = [torch.where(here, s, f) for s, f in zip(start, final_start)]
-        out, weights = body([x[:, :, n] for x in chunked], weights, start)
-        start = weights[: len(start)]
-        outs.append(out)
-    o = torch.stack(outs, 2).flatten(2, 3)[:, :, : layout.frame].movedim(1, 2)  # [rows, F, H, Dv]
-    o = layout.unpad(o)
+    N = cu_seqlens.numel() - 1
+    end = offset + cu_seqlens[1:] - cu_seqlens[:-1]                    # frame position after each row's last token
+    outs: list[Tensor | None] = [None] * N
+    final_weights, final_start = list(weights), list(start)            # rows without tokens keep theirs
+    split = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    tensors = [x[0].split(split) for x in tensors]                      # once: one backward for every group
+    for rows in length_groups(cu_seqlens, batch_size if chunked else None, shift=offset):
+        layout = Layout(cu_seqlens, shift=offset[rows], rows=rows)
+        mask = layout.mask[..., None].expand(-1, -1, tensors[0][0].shape[1]).to(tensors[0][0].dtype)  # [G, F, H]
+        chunks = [to_chunks(x, batch_size) for x in [layout.pad(x) for x in tensors] + [mask]]
+        last = (end[rows] - 1).div(batch_size, rounding_mode="floor")  # the mini-batch holding the last token
+        w, s = [x[rows] for x in weights], [x[rows] for x in start]
+        ends_in = s
+        pieces = []
+        for n in range(chunks[0].shape[2]):
+            here = (last == n)[:, None, None, None]
+            ends_in = [torch.where(here, s_, e) for s_, e in zip(s, ends_in)]
+            out, w = body([x[:, :, n] for x in chunks], w, s)
+            s = w[: len(s)]
+            pieces.append(out)
+        o = torch.stack(pieces, 2).flatten(2, 3)[:, :, : layout.frame].movedim(1, 2)  # [G, F, H, Dv]
+        for n, piece in zip(layout.rows, layout.pieces(o)):
+            outs[n] = piece
+        final_weights = [f.index_put((rows,), x) for f, x in zip(final_weights, w)]
+        final_start = [f.index_put((rows,), x) for f, x in zip(final_start, ends_in)]
+    o = torch.cat([piece for piece in outs if piece is not None])
     complete = (end % batch_size == 0)[:, None, None, None]  # a finished mini-batch starts the next from here
-    final_start = [torch.where(complete, w, f) for w, f in zip(weights, final_start)]
-    return o.reshape(B, T, *o.shape[2:]), MiniBatchState(tuple(weights), tuple(final_start), end % batch_size)
+    final_start = [torch.where(complete, w, f) for w, f in zip(final_weights, final_start)]
+    return o.reshape(B, T, *o.shape[1:]), MiniBatchState(tuple(final_weights), tuple(final_start), end % batch_size)
 
 
 def _tokens(chunks: list[Tensor]) -> list[list[Tensor]]:
@@ -179,7 +191,7 @@ def ttt_linear(
         return q_n @ state - scores @ step, [state - k_n.transpose(-1, -2) @ step]
 
     o, final = _run(recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset, weights, start,
-                    cu_seqlens)
+                    cu_seqlens, mode == "chunk")
     return o.to(out_dtype), (final if output_final_state else None)
 
 
@@ -249,7 +261,7 @@ def ttt_mlp(
         return out, [W1 - step1.transpose(-1, -2) @ k_n, W2 - step2.transpose(-1, -2) @ a]
 
     o, final = _run(recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset, weights, start,
-                    cu_seqlens)
+                    cu_seqlens, mode == "chunk")
     return o.to(out_dtype), (final if output_final_state else None)
 
 
@@ -314,5 +326,5 @@ def titans(
                      GE[..., -1, None, None].exp() * mom - k_n.transpose(-1, -2) @ (L_E[..., -1, :, None] * step)]
 
     o, final = _run(recurrent if mode == "recurrent" else chunk, [q, k, v, theta, g, log_eta], batch_size, offset,
-                    weights, start, cu_seqlens)
+                    weights, start, cu_seqlens, mode == "chunk")
     return o.to(out_dtype), (final if output_final_state else None)

@@ -60,6 +60,7 @@ token's iterate at once with a few matrix products, decay or not. Gradients foll
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -68,7 +69,7 @@ from torch import Tensor
 
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
-from ._varlen import Layout, check_cu_seqlens
+from ._varlen import check_cu_seqlens, run_packed
 
 STATS = torch.float64  # the carried statistics, and the d x d steps on ill-conditioned keys; see "Precision"
 Z_SLICE = 2 ** 19  # entries of _eigen's Z formed at once (2 MiB in float32)
@@ -152,8 +153,8 @@ def mesa(
     with states [N, H, Dk, .].
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
-    layout = None if cu_seqlens is None else Layout(check_cu_seqlens(cu_seqlens, B, T))
-    rows = B if layout is None else layout.n
+    cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
+    rows = B if cu is None else cu.numel() - 1
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
     if solver not in ("exact", "cg"):
@@ -176,19 +177,20 @@ def mesa(
     k, v = k.to(dt) / root.to(dt), v.to(dt)
     beta = torch.ones(B, T, H, dtype=dt, device=q.device) if beta is None else beta.to(dt)
     g = None if g is None else g.to(dt)
-    if layout is not None:  # zero beta and gates outside the sequences: no association, no decay
-        q, k, v, beta, g = (None if x is None else layout.pad(x) for x in (q, k, v, beta, g))
     if initial_state is None:
         state = (q.new_zeros(rows, H, Dk, Dk, dtype=STATS), q.new_zeros(rows, H, Dk, Dv, dtype=STATS))
     else:
         H_kk, H_kv = (s.to(STATS) for s in initial_state)
         state = (H_kk / (root[:, :, None] * root[:, None, :]), H_kv / root[:, :, None])
     if mode == "recurrent" and solver == "exact":
-        o, state = _recurrent(q, k, v, g, beta, state)
+        core = _recurrent
     else:
-        o, state = _chunked(q, k, v, beta, g, state, 1 if mode == "recurrent" else chunk_size, solver, cg_steps, dt)
-    if layout is not None:
-        o = layout.unpad(o)
+        core = functools.partial(_chunked, C=1 if mode == "recurrent" else chunk_size, solver=solver,
+                                 cg_steps=cg_steps, dt=dt)
+    if cu is None:
+        o, state = core(q, k, v, beta, g, state)
+    else:  # zero beta and gates outside the sequences: no association, no decay
+        o, state = run_packed(core, cu, [q, k, v, beta, g], state, None if mode == "recurrent" else chunk_size)
     if output_final_state:
         state = (state[0] * (root[:, :, None] * root[:, None, :]), state[1] * root[:, :, None])
     return o.to(out_dtype), (state if output_final_state else None)
@@ -206,7 +208,7 @@ def _chunked(q, k, v, beta, g, state, C, solver, cg_steps, dt):
     return from_chunks(oc, q.shape[1]), state
 
 
-def _recurrent(q, k, v, g, beta, state):
+def _recurrent(q, k, v, beta, g, state):
     """Token by token in STATS: accumulate H_kk and H_kv, one Cholesky solve per token."""
     H_kk, H_kv = state
     eye = torch.eye(H_kk.shape[-1], dtype=STATS, device=H_kk.device)

@@ -18,13 +18,15 @@ o_t = S_t^T (scale q_t).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
 from ..features import FEATURE_MAPS
 from ._chunk import check_chunk_size, decay_mask, from_chunks, to_chunks
-from ._varlen import Layout, check_cu_seqlens
+from ._varlen import check_cu_seqlens, run_packed
 
 
 def delta_rule(
@@ -51,7 +53,7 @@ def delta_rule(
     (with B = 1) packs N sequences, with states [N, H, Dk, Dv].
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
-    layout = None if cu_seqlens is None else Layout(check_cu_seqlens(cu_seqlens, B, T))
+    cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
     check_step("beta", beta, (B, T, H), upper=2.0 if qk_l2norm else None)
@@ -60,7 +62,7 @@ def delta_rule(
         if reach > 2.0 + 1e-6:
             raise ValueError(f"beta * ||k||^2 must lie in [0, 2] with raw keys (qk_l2norm=False), got max {reach:.4g}")
     check_log_gate(g, B, T, H, Dk, scalar_for="the delta rule")
-    check_state("initial_state", initial_state, (B if layout is None else layout.n, H, Dk, Dv))
+    check_state("initial_state", initial_state, (B if cu is None else cu.numel() - 1, H, Dk, Dv))
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
     q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
@@ -69,14 +71,11 @@ def delta_rule(
     q = q * (Dk ** -0.5 if scale is None else float(scale))
     g = None if g is None else g.to(dt)
     s0 = None if initial_state is None else initial_state.to(dt)
-    if layout is not None:  # zero beta and gates outside the sequences: no step, no decay
-        q, k, v, beta, g = (None if x is None else layout.pad(x) for x in (q, k, v, beta, g))
-    if mode == "recurrent":
-        o, state = _recurrent(q, k, v, beta, g, s0)
-    else:
-        o, state = _chunked(q, k, v, beta, g, s0, chunk_size)
-    if layout is not None:
-        o = layout.unpad(o)
+    core = _recurrent if mode == "recurrent" else functools.partial(_chunked, C=chunk_size)
+    if cu is None:
+        o, state = core(q, k, v, beta, g, s0)
+    else:  # zero beta and gates outside the sequences: no step, no decay
+        o, state = run_packed(core, cu, [q, k, v, beta, g], s0, None if mode == "recurrent" else chunk_size)
     return o.to(out_dtype), (state if output_final_state else None)
 
 
