@@ -120,22 +120,27 @@ def _run(body, tensors: list[Tensor], batch_size: int, offset: Tensor, weights: 
     for rows in length_groups(cu_seqlens, batch_size if chunked else None, shift=offset):
         layout = Layout(cu_seqlens, shift=offset[rows], rows=rows)
         mask = layout.mask[..., None].expand(-1, -1, tensors[0][0].shape[1]).to(tensors[0][0].dtype)  # [G, F, H]
-        chunks = [to_chunks(x, batch_size) for x in [layout.pad(x) for x in tensors] + [mask]]
+        # unbind once: indexing a chunk inside the loop would make backward build a full-size zero gradient per chunk
+        chunks = list(zip(*(to_chunks(x, batch_size).unbind(2) for x in [layout.pad(x) for x in tensors] + [mask])))
         last = (end[rows] - 1).div(batch_size, rounding_mode="floor")  # the mini-batch holding the last token
         w, s = [x[rows] for x in weights], [x[rows] for x in start]
         ends_in = s
         pieces = []
-        for n in range(chunks[0].shape[2]):
-            here = (last == n)[:, None, None, None]
-            ends_in = [torch.where(here, s_, e) for s_, e in zip(s, ends_in)]
-            out, w = body([x[:, :, n] for x in chunks], w, s)
+        for n, chunk in enumerate(chunks):
+            here = last == n
+            if bool(here.any()):  # some rows end in this mini-batch: it started from s
+                ends_in = [torch.where(here[:, None, None, None], s_, e) for s_, e in zip(s, ends_in)]
+            out, w = body(list(chunk), w, s)
             s = w[: len(s)]
             pieces.append(out)
         o = torch.stack(pieces, 2).flatten(2, 3)[:, :, : layout.frame].movedim(1, 2)  # [G, F, H, Dv]
         for n, piece in zip(layout.rows, layout.pieces(o)):
             outs[n] = piece
-        final_weights = [f.index_put((rows,), x) for f, x in zip(final_weights, w)]
-        final_start = [f.index_put((rows,), x) for f, x in zip(final_start, ends_in)]
+        if layout.rows == list(range(N)):  # every row in one group, in order
+            final_weights, final_start = w, ends_in
+        else:
+            final_weights = [f.index_put((rows,), x) for f, x in zip(final_weights, w)]
+            final_start = [f.index_put((rows,), x) for f, x in zip(final_start, ends_in)]
     o = torch.cat([piece for piece in outs if piece is not None])
     complete = (end % batch_size == 0)[:, None, None, None]  # a finished mini-batch starts the next from here
     final_start = [torch.where(complete, w, f) for w, f in zip(final_weights, final_start)]
