@@ -49,6 +49,8 @@ def _case(name):
         "delta_rule": (ops.delta_rule, {"beta": beta}, "tensor", {**l2, "chunk_size": 16}),
         "gated_delta_rule": (ops.delta_rule, {"beta": beta, "g": gate}, "tensor", {**l2, "chunk_size": 16}),
         "longhorn": (ops.longhorn, {"delta": beta * 3}, "tensor", {**l2, "chunk_size": 16}),
+        "delta_product": (ops.delta_product, {"beta": _rand(1, T, H, 2, seed=15, lo=0.1, hi=1.9)}, "tensor",
+                          {**l2, "chunk_size": 16}),
         "mesa": (ops.mesa, {"g": gate, "beta": beta}, "mesa", {"lamb": 0.5, "chunk_size": 16}),
         "mesa_uniform": (ops.mesa, {}, "mesa", {"lamb": 0.5, "chunk_size": 16}),
         "mesa_cg": (ops.mesa, {"g": gate, "beta": beta}, "mesa", {"lamb": 0.5, "chunk_size": 16, "solver": "cg", "cg_steps": 3}),
@@ -105,7 +107,7 @@ def _stack(states, kind):
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("name", ["linear_attention", "linear_attention_scalar", "linear_attention_vector",
-                                  "linear_attention_elu1_normalized", "delta_rule", "gated_delta_rule", "longhorn",
+                                  "linear_attention_elu1_normalized", "delta_rule", "gated_delta_rule", "longhorn", "delta_product",
                                   "mesa", "mesa_uniform", "mesa_cg", "ttt_linear", "ttt_mlp", "titans", "softmax",
                                   "local_linear", "kernel_regression", "softmax_fresh", "local_linear_fresh",
                                   "kernel_regression_fresh"])
@@ -115,6 +117,8 @@ def test_packed_equals_separate(name, mode):
     q, k, v = _rand(1, T, H, DK, seed=1), _rand(1, T, H, DK, seed=2), _rand(1, T, H, DV, seed=3)
     if name == "mesa" or name.startswith("mesa_"):
         k = F.normalize(k, dim=-1)
+    if name == "delta_product":  # two keys, values and steps per token
+        k, v = _rand(1, T, H, 2, DK, seed=2), _rand(1, T, H, 2, DV, seed=3)
     if name == "ttt_mlp" and make_state is None:
         raise AssertionError("ttt_mlp needs a state")
     rows = [make_state(n) for n in range(N)] if make_state else None
