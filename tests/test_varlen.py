@@ -53,7 +53,8 @@ def _case(name):
                           {**l2, "chunk_size": 16}),
         "mesa": (ops.mesa, {"g": gate, "beta": beta}, "mesa", {"lamb": 0.5, "chunk_size": 16}),
         "mesa_uniform": (ops.mesa, {}, "mesa", {"lamb": 0.5, "chunk_size": 16}),
-        "mesa_cg": (ops.mesa, {"g": gate, "beta": beta}, "mesa", {"lamb": 0.5, "chunk_size": 16, "solver": "cg", "cg_steps": 3}),
+        "mesa_cg": (ops.mesa, {"g": gate, "beta": beta}, "mesa",
+                    {"lamb": 0.5, "chunk_size": 16, "solver": "cg", "cg_steps": 3}),
         "ttt_linear": (ops.ttt_linear, {"lr": beta * 0.5}, "ttt", {**l2, "batch_size": 4}),
         "ttt_mlp": (ops.ttt_mlp, {"lr": beta * 0.1}, "mlp", {**l2, "batch_size": 4}),
         "titans": (ops.titans, {"theta": beta * 0.5, "momentum": 1 - beta * 0.5, "g": gate}, "titans",
@@ -107,7 +108,8 @@ def _stack(states, kind):
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("name", ["linear_attention", "linear_attention_scalar", "linear_attention_vector",
-                                  "linear_attention_elu1_normalized", "delta_rule", "gated_delta_rule", "longhorn", "delta_product",
+                                  "linear_attention_elu1_normalized", "delta_rule", "gated_delta_rule", "longhorn",
+                                  "delta_product",
                                   "mesa", "mesa_uniform", "mesa_cg", "ttt_linear", "ttt_mlp", "titans", "softmax",
                                   "local_linear", "kernel_regression", "softmax_fresh", "local_linear_fresh",
                                   "kernel_regression_fresh"])

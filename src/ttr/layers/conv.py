@@ -21,7 +21,8 @@ class ShortConv(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
 
-    def forward(self, x: Tensor, cache: Tensor | None = None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, cache: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x [B, T, C] -> (y [B, T, C], new cache [B, K-1, C]). With cu_seqlens [N + 1] (B = 1, checked by the
         caller) x packs N sequences: each is convolved alone, from its own cache [N, K-1, C] (zeros if None)."""
         layout = None if cu_seqlens is None else Layout(cu_seqlens)

@@ -34,8 +34,8 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> Tensor:
     cu = cu_seqlens.long()
     bounds = cu.cpu()
     if int(bounds[0]) != 0 or int(bounds[-1]) != T or bool((bounds[1:] < bounds[:-1]).any()):
-        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T = {T}, got "
-                         f"{bounds.tolist() if bounds.numel() <= 12 else bounds[:6].tolist() + ['...', int(bounds[-1])]}")
+        seen = bounds.tolist() if bounds.numel() <= 12 else bounds[:6].tolist() + ["...", int(bounds[-1])]
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T = {T}, got {seen}")
     return cu
 
 
