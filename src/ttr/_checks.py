@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -98,6 +99,16 @@ def check_state(name: str, s: Tensor | None, shape: tuple[int, ...]) -> None:
     if tuple(s.shape) != tuple(shape):
         dims = "[" + ", ".join(str(d) for d in shape) + "]"
         raise ValueError(f"{name} must have shape {dims}, got {_shape(s)}")
+
+
+def scale_or(scale: object, default: float, positive: bool = False) -> float:
+    """The read-out scale: `default` when None, else a finite number (positive where the op needs it)."""
+    if scale is None:
+        return default
+    if not (isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale)
+            and (scale > 0 or not positive)):
+        raise ValueError(f"scale must be a {'positive ' if positive else ''}finite number, got {scale!r}")
+    return float(scale)
 
 
 def check_positive(name: str, x: object) -> None:

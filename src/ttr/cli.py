@@ -16,9 +16,36 @@ console = Console()
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in text.split(","))
+        values = tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _at_least(low: int):
+    """An argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _writable(folder: Path) -> None:
+    """Fail before any compute where the results could not be saved."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".ttr-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"cannot write to the output folder {str(folder)!r}: {exc.strerror or exc}") from None
 
 
 _OP_SHORT = {"linear_attention": "la", "delta_rule": "dr", "longhorn": "lh", "delta_product": "dp",
@@ -56,6 +83,7 @@ def cmd_regress(args: argparse.Namespace) -> None:
 
     cfg = regress.RegressConfig(dim=args.dim, length=args.length, n_seq=args.sequences, seed=args.seed,
                                 decay=args.decay, step=args.step, out=args.out)
+    _writable(Path(cfg.out))
     with _progress() as bar:
         task = bar.add_task("memories", total=len(PRESETS))
         rows, curves = regress.run(cfg, progress=lambda: bar.advance(task))
@@ -83,6 +111,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
                             recurrent_lengths=args.recurrent_lengths, repeats=args.repeats, device=args.device,
                             conditioning_length=args.conditioning_length, out=args.out, resume=args.resume)
+    if cfg.device.startswith("cuda") and not _cuda():
+        raise ValueError(f"--device {cfg.device}: this torch ({_torch_version()}) sees no CUDA device")
+    _writable(Path(cfg.out).parent)
     total = 2 * len(bench.grid(cfg)) + 1  # timing and memory per row, and the packed sequences
     with _progress() as bar:
         task = bar.add_task("bench", total=total)
@@ -163,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "parameters; prints a table and saves a PNG",
                        description="Keys follow k_{t+1} = 0.999 k_t + 0.02 eps before T/4 and 0.9 k_t + 0.02 eps "
                        "after; each memory predicts v_t = k_{t+1}/||k_{t+1}|| from the associations before t.")
-    p.add_argument("--dim", type=int, default=16, help="key dimension (default 16)")
-    p.add_argument("--length", type=int, default=1024, help="sequence length T (default 1024)")
-    p.add_argument("--sequences", type=int, default=64, help="sequences averaged (default 64)")
+    p.add_argument("--dim", type=_at_least(1), default=16, help="key dimension (default 16)")
+    p.add_argument("--length", type=_at_least(64), default=1024, help="sequence length T, at least 64 "
+                   "(default 1024)")
+    p.add_argument("--sequences", type=_at_least(1), default=64, help="sequences averaged (default 64)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--decay", type=float, default=0.95, help="decay of gated memories without parameters (0.95)")
     p.add_argument("--step", type=float, default=0.5, help="step size of online learners without parameters (0.5)")
@@ -178,14 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gates", default="none,scalar,vector", help="gate kinds among none,scalar,vector")
     p.add_argument("--ops", default=None, help="ops to time, comma-separated, among linear_attention, delta_rule, "
                    "longhorn, delta_product, ttt_linear, ttt_mlp, titans, mesa, softmax, local_linear (default: all)")
-    p.add_argument("--heads", type=int, default=4, help="heads (default 4)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunk form (default 64)")
+    p.add_argument("--heads", type=_at_least(1), default=4, help="heads (default 4)")
+    p.add_argument("--batch", type=_at_least(1), default=1, help="batch size (default 1)")
+    p.add_argument("--chunk-size", type=_at_least(1), default=64, help="chunk size of the chunk form (default 64)")
     p.add_argument("--recurrent-lengths", type=_ints, default=(1024, 4096),
                    help="T values at which the (slow) recurrent form is timed too (1024,4096)")
-    p.add_argument("--conditioning-length", type=int, default=16384,
+    p.add_argument("--conditioning-length", type=_at_least(1), default=16384,
                    help="T of mesa's float32 accuracy check on ill-conditioned keys (default 16384)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    p.add_argument("--repeats", type=_at_least(1), default=3, help="timed repeats per measurement (median)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if present)")
     p.add_argument("--out", default="runs/bench/bench.json", help="JSON output path, rewritten after every row")
     p.add_argument("--resume", action="store_true", help="reuse the rows an interrupted run with the same "
@@ -200,6 +232,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -207,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except KeyboardInterrupt:  # what was saved stays saved: files are written whole, after every row
+        console.print("interrupted")
+        return 130
     return 0
 
 

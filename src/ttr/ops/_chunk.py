@@ -46,5 +46,6 @@ def causal_mask(C: int, device: torch.device) -> Tensor:
 
 def check_chunk_size(chunk_size: int) -> None:
     """Chunk sizes are powers of two (the vector-gate scores halve blocks down to single tokens)."""
-    if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
+    if (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+            or chunk_size & (chunk_size - 1)):
         raise ValueError(f"chunk_size must be a power of two, got {chunk_size!r}")

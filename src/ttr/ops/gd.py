@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_log_gate, check_mode, check_qkv, check_state, compute_dtype
+from .._checks import check_log_gate, check_mode, check_qkv, check_state, compute_dtype, scale_or
 from ..features import get_feature_map
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
@@ -68,7 +68,7 @@ def linear_attention(
                              f">= 0); feature map {phi.name!r} gave a value of {low:.4g}")
     Df = k.shape[-1]
     kind = check_log_gate(g, B, T, H, Df)
-    scale = Dk ** -0.5 if scale is None else float(scale)
+    scale = scale_or(scale, Dk ** -0.5)
     q = q * scale
     if normalize:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
@@ -83,8 +83,11 @@ def linear_attention(
     else:  # zero features and gates outside the sequences: no association, no decay
         o, state = run_packed(core, cu, [q, k, v, g], s0, None if mode == "recurrent" else chunk_size)
     if normalize:
-        # Positive features: a zero normalizer means every weight is zero, and so is the numerator.
-        o = o[..., :-1] / o[..., -1:].clamp_min(torch.finfo(dt).tiny)
+        # Non-negative features: a zero normalizer means every weight is zero, and so is the numerator; the
+        # answer there is 0, with gradient 0 (dividing by a clamped normalizer would give 0 * inf = NaN)
+        numerator, z = o[..., :-1], o[..., -1:]
+        seen = z > 0
+        o = torch.where(seen, numerator / torch.where(seen, z, torch.ones_like(z)), torch.zeros_like(numerator))
     return o.to(out_dtype), (state if output_final_state else None)
 
 

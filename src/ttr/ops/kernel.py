@@ -28,21 +28,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import append_to_cache, check_mode, check_positive, check_qkv, check_state, compute_dtype
+from .._checks import (append_to_cache, check_mode, check_positive, check_qkv, check_state, compute_dtype,
+                       scale_or)
 from ._varlen import check_cu_seqlens, per_sequence
 
 KERNELS = ("exp", "rbf", "poly")
 
 
 def kern(a: Tensor, b: Tensor, kernel: str, scale: float, degree: int) -> Tensor:
-    """Kern(a_i, b_j) for a [..., n, D], b [..., m, D]: [..., n, m]."""
+    """Kern(a_i, b_j) for a [..., n, D], b [..., m, D]: [..., n, m]; a ValueError where it overflows."""
     dot = a @ b.transpose(-1, -2)
     if kernel == "exp":
-        return torch.exp(scale * dot)
-    if kernel == "rbf":
+        value = torch.exp(scale * dot)
+    elif kernel == "rbf":
         sq = (a * a).sum(-1)[..., :, None] + (b * b).sum(-1)[..., None, :] - 2.0 * dot
-        return torch.exp(-0.5 * scale * sq.clamp_min(0.0))
-    return (1.0 + scale * dot) ** degree
+        value = torch.exp(-0.5 * scale * sq.clamp_min(0.0))
+    else:
+        value = (1.0 + scale * dot) ** degree
+    if not bool(torch.isfinite(value).all()):  # a large scale times large keys: exp overflows even float64
+        raise ValueError(f"the {kernel} kernel overflows float64 on these keys and queries (scale {scale:g}): "
+                         "lower scale or normalize q and k")
+    return value
 
 
 def kernel_regression(
@@ -82,7 +88,7 @@ def kernel_regression(
         *initial_state, factor = initial_state
     k_all, v_all = append_to_cache(initial_state, k, v)
     out_dtype, dt = q.dtype, compute_dtype(q.dtype)
-    scale = Dk ** -0.5 if scale is None else float(scale)
+    scale = scale_or(scale, Dk ** -0.5)
     qh, kh, vh = (x.transpose(1, 2).to(torch.float64) for x in (q, k_all, v_all))  # [B, H, T, D]
     first = kh.shape[2] - T
 

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import append_to_cache, check_mode, check_positive, check_qkv, check_step, compute_dtype
+from .._checks import (append_to_cache, check_mode, check_positive, check_qkv, check_step, compute_dtype,
+                       scale_or)
 from ._varlen import check_cu_seqlens, per_sequence
 
 MAX_ORDER2_DIM = 16  # order 2 has 1 + D + D(D+1)/2 monomials and p^2 moments per query
@@ -87,9 +88,11 @@ def local_polynomial_attention(
     dt = compute_dtype(q.dtype)
     if isinstance(scale, Tensor):
         check_step("scale", scale, (H,))
+        if float(scale.detach().min()) <= 0:  # exp(scale q.k) is a smoothing kernel only for a positive scale
+            raise ValueError(f"scale must be positive per head, got min {float(scale.detach().min()):.4g}")
         scale = scale.to(dt)[:, None, None]                   # per head, against scores [B, H, n, T]
     else:
-        scale = Dk ** -0.5 if scale is None else float(scale)
+        scale = scale_or(scale, Dk ** -0.5, positive=True)
     qh, kh, vh = (x.to(dt).transpose(1, 2) for x in (q, k_all, v_all))  # [B, H, T, D]
     if qk_norm:
         qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
+from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, scale_or
 from ..features import FEATURE_MAPS
 from ._chunk import causal_mask, decay_mask, to_chunks
 from ._varlen import Layout, check_cu_seqlens, length_groups
@@ -57,7 +57,7 @@ def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale, lr_name="lr"):
     q, k, v, lr = q.to(dt), k.to(dt), v.to(dt), lr.to(dt)
     if qk_l2norm:
         q, k = FEATURE_MAPS["l2"](q), FEATURE_MAPS["l2"](k)
-    return q * (Dk ** -0.5 if scale is None else float(scale)), k, v, lr
+    return q * scale_or(scale, Dk ** -0.5), k, v, lr
 
 
 def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ...]], names: list[str],

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
+from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, scale_or
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
 
@@ -114,6 +114,9 @@ def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
 
 def _ridge(lamb: float | Tensor, H: int, Dk: int, device: torch.device) -> Tensor:
     """lamb as a positive diagonal [H, Dk] (in STATS): a scalar, one per head [H], or one per channel [H, Dk]."""
+    if not (isinstance(lamb, Tensor) or (isinstance(lamb, (int, float)) and not isinstance(lamb, bool))):
+        raise ValueError(f"lamb must be a positive number or a tensor [H] or [H, Dk], got {type(lamb).__name__} "
+                         f"{lamb!r}")
     lam = torch.as_tensor(lamb, dtype=STATS, device=device)  # a Python float straight to STATS, never via float32
     if lam.dim() == 0:
         lam = lam.expand(H, Dk)
@@ -173,7 +176,7 @@ def mesa(
     dt = compute_dtype(q.dtype)
     # the ridge as a change of variables (module docstring): every form below solves with the ridge I
     root = _ridge(lamb, H, Dk, q.device).sqrt()                          # Lambda^1/2: [H, Dk]
-    q = q.to(dt) * ((1.0 if scale is None else float(scale)) / root.to(dt))
+    q = q.to(dt) * (scale_or(scale, 1.0) / root.to(dt))
     k, v = k.to(dt) / root.to(dt), v.to(dt)
     beta = torch.ones(B, T, H, dtype=dt, device=q.device) if beta is None else beta.to(dt)
     g = None if g is None else g.to(dt)

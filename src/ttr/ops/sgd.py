@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype
+from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, scale_or
 from ..features import FEATURE_MAPS
 from ._chunk import check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
@@ -68,7 +68,7 @@ def delta_rule(
     q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
     if qk_l2norm:
         q, k = FEATURE_MAPS["l2"](q), FEATURE_MAPS["l2"](k)
-    q = q * (Dk ** -0.5 if scale is None else float(scale))
+    q = q * scale_or(scale, Dk ** -0.5)
     g = None if g is None else g.to(dt)
     s0 = None if initial_state is None else initial_state.to(dt)
     core = _recurrent if mode == "recurrent" else functools.partial(_chunked, C=chunk_size)
@@ -159,8 +159,8 @@ def delta_product(
     if q.shape != (B, T, H, Dk) or v.shape[:4] != (B, T, H, n):
         raise ValueError(f"q must be [B, T, H, Dk] = {[B, T, H, Dk]} and v [B, T, H, n, Dv] matching k, got "
                          f"q {list(q.shape)}, v {list(v.shape)}")
-    if beta.shape != (B, T, H, n):
-        raise ValueError(f"beta must have shape {[B, T, H, n]}, got {list(beta.shape)}")
+    check_step("beta", beta, (B, T, H, n))
+    check_log_gate(g, B, T, H, Dk, scalar_for="delta_product")
     q_sub = torch.zeros(B, T, n, H, Dk, dtype=q.dtype, device=q.device)
     q_sub[:, :, -1] = q
     g_sub = None

@@ -1,0 +1,105 @@
+"""Reproducers of defects found by adversarial probing (issue 12), each a regression test."""
+
+import math
+
+import pytest
+import torch
+
+from ttr import ops
+
+
+def test_normalized_linear_attention_has_finite_gradients_where_the_normalizer_is_zero():
+    """relu features with keys [1, 1, -1, -1] and queries [-1, -1, 1, 1]: every weight phi(q)^T phi(k) of the
+    first queries is 0. The answer there is 0 and so is its gradient, in both forms (was NaN in the chunk form)."""
+    k = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64).view(1, 4, 1, 1)
+    q = (-k).clone().requires_grad_()
+    v = torch.arange(1.0, 5.0, dtype=torch.float64).view(1, 4, 1, 1)
+    grads = []
+    for mode in ("chunk", "recurrent"):
+        o, _ = ops.linear_attention(q, k, v, feature_map="relu", normalize=True, mode=mode)
+        (g,) = torch.autograd.grad(o.sum(), q)
+        assert torch.isfinite(o).all() and torch.isfinite(g).all()
+        grads.append(g)
+    assert torch.equal(grads[0], grads[1])
+
+
+def _call(op, scale):
+    q, k, v = (torch.randn(1, 6, 2, 4) for _ in range(3))
+    beta = torch.full((1, 6, 2), 0.2)
+    calls = {
+        "linear_attention": lambda: ops.linear_attention(q, k, v, scale=scale),
+        "delta_rule": lambda: ops.delta_rule(q, k, v, beta, qk_l2norm=True, scale=scale),
+        "longhorn": lambda: ops.longhorn(q, k, v, beta, qk_l2norm=True, scale=scale),
+        "ttt_linear": lambda: ops.ttt_linear(q, k, v, beta, scale=scale),
+        "titans": lambda: ops.titans(q, k, v, beta, beta, scale=scale),
+        "mesa": lambda: ops.mesa(q, k, v, lamb=1.0, scale=scale),
+        "local_polynomial_attention": lambda: ops.local_polynomial_attention(q, k, v, scale=scale),
+        "kernel_regression": lambda: ops.kernel_regression(q, k, v, scale=scale),
+    }
+    return calls[op]()
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, "1", True])
+@pytest.mark.parametrize("op", ["linear_attention", "delta_rule", "longhorn", "ttt_linear", "titans", "mesa",
+                                "local_polynomial_attention", "kernel_regression"])
+def test_a_non_finite_scale_is_a_clear_error(op, scale):
+    with pytest.raises(ValueError, match="scale must be a (positive )?finite number, got"):
+        _call(op, scale)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+@pytest.mark.parametrize("scale", [0.0, -0.5, torch.tensor([1.0, 0.0])])
+def test_local_polynomial_attention_refuses_a_scale_that_is_no_smoothing_kernel(scale, mode):
+    """exp(scale q.k) weighs keys by closeness only for scale > 0; order 0 in the chunk form gave NaN (SDPA)
+    where the recurrent form was finite. Both forms now refuse it."""
+    q, k, v = (torch.randn(1, 6, 2, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="scale must be (a )?positive"):
+        ops.local_polynomial_attention(q, k, v, scale=scale, mode=mode)
+
+
+def test_an_overflowing_kernel_says_so():
+    q, k, v = (torch.randn(1, 6, 1, 4, dtype=torch.float64) * 30 for _ in range(3))
+    with pytest.raises(ValueError, match="the exp kernel overflows float64 on these keys and queries"):
+        ops.kernel_regression(q, k, v, scale=10.0)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["regress", "--length", "8"], "argument --length: must be at least 64, got 8"),
+    (["regress", "--sequences", "0"], "argument --sequences: must be at least 1, got 0"),
+    (["regress", "--dim", "0"], "argument --dim: must be at least 1, got 0"),
+    (["bench", "--heads", "0"], "argument --heads: must be at least 1, got 0"),
+    (["bench", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["bench", "--lengths", "0,64"], "argument --lengths: expected positive integers, got '0,64'"),
+])
+def test_bad_cli_arguments_are_one_line_errors(argv, message, capsys):
+    from ttr.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_missing_device_and_an_unwritable_folder_before_computing(tmp_path, capsys):
+    from ttr.cli import main
+
+    if not torch.cuda.is_available():
+        assert main(["bench", "--device", "cuda", "--out", str(tmp_path / "b.json")]) == 2
+        assert "--device cuda: this torch" in capsys.readouterr().out
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["regress", "--out", str(blocker / "sub")]) == 2
+    assert f"cannot write to the output folder {str(blocker / 'sub')!r}" in capsys.readouterr().out.replace("\n", "")
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda q, k, v: ops.linear_attention(q, k, v, chunk_size=True), "chunk_size must be a power of two, got True"),
+    (lambda q, k, v: ops.mesa(q, k, v, lamb="1"), "lamb must be a positive number or a tensor"),
+    (lambda q, k, v: ops.mesa(q, k, v, beta=[0.5] * 6, lamb=1.0), "beta must be a floating-point torch.Tensor"),
+    (lambda q, k, v: ops.delta_rule(q, k, v, [0.5] * 6), "beta must be a floating-point torch.Tensor"),
+    (lambda q, k, v: ops.delta_product(q, torch.stack([k, k], 3), torch.stack([v, v], 3), torch.full((1, 6, 2, 2), 0.5),
+                                       torch.zeros(1, 6, 3)), r"g must be \[B, T, H\] = \[1, 6, 2\]"),
+])
+def test_wrong_argument_types_are_clear_errors(call, match):
+    q, k, v = (torch.randn(1, 6, 2, 4) for _ in range(3))
+    with pytest.raises(ValueError, match=match):
+        call(q, k, v)
