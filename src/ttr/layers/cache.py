@@ -30,6 +30,11 @@ def _map(memory: Any, fn: Callable[[Tensor], Tensor], rows: Callable[[list], lis
     return tuple(_map(m, fn) for m in memory)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """How a state records its input dtype: "float32" (a string, which torch.load's weights_only accepts)."""
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass
 class LayerState:
     """A TTRLayer's decoding state (its cache): the short convolution's last inputs conv [B, K-1, C], the
@@ -81,7 +86,7 @@ class LayerState:
 
         return replace(self, conv=None if self.conv is None else move(self.conv), memory=_map(self.memory, move),
                        lengths=None if self.lengths is None else self.lengths.to(device),
-                       dtype=str(dtype).removeprefix("torch.") if dtype is not None else self.dtype)
+                       dtype=dtype_name(dtype) if dtype is not None else self.dtype)
 
     def detach(self) -> LayerState:
         """The same state cut from the autograd graph (truncated backpropagation through time)."""

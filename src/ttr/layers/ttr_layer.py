@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..ops import MiniBatchState
 from ..ops._varlen import check_cu_seqlens
 from ..recipe import MLP, LocalPolynomial, MiniBatchGD, Preset, Recipe, get_preset
-from .cache import LayerState
+from .cache import LayerState, dtype_name
 from .conv import ShortConv
 from .gates import make_inputs
 
@@ -119,7 +119,7 @@ class TTRLayer(nn.Module):
             state = self._check_state(state, B, x.dtype)
             seen = lengths if state.lengths is None else state.lengths
             return x.new_zeros(B, T, self.d_model), LayerState(state.conv, state.memory, seen, self.kind,
-                                                               str(x.dtype).removeprefix("torch."))
+                                                               dtype_name(x.dtype))
         cu = F.pad(lengths.cumsum(0), (1, 0))
         y, state = self._run(x[mask][None], state, cu)
         return x.new_zeros(B, T, self.d_model).masked_scatter(mask[..., None], y[0]), state
@@ -162,7 +162,7 @@ class TTRLayer(nn.Module):
         if self.out_gate is not None:
             o = o * F.silu(self.out_gate(x))
         seen = lengths if state.lengths is None else state.lengths + lengths
-        return self.out(o), LayerState(conv_cache, memory, seen, self.kind, str(x.dtype).removeprefix("torch."))
+        return self.out(o), LayerState(conv_cache, memory, seen, self.kind, dtype_name(x.dtype))
 
     def _check_input(self, x: Tensor) -> tuple[int, int]:
         if not isinstance(x, Tensor):
@@ -199,7 +199,7 @@ class TTRLayer(nn.Module):
         if state.batch_size != rows:
             raise ValueError(f"state holds {state.batch_size} rows (sequences), the input has {rows}; use "
                              "state.select(...) to pick rows")
-        if state.dtype != str(dtype).removeprefix("torch."):
+        if state.dtype != dtype_name(dtype):
             raise ValueError(f"state was made for {state.dtype} inputs, x is {dtype}; use state.to(dtype=...)")
         if state.memory is not None and isinstance(state.memory, MiniBatchState) != isinstance(
                 self.recipe.optimizer, MiniBatchGD):
