@@ -103,3 +103,27 @@ def test_wrong_argument_types_are_clear_errors(call, match):
     q, k, v = (torch.randn(1, 6, 2, 4) for _ in range(3))
     with pytest.raises(ValueError, match=match):
         call(q, k, v)
+
+
+def test_bench_resume_keeps_other_rows_and_names_a_bad_file(tmp_path, capsys):
+    """--resume with other --lengths keeps the earlier run's rows (they were dropped); a corrupted or foreign
+    file, or one measured with other settings, is a one-line error naming it, and the file is left as it was."""
+    import json
+
+    from ttr.cli import main
+
+    out = tmp_path / "b.json"
+    base = ["bench", "--head-dims", "8", "--gates", "none", "--ops", "linear_attention", "--repeats", "1",
+            "--recurrent-lengths", "999", "--conditioning-length", "64", "--out", str(out)]
+    assert main(base + ["--lengths", "32"]) == 0
+    assert main(base + ["--lengths", "48", "--resume"]) == 0
+    assert sorted(r["T"] for r in json.loads(out.read_text())["rows"]) == [32, 48]
+    for text, reason in (("{not json", "JSONDecodeError"), ('{"rows": []}', "KeyError"),
+                         ('{"config": {}, "rows": [{"op": 1}]}', "TypeError")):
+        out.write_text(text)
+        assert main(base + ["--lengths", "32", "--resume"]) == 2
+        said = capsys.readouterr().out.replace("\n", "")
+        assert f"cannot read {str(out)!r} as a ttr bench result ({reason}" in said and out.read_text() == text
+    assert main(base + ["--lengths", "32"]) == 0
+    assert main(base + ["--lengths", "32", "--heads", "2", "--resume"]) == 2
+    assert "was measured with other settings (heads 4)" in capsys.readouterr().out.replace("\n", "")

@@ -368,15 +368,23 @@ _SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_len
 
 
 def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, str, int, int], BenchRow]:
-    """Rows of an earlier, interrupted run with the same settings, by (op, gate, D, T)."""
+    """Rows of an earlier, interrupted run with the same settings, by (op, gate, D, T). A file that is not such
+    a run, or one measured with other settings, is a ValueError naming it: resuming never overwrites it."""
     path = Path(cfg.out)
     if not (cfg.resume and path.exists()):
         return {}
-    old = json.loads(path.read_text())
-    if any(old["config"].get(key) != json.loads(json.dumps(getattr(cfg, key))) for key in _SAME_RUN):  # tuples
-        return {}
     names = {f.name for f in fields(BenchRow)}
-    rows = [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in old["rows"]]
+    try:
+        old = json.loads(path.read_text())
+        config, rows = old["config"], old["rows"]
+        rows = [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in rows]
+        differ = [key for key in _SAME_RUN if config.get(key) != json.loads(json.dumps(getattr(cfg, key)))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--resume: cannot read {str(path)!r} as a ttr bench result ({type(exc).__name__}: {exc}); "
+                         "move it away or run without --resume") from None
+    if differ:
+        raise ValueError(f"--resume: {str(path)!r} was measured with other settings ("
+                         + ", ".join(f"{key} {config.get(key)!r}" for key in differ) + "); pass another --out")
     return {(r.op, r.gate, r.D, r.T): r for r in rows}
 
 
@@ -401,6 +409,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
     device = torch.device(cfg.device)
     torch.manual_seed(0)
     done = _resumable_rows(cfg)
+    kept = [row for key, row in done.items() if key not in set(rows_to_time)]  # finished rows of other sizes stay
     mm = matmul_gflops(device, cfg.repeats)
     rows, sdpa = [], {}
     for op, gate, D, T in rows_to_time:
@@ -412,7 +421,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
                 sdpa[T, D] = time_sdpa(cfg, T, D, device)
             row = time_op(cfg, op, gate, T, D, device, sdpa[T, D])
         rows.append(row)
-        save(cfg, mm, rows)
+        save(cfg, mm, rows + kept)
     solvers = mesa_solvers(cfg, device) if "mesa" in cfg.ops else []
     conditioning = mesa_conditioning(cfg, device) if "mesa" in cfg.ops else []
     if progress is not None:
@@ -424,8 +433,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         if row.peak_mb is None:
             call, leaves = _problem(cfg, row.op, row.gate, row.T, row.D, device)
             row.peak_mb = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
-            save(cfg, mm, rows, solvers, conditioning, varlen)
-    save(cfg, mm, rows, solvers, conditioning, varlen)
+            save(cfg, mm, rows + kept, solvers, conditioning, varlen)
+    save(cfg, mm, rows + kept, solvers, conditioning, varlen)
     return mm, rows, solvers, conditioning, varlen
 
 
