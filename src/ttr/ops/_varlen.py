@@ -13,7 +13,7 @@ faster than one call per sequence.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,17 @@ def length_groups(cu_seqlens: Tensor, quantum: int | None, shift: Tensor | None 
     return [torch.tensor(g, dtype=torch.long, device=cu_seqlens.device) for g in groups]
 
 
+def padded_groups(cu_seqlens: Tensor, quantum: int | None, tensors: list[Tensor | None],
+                  shift: Tensor | None = None) -> Iterator[tuple[Layout, list[Tensor | None]]]:
+    """Each group of similar lengths (length_groups) as (its layout, the tensors [1, total, ...] padded to it).
+    Every tensor is split into its sequences once, so that backward is one concatenation for all groups."""
+    sizes = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    pieces = [None if x is None else x[0].split(sizes) for x in tensors]
+    for rows in length_groups(cu_seqlens, quantum, shift):
+        layout = Layout(cu_seqlens, shift=None if shift is None else shift[rows], rows=rows)
+        yield layout, [None if p is None else layout.pad(p) for p in pieces]
+
+
 def _rows_of(state: Any, rows: Tensor) -> Any:
     """Rows of a state: a tensor [N, ...] or a tuple of them; None stays None."""
     if state is None:
@@ -130,11 +141,9 @@ def run_packed(core: Callable[..., tuple[Tensor, Any]], cu_seqlens: Tensor, tens
     N = cu_seqlens.numel() - 1
     outs: list[Tensor | None] = [None] * N
     finals, done = [], []
-    split = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    tensors = [None if x is None else x[0].split(split) for x in tensors]  # once: one backward for every group
-    for rows in length_groups(cu_seqlens, quantum):
-        layout = Layout(cu_seqlens, rows=rows)
-        o, final = core(*(None if x is None else layout.pad(x) for x in tensors), _rows_of(initial_state, rows))
+    for layout, padded in padded_groups(cu_seqlens, quantum, tensors):
+        rows = torch.tensor(layout.rows, dtype=torch.long, device=cu_seqlens.device)
+        o, final = core(*padded, _rows_of(initial_state, rows))
         for n, piece in zip(layout.rows, layout.pieces(o)):
             outs[n] = piece
         finals.append(final)
@@ -173,12 +182,8 @@ def per_sequence(op: Callable[..., tuple[Tensor, Any]], cu_seqlens: Tensor, q: T
     if initial_state is None or all(s is None for s in initial_state):
         finals: list = [empty] * N
         outs: list[Tensor | None] = [None] * N
-        split = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        q, k, v = (x[0].split(split) for x in (q, k, v))                 # once: one backward for every group
-        for rows in length_groups(cu_seqlens, CACHE_QUANTUM):
-            layout = Layout(cu_seqlens, rows=rows)
-            o, final = op(layout.pad(q), layout.pad(k), layout.pad(v), output_final_state=output_final_state,
-                          **kwargs)
+        for layout, padded in padded_groups(cu_seqlens, CACHE_QUANTUM, [q, k, v]):
+            o, final = op(*padded, output_final_state=output_final_state, **kwargs)
             for i, (n, piece) in enumerate(zip(layout.rows, layout.pieces(o))):
                 outs[n] = piece
                 finals[n] = None if final is None else trim(final, i, piece.shape[0])

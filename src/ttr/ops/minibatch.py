@@ -30,7 +30,7 @@ from torch import Tensor
 from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, scale_or
 from ..features import FEATURE_MAPS
 from ._chunk import causal_mask, decay_mask, to_chunks
-from ._varlen import Layout, check_cu_seqlens, length_groups
+from ._varlen import check_cu_seqlens, padded_groups
 
 
 @dataclass
@@ -115,13 +115,11 @@ def _run(body, tensors: list[Tensor], batch_size: int, offset: Tensor, weights: 
     end = offset + cu_seqlens[1:] - cu_seqlens[:-1]                    # frame position after each row's last token
     outs: list[Tensor | None] = [None] * N
     final_weights, final_start = list(weights), list(start)            # rows without tokens keep theirs
-    split = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    tensors = [x[0].split(split) for x in tensors]                      # once: one backward for every group
-    for rows in length_groups(cu_seqlens, batch_size if chunked else None, shift=offset):
-        layout = Layout(cu_seqlens, shift=offset[rows], rows=rows)
-        mask = layout.mask[..., None].expand(-1, -1, tensors[0][0].shape[1]).to(tensors[0][0].dtype)  # [G, F, H]
+    for layout, padded in padded_groups(cu_seqlens, batch_size if chunked else None, tensors, shift=offset):
+        rows = torch.tensor(layout.rows, dtype=torch.long, device=offset.device)
+        mask = layout.mask[..., None].expand(-1, -1, padded[0].shape[2]).to(padded[0].dtype)  # [G, F, H]
         # unbind once: indexing a chunk inside the loop would make backward build a full-size zero gradient per chunk
-        chunks = list(zip(*(to_chunks(x, batch_size).unbind(2) for x in [layout.pad(x) for x in tensors] + [mask])))
+        chunks = list(zip(*(to_chunks(x, batch_size).unbind(2) for x in padded + [mask])))
         last = (end[rows] - 1).div(batch_size, rounding_mode="floor")  # the mini-batch holding the last token
         w, s = [x[rows] for x in weights], [x[rows] for x in start]
         ends_in = s
