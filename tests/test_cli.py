@@ -42,6 +42,7 @@ def test_bench_small_grid_writes_json(tmp_path):
         assert (row["recurrent_fwdbwd_ms"] is not None) == (row["T"] == 100 and row["op"] not in LOCAL_ORDERS)
     errors = {s["solver"]: s["rel_error_vs_float64"] for s in res["mesa_solvers"]}
     assert errors["exact float32"] < 1e-4 and errors["cg 32"] < errors["cg 1"]  # CG converges towards exact
+    assert errors["cg default"] < 1e-4
     assert len(res["mesa_conditioning"]) == 4
     fb = {(r["op"], r["gate"], r["T"]): r["chunk_fwdbwd_ms"] for r in res["rows"]}
     ratios = {(x["gate"], x["T"]): x["ratio"] for x in res["mesa_over_gated_delta"]}

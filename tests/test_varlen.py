@@ -54,7 +54,7 @@ def _case(name):
         "mesa": (ops.mesa, {"g": gate, "beta": beta}, "mesa", {"lamb": 0.5, "chunk_size": 16}),
         "mesa_uniform": (ops.mesa, {}, "mesa", {"lamb": 0.5, "chunk_size": 16}),
         "mesa_cg": (ops.mesa, {"g": gate, "beta": beta}, "mesa",
-                    {"lamb": 0.5, "chunk_size": 16, "solver": "cg", "cg_steps": 3}),
+                    {"lamb": 0.5, "chunk_size": 16, "solver": "cg"}),
         "ttt_linear": (ops.ttt_linear, {"lr": beta * 0.5}, "ttt", {**l2, "batch_size": 4}),
         "ttt_mlp": (ops.ttt_mlp, {"lr": beta * 0.1}, "mlp", {**l2, "batch_size": 4}),
         "titans": (ops.titans, {"theta": beta * 0.5, "momentum": 1 - beta * 0.5, "g": gate}, "titans",
@@ -138,7 +138,10 @@ def test_packed_equals_separate(name, mode):
     for n in range(N):
         a, b = int(cu[n]), int(cu[n + 1])
         if a == b:
-            finals.append(rows[n] if rows else None)
+            kept = rows[n] if rows else None
+            if name.startswith("mesa"):  # mesa keeps H_kk's symmetric part, the part its objective reads
+                kept = (0.5 * (kept[0] + kept[0].transpose(-1, -2)), kept[1])
+            finals.append(kept)
             continue
         o_n, f_n = op(q[:, a:b], k[:, a:b], v[:, a:b], **{key: x[:, a:b] for key, x in inputs.items()}, **kw,
                       initial_state=None if rows is None else rows[n], output_final_state=True, mode=mode)
