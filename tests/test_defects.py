@@ -214,3 +214,59 @@ def test_cg_settings_are_checked(kw, match):
     q, k, v = (torch.randn(1, 6, 2, 4) for _ in range(3))
     with pytest.raises(ValueError, match=match):
         ops.mesa(q, k, v, lamb=1.0, solver="cg", **kw)
+
+
+def _titans_inputs(T, D, keys):
+    gen = torch.Generator().manual_seed(0)
+    q, v = torch.randn(1, T, 1, D, generator=gen), torch.randn(1, T, 1, D, generator=gen)
+    k = torch.randn(1, 1, 1, D, generator=gen).expand(1, T, 1, D) if keys == "alike" else \
+        torch.randn(1, T, 1, D, generator=gen)
+    return q, k, v
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_titans_divergence_is_a_clear_error(mode):
+    """Momentum 1 without decay: no damping, and the mini-batch's stale gradients add up; the weights reached
+    inf by T = 8192 and the op returned nan."""
+    T = 8192
+    q, k, v = _titans_inputs(T, 16, "random")
+    with pytest.raises(ValueError, match="titans diverged: its weights overflowed on finite input; with momentum"):
+        ops.titans(q, k, v, torch.full((1, T, 1), 0.1), torch.ones(1, T, 1), qk_l2norm=True, mode=mode)
+
+
+@pytest.mark.parametrize("keys", ["alike", "random"])
+def test_the_layers_mini_batch_rates_stay_in_the_stable_range(keys):
+    """At the edge of what the layer's parameterization allows (ttr.layers.gates), over 8192 tokens of the
+    worst keys (all alike) and of random ones, the outputs stay of the values' size: Titans with theta 0.25 / b,
+    momentum 0.9 and no decay; TTT-Linear with lr 1 / b."""
+    from ttr.layers.gates import TITANS_MOMENTUM_MAX, TITANS_THETA_PER_BATCH
+
+    T, b = 8192, 16
+    q, k, v = _titans_inputs(T, 16, keys)
+    full = torch.ones(1, T, 1)
+    o_titans, _ = ops.titans(q, k, v, full * TITANS_THETA_PER_BATCH / b, full * TITANS_MOMENTUM_MAX, batch_size=b,
+                             qk_l2norm=True)
+    o_ttt, _ = ops.ttt_linear(q, k, v, full / b, batch_size=b, qk_l2norm=True)
+    for o in (o_titans, o_ttt):
+        assert float(o.abs().max()) < 10 * float(v.abs().max())
+    # and outside it (what the layer allowed before: theta and momentum up to 1) the same keys overflow
+    if keys == "alike":
+        with pytest.raises(ValueError, match="titans diverged"):
+            ops.titans(q, k, v, full * 0.05, full * 0.99, batch_size=b, qk_l2norm=True)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("ttr").PRESETS))
+def test_a_layer_in_float32_agrees_with_float64(name):
+    """The output norm's eps was torch's default, the dtype's own: float32 and float64 normalized a mini-batch
+    learner's small first outputs differently (Titans: 0.15 apart on outputs of size 0.3). Now a fixed 1e-5."""
+    import copy
+
+    import ttr
+
+    torch.manual_seed(0)
+    layer = ttr.TTRLayer(32, 2, name, chunk_size=4).double()
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y64, _ = layer(x)
+        y32, _ = copy.deepcopy(layer).float()(x.float())
+    assert float((y32.double() - y64).abs().max()) < 1e-4 * float(y64.abs().max())

@@ -291,11 +291,13 @@ _PRESET_LIST = [
     Preset("deltaproduct", "DeltaProduct (n=2)", Recipe(Uniform(), Linear("l2"), OnlineSGD(steps_per_token=2)),
            "Siems et al., 2025", "2 keys, values, betas per token, beta = 2 sigmoid(W x) in (0, 2)"),
     Preset("ttt_linear", "TTT-Linear", Recipe(Uniform(), Linear("l2"), MiniBatchGD(16)),
-           "Sun et al., 2024", "eta = sigmoid(W x), mini-batch 16, no inner layer norm"),
+           "Sun et al., 2024", "eta = sigmoid(W x) / 16 (TTT's base rate 1 over the mini-batch), mini-batch 16, "
+           "no inner layer norm"),
     Preset("ttt_mlp", "TTT-MLP", Recipe(Uniform(), MLP(4), MiniBatchGD(16)),
-           "Sun et al., 2024", "eta = 0.1 sigmoid(W x), mini-batch 16, learned initial MLP, no inner layer norm"),
+           "Sun et al., 2024", "eta = 0.1 sigmoid(W x) / 16, mini-batch 16, learned initial MLP, no inner layer norm"),
     Preset("titans", "Titans (linear memory)", Recipe(ScalarGate(), Linear("l2"), MiniBatchGD(16, momentum=True)),
-           "Behrouz et al., 2024", "theta, eta = sigmoid(W x), alpha from the Mamba-2 gate, mini-batch 16"),
+           "Behrouz et al., 2024", "theta = sigmoid(W x) / 64, eta = 0.9 sigmoid(W x) (the stable range), alpha from the Mamba-2 gate, "
+           "mini-batch 16"),
     Preset("softmax_attention", "Softmax attention", Recipe(Uniform(), LocalPolynomial(0), Exact()),
            "Vaswani et al., 2017", "weights exp(q.k / sqrt(D)): the locally constant (Nadaraya-Watson) fit"),
     Preset("softmax_qknorm", "Softmax attention + QKNorm", Recipe(Uniform(), LocalPolynomial(0, qk_norm=True), Exact()),

@@ -88,16 +88,25 @@ class StepSize(nn.Module):
         return y.view(*x.shape[:2], *shape)
 
 
+# The mini-batch learners' stable range (ttr.ops.minibatch, "Stability"), with unit keys in the worst case (every
+# key of a mini-batch alike). TTT: sum_i lr_i <= 1 over a mini-batch (TTT's base rate 1, averaged over the
+# mini-batch as its dual form does at the mini-batch's end; 0.1 for TTT-MLP); the update contracts below 2.
+# Titans: momentum below 0.9 and theta below 0.25 / b, inside the stable 0.3 / b that momentum 0.9 allows.
+TITANS_MOMENTUM_MAX = 0.9
+TITANS_THETA_PER_BATCH = 0.25
+
+
 def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int) -> nn.ModuleDict:
     """One module per input the recipe's op takes (recipe.inputs), keyed by the op's argument names."""
     n_steps = recipe.steps_per_token
+    b = getattr(recipe.optimizer, "batch_size", 1)
     makers = {
         "g": lambda: make_gate(recipe.weights, d_model, n_heads, head_dim),
         # DeltaProduct lets beta reach 2 (negative eigenvalues of the transition), DeltaNet keeps it below 1
         "beta": lambda: StepSize(d_model, n_heads, "sigmoid", n_steps, scale=2.0 if n_steps > 1 else 1.0),
         "delta": lambda: StepSize(d_model, n_heads, "softplus"),
-        "lr": lambda: StepSize(d_model, n_heads, "sigmoid", scale=0.1 if isinstance(recipe.regressor, MLP) else 1.0),
-        "theta": lambda: StepSize(d_model, n_heads, "sigmoid"),
-        "momentum": lambda: StepSize(d_model, n_heads, "sigmoid", floor=1e-4),
+        "lr": lambda: StepSize(d_model, n_heads, "sigmoid", scale=(0.1 if isinstance(recipe.regressor, MLP) else 1.0) / b),
+        "theta": lambda: StepSize(d_model, n_heads, "sigmoid", scale=TITANS_THETA_PER_BATCH / b),
+        "momentum": lambda: StepSize(d_model, n_heads, "sigmoid", scale=TITANS_MOMENTUM_MAX, floor=1e-4),
     }
     return nn.ModuleDict({name: makers[name]() for name in recipe.inputs})

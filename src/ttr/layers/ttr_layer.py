@@ -26,6 +26,7 @@ from .gates import make_inputs
 
 # QKNorm's temperature starts at log2(L^2 - L) for a training length L (Henry et al., 2020), here L = 1024
 QKNORM_SCALE_INIT = math.log2(1024 ** 2 - 1024)
+NORM_EPS = 1e-5
 
 
 def _positive_int(name: str, x: object) -> int:
@@ -83,7 +84,9 @@ class TTRLayer(nn.Module):
             self.W2 = nn.Parameter(torch.randn(n_heads, Dv, hidden) * hidden ** -0.5)
         if isinstance(memory.regressor, LocalPolynomial) and memory.regressor.qk_norm:  # learned temperature
             self.log_qk_scale = nn.Parameter(torch.full((n_heads,), math.log(QKNORM_SCALE_INIT)))
-        self.norm = nn.RMSNorm(Dv) if norm else None
+        # a fixed eps (fla's 1e-5): torch's default is the dtype's eps, so float32 and float64 normalized small
+        # outputs (a mini-batch learner's first tokens) differently, by up to 60 %
+        self.norm = nn.RMSNorm(Dv, eps=NORM_EPS) if norm else None
         self.out_gate = nn.Linear(d_model, H * Dv, bias=False) if output_gate else None
         self.out = nn.Linear(H * Dv, d_model, bias=False)
         self.op = memory.op()

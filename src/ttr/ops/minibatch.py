@@ -17,6 +17,16 @@ Titans (linear memory) adds momentum and decay to the same mini-batch gradients 
 Within a mini-batch both recurrences unroll into decay masks, L_A[t, s] = alpha_{s+1..t} and
 L_E[s, i] = eta_{i+1..s}, so M_t = e^{G^A_t} M_0 + c_t momentum_0 - sum_i (L_A L_E)_{ti} theta_i g_i with
 c = L_A e^{G^E}: one product of two triangular masks per chunk.
+
+Stability. A mini-batch's update is stale: every gradient is taken at W_0. For TTT-Linear the weights move by
+W_0 (I - A), A = sum_i eta_i k_i k_i^T over the mini-batch, which contracts while A's eigenvalues stay below 2
+(sum_i eta_i |k_i|^2 <= 2 suffices; it is tight when a mini-batch's keys are alike, as repeated tokens make
+them). With Titans' momentum the stale gradients add up over the mini-batch, so the stable range of theta
+shrinks with b and vanishes as momentum eta alpha -> 1: for unit keys all alike and constant rates, the
+largest stable theta is about 4 (1 + alpha)(1 + eta) / 4 at b = 1, and at b = 16 it is 0.019 (momentum 0.9),
+0.0014 (0.99), 1.3e-4 (0.999); momentum 1 without decay has none for b > 1 and diverges over long sequences
+(inf by T = 8192). Random keys in Dk dimensions tolerate about Dk times more. The layer's presets keep
+inside this range (ttr.layers.gates); an op whose weights overflow says so rather than return inf or nan.
 """
 
 from __future__ import annotations
@@ -95,8 +105,8 @@ def _rows(B: int, T: int, cu_seqlens: Tensor | None) -> tuple[int, Tensor | None
     return cu.numel() - 1, cu
 
 
-def _run(body, tensors: list[Tensor], batch_size: int, offset: Tensor, weights: list[Tensor], start: list[Tensor],
-         cu_seqlens: Tensor | None, chunked: bool) -> tuple[Tensor, MiniBatchState]:
+def _run(op: str, body, tensors: list[Tensor], batch_size: int, offset: Tensor, weights: list[Tensor],
+         start: list[Tensor], cu_seqlens: Tensor | None, chunked: bool) -> tuple[Tensor, MiniBatchState]:
     """Run a mini-batch body over every sequence, each continuing its own mini-batch.
 
     Sequence n (row n, or the n-th packed sequence) is laid out in a frame with its tokens at offset_n,
@@ -140,9 +150,20 @@ def _run(body, tensors: list[Tensor], batch_size: int, offset: Tensor, weights: 
             final_weights = [f.index_put((rows,), x) for f, x in zip(final_weights, w)]
             final_start = [f.index_put((rows,), x) for f, x in zip(final_start, ends_in)]
     o = torch.cat([piece for piece in outs if piece is not None])
+    if not all(bool(torch.isfinite(x).all()) for x in (o, *final_weights)):
+        raise ValueError(f"{op} diverged: its weights overflowed on finite input; {_STABLE_RANGE[op]} (see "
+                         "ttr.ops.minibatch, Stability)")
     complete = (end % batch_size == 0)[:, None, None, None]  # a finished mini-batch starts the next from here
     final_start = [torch.where(complete, w, f) for w, f in zip(final_weights, final_start)]
     return o.reshape(B, T, *o.shape[1:]), MiniBatchState(tuple(final_weights), tuple(final_start), end % batch_size)
+
+
+_STABLE_RANGE = {
+    "ttt_linear": "a mini-batch's update contracts while sum_i lr_i |k_i|^2 <= 2: lower lr or normalize the keys",
+    "ttt_mlp": "lower lr",
+    "titans": "with momentum the stable theta shrinks with batch_size and vanishes as momentum * alpha -> 1: lower "
+              "theta, keep momentum below 1 or add a decay g",
+}
 
 
 def _tokens(chunks: list[Tensor]) -> list[list[Tensor]]:
@@ -193,8 +214,8 @@ def ttt_linear(
         step = l_n[..., None] * (k_n @ start - v_n)                       # eta_i times the residual at W_0
         return q_n @ state - scores @ step, [state - k_n.transpose(-1, -2) @ step]
 
-    o, final = _run(recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset, weights, start,
-                    cu_seqlens, mode == "chunk")
+    o, final = _run("ttt_linear", recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset,
+                    weights, start, cu_seqlens, mode == "chunk")
     return o.to(out_dtype), (final if output_final_state else None)
 
 
@@ -263,8 +284,8 @@ def ttt_mlp(
         out = hidden @ W2.transpose(-1, -2) - read @ step2                 # W2_t gelu(W1_t q_t)
         return out, [W1 - step1.transpose(-1, -2) @ k_n, W2 - step2.transpose(-1, -2) @ a]
 
-    o, final = _run(recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset, weights, start,
-                    cu_seqlens, mode == "chunk")
+    o, final = _run("ttt_mlp", recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset,
+                    weights, start, cu_seqlens, mode == "chunk")
     return o.to(out_dtype), (final if output_final_state else None)
 
 
@@ -328,6 +349,6 @@ def titans(
                      - k_n.transpose(-1, -2) @ (D[..., -1, :, None] * step),
                      GE[..., -1, None, None].exp() * mom - k_n.transpose(-1, -2) @ (L_E[..., -1, :, None] * step)]
 
-    o, final = _run(recurrent if mode == "recurrent" else chunk, [q, k, v, theta, g, log_eta], batch_size, offset,
-                    weights, start, cu_seqlens, mode == "chunk")
+    o, final = _run("titans", recurrent if mode == "recurrent" else chunk, [q, k, v, theta, g, log_eta], batch_size,
+                    offset, weights, start, cu_seqlens, mode == "chunk")
     return o.to(out_dtype), (final if output_final_state else None)
