@@ -16,7 +16,9 @@ Optimizer   the exact weighted least-squares solution. With the design Phi_ti = 
 Computation. The centred design depends on the query, but it is a fixed linear map of the uncentred
 monomials psi(k) = [1, k, k_a k_b ...]: Phi_ti = A(q_t) psi(k_i). So G_t = A (sum_i w_ti psi_i psi_i^T) A^T
 needs only the weighted moments M_t = P psi psi^T, one matrix product per tile of keys, and the output
-is attention with weights w_ti (A^T z_t) . psi(k_i). Queries go in blocks: a block's scores are
+is attention with weights w_ti (A^T z_t) . psi(k_i). Both are taken about the mean c of a block's queries,
+psi(k - c) and A(q_t - c) (k - q is unchanged): uncentred moments of keys with a common offset cancel in
+float32 (order 2 at D = 4 erred by 30-130 % at offset 30). Queries go in blocks: a block's scores are
 [block, T] (linear in T), the moments are accumulated over tiles of keys (psi psi^T is [tile, p^2], never
 [T, p^2]), and under autograd every block is checkpointed, so memory stays linear in T in backward too.
 Weights are shifted by each row's largest score before exp; the answer does not change, because the
@@ -188,9 +190,12 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: f
     omega = w.sum(-1)
     if order == 0:
         return (w @ v) / omega[..., None]
-    psi = _monomials(k, order)                                # [B, H, Tk, p]
+    # k - q is unchanged by a common shift c; taking c at the block's queries keeps the monomials of
+    # size |k - q| and not |k|, whose float32 moments would cancel (the block is one query when decoding)
+    c = q.mean(-2, keepdim=True)
+    psi = _monomials(k - c, order)                            # [B, H, Tk, p]
     p = psi.shape[-1]
-    A = _centring(q, order)
+    A = _centring(q - c, order)
     G = A @ _Moments.apply(w, psi).unflatten(-1, (p, p)) @ A.transpose(-1, -2)
     penalty = torch.ones(p, dtype=q.dtype, device=q.device)
     penalty[0] = 0.0
