@@ -286,3 +286,33 @@ def test_local_polynomial_attention_in_float32_with_offset_keys(order, D, offset
     o, _ = ops.local_polynomial_attention((q + offset).float(), (k + offset).float(), v.float(), order=order,
                                           scale=scale, mode=mode)
     assert float((o.double() - ref).abs().max() / ref.abs().max()) < bound
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_prf_features_that_underflow_are_a_clear_error(normalize):
+    """Keys of norm ~ 100 at D = 16: every positive random feature underflowed and the output was all 0."""
+    q, k, v = (torch.randn(1, 8, 1, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    ok, _ = ops.linear_attention(q, k, v, feature_map="prf", normalize=normalize)
+    assert bool(torch.isfinite(ok).all()) and float(ok.abs().max()) > 0
+    with pytest.raises(ValueError, match=r"prf features underflow to zero in torch.float32 for inputs of norm up "
+                                         r"to \S+ \(at D = 16\)"):
+        ops.linear_attention(q, 25 * k, v, feature_map="prf", normalize=normalize)
+
+
+def test_meta_tensors_are_a_clear_error():
+    """Meta tensors raised torch's raw 'Tensor.item() cannot be called on meta tensors'."""
+    import ttr
+
+    q, k, v = (torch.randn(1, 8, 2, 4, device="meta") for _ in range(3))
+    with pytest.raises(ValueError, match="q is a meta tensor"):
+        ops.delta_rule(q, k, v, torch.rand(1, 8, 2, device="meta"))
+    real = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="beta is a meta tensor"):
+        ops.delta_rule(real, real, real, torch.rand(1, 8, 2, device="meta"), qk_l2norm=True)
+    with pytest.raises(ValueError, match="g is a meta tensor"):
+        ops.linear_attention(real, real, real, torch.zeros(1, 8, 2, device="meta"))
+    with torch.device("meta"):
+        layer = ttr.TTRLayer(16, 2, "gated_deltanet")
+    for x in (torch.randn(1, 8, 16, device="meta"), torch.randn(1, 8, 16)):
+        with pytest.raises(ValueError, match="the layer or x is on the meta device"):
+            layer(x)

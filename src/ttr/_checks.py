@@ -13,7 +13,14 @@ def _shape(x: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in x.shape) + "]"
 
 
-def _bounds(x: Tensor) -> tuple[float, float]:
+def _not_meta(name: str, x: Tensor) -> None:
+    if x.is_meta:
+        raise ValueError(f"{name} is a meta tensor (a shape without values); ttr's ops compute and check values: "
+                         "materialize it on a real device first")
+
+
+def _bounds(name: str, x: Tensor) -> tuple[float, float]:
+    _not_meta(name, x)
     if x.numel() == 0:
         return 0.0, 0.0
     lo, hi = torch.aminmax(x.detach())
@@ -27,6 +34,7 @@ def check_tensor(name: str, x: Tensor, rank: int) -> None:
         raise ValueError(f"{name} must have rank {rank}, got shape {_shape(x)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    _not_meta(name, x)
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} has non-finite values (nan or inf), which would poison the state")
 
@@ -68,7 +76,7 @@ def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int, scalar_for
     else:
         raise ValueError(f"g must be [B, T, H] = [{B}, {T}, {H}] or [B, T, H, Dk] = [{B}, {T}, {H}, {Dk}], "
                          f"got {_shape(g)}")
-    lo, hi = _bounds(g)  # one pass: nan and inf show in the bounds
+    lo, hi = _bounds("g", g)  # one pass: nan and inf show in the bounds
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("g has non-finite values; a log-gate must be finite (use a large negative value to forget)")
     gmax = hi
@@ -84,7 +92,7 @@ def check_step(name: str, x: Tensor, shape: tuple[int, ...], upper: float | None
     if tuple(x.shape) != tuple(shape):
         dims = "[" + ", ".join(str(d) for d in shape) + "]"
         raise ValueError(f"{name} must have shape {dims}, got {_shape(x)}")
-    lo, hi = _bounds(x)  # one pass: nan and inf show in the bounds
+    lo, hi = _bounds(name, x)  # one pass: nan and inf show in the bounds
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} has non-finite values")
     if lo < 0 or (upper is not None and hi > upper):

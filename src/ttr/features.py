@@ -66,7 +66,14 @@ class PositiveRandomFeatures:
         w = self.projection(d, x.device, x.dtype)
         x = x * d ** -0.25
         m = w.shape[0]
-        return torch.exp(x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(m)
+        phi = torch.exp(x @ w.T - 0.5 * (x * x).sum(-1, keepdim=True)) / math.sqrt(m)
+        # every feature of a long vector underflows (|x'|^2 / 2 outgrows w . x'): its weights would all be 0, a
+        # silently wrong answer; the estimate of exp(q.k / sqrt(D)) has lost all meaning there anyway
+        if x.numel() and not bool((phi.detach().amax(-1) > 0).all()):
+            norm = float(x.detach().norm(dim=-1).max()) * d ** 0.25
+            raise ValueError(f"prf features underflow to zero in {x.dtype} for inputs of norm up to {norm:.4g} "
+                             f"(at D = {d}): normalize or rescale q and k")
+        return phi
 
 
 FEATURE_MAPS: dict[str, FeatureMap] = {

@@ -174,6 +174,9 @@ class TTRLayer(nn.Module):
             raise ValueError(f"x must be [B, T, d_model = {self.d_model}], got shape {list(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.is_meta or any(p.is_meta for p in self.parameters()):
+            raise ValueError("the layer or x is on the meta device (shapes without values); the memory computes "
+                             "and checks values: materialize the layer (to_empty, then load or initialize) first")
         if x.shape[1] == 0:
             raise ValueError(f"x holds no tokens (T = 0, shape {list(x.shape)}); call the layer with at least one")
         if x.shape[0] == 0:
