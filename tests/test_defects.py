@@ -316,3 +316,36 @@ def test_meta_tensors_are_a_clear_error():
     for x in (torch.randn(1, 8, 16, device="meta"), torch.randn(1, 8, 16)):
         with pytest.raises(ValueError, match="the layer or x is on the meta device"):
             layer(x)
+
+
+def test_zoo_wraps_between_words_in_80_columns(monkeypatch):
+    """`ttr zoo` split words at 80 columns ("steps/tok en", "mini-batc h")."""
+    import io
+
+    from rich.console import Console
+
+    from ttr import PRESETS, cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=80))
+    assert cli.main(["zoo"]) == 0
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    words = set(text.split())
+    for p in PRESETS.values():
+        for word in p.recipe.describe().replace(" | ", " ").split():
+            assert word in words, word
+
+
+def test_help_answers_without_torch_and_shows_every_default():
+    """--help imported torch (1.3 s) and left some defaults out."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom ttr.cli import main\nfor cmd in ('regress', 'bench'):\n    try:\n"
+             "        main([cmd, '--help'])\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().endswith("False")
+    for block in done.stdout.split("options:")[1:]:
+        options = [line for line in block.splitlines() if line.strip().startswith("--")]
+        assert options and block.count("(default:") == len(options)

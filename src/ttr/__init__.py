@@ -4,19 +4,41 @@ Every layer is three ingredients, the weights of each association, the regressor
 and the optimizer; see `Recipe` and the named systems in `PRESETS` (`ttr zoo` prints them).
 """
 
-from . import ops, oracle
-from .features import FEATURE_MAPS, FeatureMap, PositiveRandomFeatures
-from .layers import LayerState, ShortConv, TTRLayer
-from .oracle import BatchGD, Exact
-from .recipe import (MLP, PRESETS, RKHS, Linear, LocalConstant, LocalPolynomial, MiniBatchGD, OnlineSGD, Preset, Recipe,
-                     get_preset)
-from .weights import FixedDecay, ScalarGate, Uniform, VectorGate
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import ops, oracle
+    from .features import FEATURE_MAPS, FeatureMap, PositiveRandomFeatures
+    from .layers import LayerState, ShortConv, TTRLayer
+    from .oracle import BatchGD, Exact
+    from .recipe import (MLP, PRESETS, RKHS, Linear, LocalConstant, LocalPolynomial, MiniBatchGD, OnlineSGD, Preset,
+                         Recipe, get_preset)
+    from .weights import FixedDecay, ScalarGate, Uniform, VectorGate
+
+# Imported on first use, so that `ttr --help` answers without importing torch
+_HOME = {
+    "ops": None, "oracle": None,
+    "FEATURE_MAPS": "features", "FeatureMap": "features", "PositiveRandomFeatures": "features",
+    "LayerState": "layers", "ShortConv": "layers", "TTRLayer": "layers",
+    "BatchGD": "oracle", "Exact": "oracle",
+    "MLP": "recipe", "PRESETS": "recipe", "RKHS": "recipe", "Linear": "recipe", "LocalConstant": "recipe",
+    "LocalPolynomial": "recipe", "MiniBatchGD": "recipe", "OnlineSGD": "recipe", "Preset": "recipe",
+    "Recipe": "recipe", "get_preset": "recipe",
+    "FixedDecay": "weights", "ScalarGate": "weights", "Uniform": "weights", "VectorGate": "weights",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _HOME:
+        raise AttributeError(f"module 'ttr' has no attribute {name!r}")
+    home = _HOME[name]
+    value = importlib.import_module(f".{home or name}", __name__)
+    return value if home is None else getattr(value, name)
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BatchGD", "Exact", "FEATURE_MAPS", "FeatureMap", "FixedDecay", "LayerState", "Linear", "LocalConstant",
-    "LocalPolynomial", "MLP", "MiniBatchGD", "OnlineSGD", "PRESETS", "PositiveRandomFeatures", "Preset", "RKHS",
-    "Recipe", "ScalarGate", "ShortConv",
-    "TTRLayer", "Uniform", "VectorGate", "get_preset", "ops", "oracle",
-]
+__all__ = sorted(_HOME)

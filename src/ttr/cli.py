@@ -68,13 +68,16 @@ def cmd_zoo(args: argparse.Namespace) -> None:
     forms = sorted({f for p in PRESETS.values() for f in p.recipe.forms})
     table = Table(title=f"ttr zoo: named systems as test-time regression (forms: {', '.join(forms)})",
                   box=box.SIMPLE_HEAD, padding=(0, 1))
-    for col, width in (("name", 19), ("weights", 9), ("function class", 14), ("optimizer", 10), ("op", 17)):
-        table.add_column(col, width=width, no_wrap=col == "name", overflow="fold")  # 80 columns in all
-    for p in PRESETS.values():
-        table.add_row(p.name, *p.recipe.describe().split(" | "), p.recipe.op_name)
+    rows = [(p.name, *p.recipe.describe().split(" | ")) for p in PRESETS.values()]
+    for i, col in enumerate(("name", "weights", "function class", "optimizer")):
+        longest_word = max(len(word) for row in rows for word in row[i].split())
+        table.add_column(col, min_width=longest_word, no_wrap=i == 0)  # wraps between words only
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     for p in PRESETS.values():
-        console.print(f"[bold]{p.name}[/bold]: {p.title} ({p.citation}); {p.parameterization}")
+        console.print(f"[bold]{p.name}[/bold] (ops.{p.recipe.op_name}): {p.title} ({p.citation}); "
+                      f"{p.parameterization}")
 
 
 def cmd_regress(args: argparse.Namespace) -> None:
@@ -106,8 +109,10 @@ def cmd_regress(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
+    if args.device == "auto":
+        args.device = "cuda" if _cuda() else "cpu"
     cfg = bench.BenchConfig(lengths=args.lengths, head_dims=args.head_dims, gates=tuple(args.gates.split(",")),
-                            ops=tuple(args.ops.split(",")) if args.ops else tuple(bench.CASES),
+                            ops=tuple(bench.CASES) if args.ops == "all" else tuple(args.ops.split(",")),
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
                             recurrent_lengths=args.recurrent_lengths, repeats=args.repeats, device=args.device,
                             conditioning_length=args.conditioning_length, out=args.out, resume=args.resume)
@@ -186,39 +191,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttr", description="Test-time regression sequence layers: "
                                      "the named systems, the single-forward-pass experiment, and benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
+    shows_defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
     p = sub.add_parser("zoo", help="print the named systems: weights, function class, optimizer, op, forms")
     p.set_defaults(func=cmd_zoo)
 
     p = sub.add_parser("regress", help="every memory on the slides' switching-process regression, no learned "
-                       "parameters; prints a table and saves a PNG",
+                       "parameters; prints a table and saves a PNG", **shows_defaults,
                        description="Keys follow k_{t+1} = 0.999 k_t + 0.02 eps before T/4 and 0.9 k_t + 0.02 eps "
                        "after; each memory predicts v_t = k_{t+1}/||k_{t+1}|| from the associations before t.")
-    p.add_argument("--dim", type=_at_least(1), default=16, help="key dimension (default 16)")
-    p.add_argument("--length", type=_at_least(64), default=1024, help="sequence length T, at least 64 "
-                   "(default 1024)")
-    p.add_argument("--sequences", type=_at_least(1), default=64, help="sequences averaged (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--decay", type=float, default=0.95, help="decay of gated memories without parameters (0.95)")
-    p.add_argument("--step", type=float, default=0.5, help="step size of online learners without parameters (0.5)")
+    p.add_argument("--dim", type=_at_least(1), default=16, help="key dimension")
+    p.add_argument("--length", type=_at_least(64), default=1024, help="sequence length T, at least 64")
+    p.add_argument("--sequences", type=_at_least(1), default=64, help="sequences averaged")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--decay", type=float, default=0.95, help="decay of gated memories without parameters")
+    p.add_argument("--step", type=float, default=0.5, help="step size of online learners without parameters")
     p.add_argument("--out", default="runs/regress", help="output folder for regress.png and results.json")
     p.set_defaults(func=cmd_regress)
 
-    p = sub.add_parser("bench", help="time chunk vs recurrent vs causal SDPA, GFLOP/s vs matmul, peak memory")
-    p.add_argument("--lengths", type=_ints, default=(512, 1024, 2048, 4096, 8192), help="T values, comma-separated")
-    p.add_argument("--head-dims", type=_ints, default=(64, 128), help="head dims, comma-separated (64,128)")
+    p = sub.add_parser("bench", help="time chunk vs recurrent vs causal SDPA, GFLOP/s vs matmul, peak memory",
+                       **shows_defaults)
+    p.add_argument("--lengths", type=_ints, default="512,1024,2048,4096,8192", help="T values, comma-separated")
+    p.add_argument("--head-dims", type=_ints, default="64,128", help="head dims, comma-separated")
     p.add_argument("--gates", default="none,scalar,vector", help="gate kinds among none,scalar,vector")
-    p.add_argument("--ops", default=None, help="ops to time, comma-separated, among linear_attention, delta_rule, "
-                   "longhorn, delta_product, ttt_linear, ttt_mlp, titans, mesa, softmax, local_linear (default: all)")
-    p.add_argument("--heads", type=_at_least(1), default=4, help="heads (default 4)")
-    p.add_argument("--batch", type=_at_least(1), default=1, help="batch size (default 1)")
-    p.add_argument("--chunk-size", type=_at_least(1), default=64, help="chunk size of the chunk form (default 64)")
-    p.add_argument("--recurrent-lengths", type=_ints, default=(1024, 4096),
-                   help="T values at which the (slow) recurrent form is timed too (1024,4096)")
+    p.add_argument("--ops", default="all", help="ops to time, comma-separated, among linear_attention, delta_rule, "
+                   "longhorn, delta_product, ttt_linear, ttt_mlp, titans, mesa, softmax, local_linear")
+    p.add_argument("--heads", type=_at_least(1), default=4, help="heads")
+    p.add_argument("--batch", type=_at_least(1), default=1, help="batch size")
+    p.add_argument("--chunk-size", type=_at_least(1), default=64, help="chunk size of the chunk form")
+    p.add_argument("--recurrent-lengths", type=_ints, default="1024,4096",
+                   help="T values at which the (slow) recurrent form is timed too")
     p.add_argument("--conditioning-length", type=_at_least(1), default=16384,
-                   help="T of mesa's float32 accuracy check on ill-conditioned keys (default 16384)")
+                   help="T of mesa's float32 accuracy check on ill-conditioned keys")
     p.add_argument("--repeats", type=_at_least(1), default=3, help="timed repeats per measurement (median)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto: cuda if present")
     p.add_argument("--out", default="runs/bench/bench.json", help="JSON output path, rewritten after every row")
     p.add_argument("--resume", action="store_true", help="reuse the rows an interrupted run with the same "
                    "settings left in --out")
