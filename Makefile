@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 test-slow: setup
-	$(BIN)/python -m pytest -m slow
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -m "slow or property"
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,8 +3,16 @@ order); float32 against the float64 oracle to 1e-4 relative to the output's scal
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
+
+# the property battery (test_properties.py): a few examples per property by default, many under make test-slow
+settings.register_profile("default", max_examples=8, derandomize=True)
+settings.register_profile("thorough", max_examples=150)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 F64_ATOL = 1e-10
 

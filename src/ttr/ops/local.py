@@ -26,7 +26,9 @@ ridge scales with omega.
 
 Guard. delta_t = 1 / z_t,0 is the weight the slope leaves unexplained (the Schur complement of the
 intercept). When delta_t / omega_t < sqrt(eps) the local design is numerically singular and the answer
-would be noise amplified by omega / delta, so that query gets the order-0 answer instead.
+would be noise amplified by omega / delta, so that query gets the order-0 answer instead. A float32 block
+with such a query is computed again in float64, so the guard acts at float64's threshold whatever the input
+dtype (float32's own, 3e-4, made float32 answer order 0 where float64 fits: 9 % apart on offset keys).
 
 order 0 in the chunk form is torch's scaled_dot_product_attention. The state is the cache of keys and
 values (K [B, T, H, Dk], V [B, T, H, Dv]); "recurrent" answers one query at a time against the cache,
@@ -209,6 +211,9 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: f
     # gradient times a NaN is still NaN); the common case factorizes once
     with torch.no_grad():
         singular = (info > 0) | ~(z[..., 0] * omega * math.sqrt(torch.finfo(q.dtype).eps) < 1.0)
+    if bool(singular.any()) and q.dtype != torch.float64:  # what is singular in float32 may not be in float64
+        return _query_block(q.double(), k.double(), v.double(), pos, order, ridge,
+                            scale.double() if isinstance(scale, Tensor) else scale).to(q.dtype)
     if bool(singular.any()):
         G = torch.where(singular[..., None, None], torch.eye(p, dtype=q.dtype, device=q.device), G)
         z = torch.cholesky_solve(e0, torch.linalg.cholesky(G))[..., 0]
