@@ -349,3 +349,20 @@ def test_help_answers_without_torch_and_shows_every_default():
     for block in done.stdout.split("options:")[1:]:
         options = [line for line in block.splitlines() if line.strip().startswith("--")]
         assert options and block.count("(default:") == len(options)
+
+
+def test_an_interrupted_save_leaves_the_previous_file_whole(tmp_path):
+    """Results and plots are written to a sibling and renamed over the old file: Ctrl-C while writing leaves the
+    previous results as they were (regress wrote results.json and regress.png in place)."""
+    from ttr._files import write_atomically
+
+    out = tmp_path / "results.json"
+    write_atomically(out, lambda f: f.write_text('{"old": 1}'))
+
+    def interrupted(f):
+        f.write_text('{"new": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(out, interrupted)
+    assert out.read_text() == '{"old": 1}'

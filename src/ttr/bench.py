@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from ._files import write_atomically
 from .ops._varlen import Layout
 
 GATES = ("none", "scalar", "vector")
@@ -452,7 +453,4 @@ def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[di
         "mesa_over_gated_delta": mesa_over_gated_delta(rows),
         "packed_sequences": varlen or [],
     }
-    partial = out.with_suffix(".partial")
-    partial.write_text(json.dumps(payload, indent=1))
-    partial.replace(out)  # atomic: an interrupted write never leaves a broken file
-    return out
+    return write_atomically(out, lambda f: f.write_text(json.dumps(payload, indent=1)))

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._files import write_atomically
 from ..oracle import BatchGD, Exact
 from ..recipe import MLP, PRESETS, MiniBatchGD, Preset
 from ..tasks.switching import switching_keys
@@ -181,7 +182,8 @@ def save(cfg: RegressConfig, rows: list[Row], curves: dict[str, list[float]]) ->
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
-    results.write_text(json.dumps({"config": asdict(cfg), "rows": [asdict(r) for r in rows], "curves": curves}))
+    payload = json.dumps({"config": asdict(cfg), "rows": [asdict(r) for r in rows], "curves": curves})
+    write_atomically(results, lambda f: f.write_text(payload))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for metric, ax, label in (("mse", axes[0], "squared error ||y_t - v_t||^2"),
                               ("cos", axes[1], "direction error 1 - cos(y_t, v_t)")):
@@ -197,6 +199,6 @@ def save(cfg: RegressConfig, rows: list[Row], curves: dict[str, list[float]]) ->
     fig.suptitle(f"Test-time regression in one forward pass, no learned parameters (d={cfg.dim}, T={cfg.length})")
     fig.tight_layout()
     plot = out / "regress.png"
-    fig.savefig(plot, dpi=120)
+    write_atomically(plot, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     return results, plot
