@@ -163,8 +163,8 @@ def test_mesa_refuses_an_initial_H_kk_that_is_not_positive_semi_definite(solver,
     q, k, v = (torch.randn(1, 9, 2, 4) for _ in range(3))
     g = torch.full((1, 9, 2), -0.1) if gated else None
     bad = (-3.0 * torch.eye(4).expand(1, 2, 4, 4), torch.zeros(1, 2, 4, 4))
-    with pytest.raises(ValueError, match=r"initial_state \(H_kk\) \+ lamb \(H_kk must be positive semi-definite\) "
-                                         "is not positive definite"):
+    with pytest.raises(ValueError, match=r"initial_state \(H_kk\) \+ lamb is not positive definite in "
+                                         r"torch.float64: H_kk, a sum of weighted k k\^T, must be positive semi-"):
         ops.mesa(q, k, v, g, lamb=1.0, initial_state=bad, mode=mode, solver=solver)
 
 

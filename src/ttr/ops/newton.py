@@ -84,12 +84,12 @@ STATS = torch.float64  # the carried statistics, and the d x d steps on ill-cond
 Z_SLICE = 2 ** 19  # entries of _eigen's Z formed at once (2 MiB in float32)
 
 
-def _cholesky(M: Tensor, what: str) -> Tensor:
+def _cholesky(M: Tensor, what: str, why: str = "the keys are too ill-conditioned for this ridge at this "
+              "precision; raise lamb or use solver='cg'") -> Tensor:
     """Cholesky factor, or a ValueError that says what lost positive definiteness and what to do."""
     L, info = torch.linalg.cholesky_ex(M)
     if bool((info > 0).any()):
-        raise ValueError(f"{what} is not positive definite in {M.dtype}: the keys are too ill-conditioned for "
-                         "this ridge at this precision; raise lamb or use solver='cg'")
+        raise ValueError(f"{what} is not positive definite in {M.dtype}: {why}")
     return L
 
 
@@ -199,8 +199,8 @@ def mesa(
     else:  # only H_kk's symmetric part enters the objective (x^T H_kk x): every form reads that, and its gradient
         H_kk, H_kv = (s.to(STATS) for s in initial_state)
         H_kk = 0.5 * (H_kk + H_kk.transpose(-1, -2)) / (root[:, :, None] * root[:, None, :])
-        _cholesky(H_kk + torch.eye(Dk, dtype=STATS, device=H_kk.device),
-                  "initial_state (H_kk) + lamb (H_kk must be positive semi-definite)")
+        _cholesky(H_kk + torch.eye(Dk, dtype=STATS, device=H_kk.device), "initial_state (H_kk) + lamb",
+                  "H_kk, a sum of weighted k k^T, must be positive semi-definite")
         state = (H_kk, H_kv / root[:, :, None])
     if mode == "recurrent" and solver == "exact":
         core = _recurrent
