@@ -6,10 +6,10 @@ and the optimizer; see `Recipe` and the named systems in `PRESETS` (`ttr zoo` pr
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
     from . import ops, oracle
     from .features import FEATURE_MAPS, FeatureMap, PositiveRandomFeatures
     from .layers import LayerState, ShortConv, TTRLayer
@@ -35,10 +35,14 @@ def __getattr__(name: str) -> object:
     if name not in _HOME:
         raise AttributeError(f"module 'ttr' has no attribute {name!r}")
     home = _HOME[name]
-    value = importlib.import_module(f".{home or name}", __name__)
+    value = _importlib.import_module(f".{home or name}", __name__)
     return value if home is None else getattr(value, name)
 
 
 __version__ = "0.1.0"
 
 __all__ = sorted(_HOME)
+
+
+def __dir__() -> list[str]:
+    return [*__all__, "__version__"]

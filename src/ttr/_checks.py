@@ -85,6 +85,16 @@ def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int, scalar_for
     return kind
 
 
+# exp(-100) < 4e-44: a log-gate below -100 forgets completely in any dtype, and clamping it there keeps the
+# cumulative log-gates of the chunk forms finite (finfo.min per token summed to -inf, and -inf - -inf = nan)
+LOG_GATE_FLOOR = -100.0
+
+
+def log_gate_as(g: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A checked log-gate in the compute dtype, clamped at LOG_GATE_FLOOR."""
+    return None if g is None else g.to(dtype).clamp_min(LOG_GATE_FLOOR)
+
+
 def check_step(name: str, x: Tensor, shape: tuple[int, ...], upper: float | None = None) -> None:
     """A per-token step size: the given shape, finite, >= 0 and <= upper."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -120,7 +130,7 @@ def scale_or(scale: object, default: float, positive: bool = False) -> float:
 
 
 def check_positive(name: str, x: object) -> None:
-    if not (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0):
+    if not (isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0):
         raise ValueError(f"{name} must be a positive finite number, got {x!r}")
 
 
@@ -137,6 +147,15 @@ def append_to_cache(initial_state: tuple[Tensor, Tensor] | None, k: Tensor, v: T
     check_state("initial_state (K)", K0, (B, T0, H, Dk))
     check_state("initial_state (V)", V0, (B, T0, H, v.shape[-1]))
     return torch.cat([K0.to(k.dtype), k], 1), torch.cat([V0.to(v.dtype), v], 1)
+
+
+def finite_answer(op: str, o: Tensor) -> Tensor:
+    """o, once it is known to be finite: every input was checked finite, so a non-finite answer is an overflow
+    inside the op (or in the caller's own feature map), never a number to hand back."""
+    if not bool(torch.isfinite(o).all()):
+        raise ValueError(f"{op}: the answer is not finite in {o.dtype} although every input was: an intermediate "
+                         "overflowed (scale, the size of q and k, a small ridge); rescale the inputs or use float64")
+    return o
 
 
 def check_mode(mode: str, allowed: tuple[str, ...]) -> None:

@@ -111,6 +111,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     if args.device == "auto":
         args.device = "cuda" if _cuda() else "cpu"
+    if not (args.device == "cpu" or args.device == "cuda" or args.device.startswith("cuda:")):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {args.device!r}")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a folder; give the path of a JSON file")
     cfg = bench.BenchConfig(lengths=args.lengths, head_dims=args.head_dims, gates=tuple(args.gates.split(",")),
                             ops=tuple(bench.CASES) if args.ops == "all" else tuple(args.ops.split(",")),
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,

@@ -17,15 +17,22 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class FeatureMap:
-    """A named feature map. `positive` maps give phi(q)^T phi(k) >= 0, as a normalizer needs."""
+    """A named feature map. `positive` maps give phi(q)^T phi(k) >= 0, as a normalizer needs; `strictly` positive
+    ones give phi(q)^T phi(k) > 0, so a zero there is underflow."""
 
     name: str
     fn: Callable[[Tensor], Tensor]
     positive: bool
     citation: str = ""
+    strictly: bool = False
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.fn(x)
+        y = self.fn(x)
+        if not isinstance(y, Tensor) or y.shape[:-1] != x.shape[:-1] or not y.is_floating_point():
+            what = f"shape {list(y.shape)} {y.dtype}" if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"feature map {self.name!r} must return a floating-point tensor [..., D'] for input "
+                             f"{list(x.shape)}, got {what}")
+        return y
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -79,9 +86,10 @@ class PositiveRandomFeatures:
 FEATURE_MAPS: dict[str, FeatureMap] = {
     "identity": FeatureMap("identity", _identity, positive=False),
     "l2": FeatureMap("l2", _l2, positive=False),
-    "elu1": FeatureMap("elu1", _elu_plus_one, positive=True, citation="Katharopoulos et al., 2020"),
+    "elu1": FeatureMap("elu1", _elu_plus_one, positive=True, citation="Katharopoulos et al., 2020", strictly=True),
     "relu": FeatureMap("relu", F.relu, positive=True, citation="Kasai et al., 2021"),
-    "prf": FeatureMap("prf", PositiveRandomFeatures(), positive=True, citation="Choromanski et al., 2021"),
+    "prf": FeatureMap("prf", PositiveRandomFeatures(), positive=True, citation="Choromanski et al., 2021",
+                      strictly=True),
 }
 
 
@@ -92,7 +100,7 @@ def get_feature_map(feature_map: str | Callable[[Tensor], Tensor] | None) -> Fea
     if isinstance(feature_map, FeatureMap):
         return feature_map
     if isinstance(feature_map, PositiveRandomFeatures):
-        return FeatureMap("prf", feature_map, positive=True, citation="Choromanski et al., 2021")
+        return FeatureMap("prf", feature_map, positive=True, citation="Choromanski et al., 2021", strictly=True)
     if isinstance(feature_map, str):
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a callable, got {feature_map!r}")

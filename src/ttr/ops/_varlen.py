@@ -27,6 +27,8 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int) -> Tensor:
         what = f"{cu_seqlens.dtype} tensor of shape {list(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor) \
             else type(cu_seqlens).__name__
         raise ValueError(f"cu_seqlens must be a 1-D int32 or int64 tensor [N + 1], got {what}")
+    if cu_seqlens.is_meta:
+        raise ValueError("cu_seqlens is a meta tensor (a shape without values): the offsets must be known")
     if B != 1:
         raise ValueError(f"cu_seqlens packs sequences into one row: the batch size must be 1, got B = {B}")
     if cu_seqlens.numel() < 2:

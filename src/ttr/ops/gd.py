@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .._checks import check_log_gate, check_mode, check_qkv, check_state, compute_dtype, scale_or
+from .._checks import (check_log_gate, check_mode, check_qkv, check_state, compute_dtype, finite_answer, log_gate_as,
+                       scale_or)
 from ..features import get_feature_map
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
@@ -75,7 +76,8 @@ def linear_attention(
     rows = B if cu is None else cu.numel() - 1
     check_state("initial_state", initial_state, (rows, H, Df, v.shape[-1]))
     # g as [B, T, H, 1 or Dk]: one broadcasting rule serves scalar and vector gates.
-    g = None if g is None else (g.to(dt).unsqueeze(-1) if kind == "scalar" else g.to(dt))
+    g = log_gate_as(g, dt)
+    g = None if g is None else (g.unsqueeze(-1) if kind == "scalar" else g)
     s0 = None if initial_state is None else initial_state.to(dt)
     core = _recurrent if mode == "recurrent" else functools.partial(_chunked, C=chunk_size, vector=kind == "vector")
     if cu is None:
@@ -87,8 +89,11 @@ def linear_attention(
         # answer there is 0, with gradient 0 (dividing by a clamped normalizer would give 0 * inf = NaN)
         numerator, z = o[..., :-1], o[..., -1:]
         seen = z > 0
+        if phi.strictly and g is None and not bool(seen.all()):  # every query sees its own key: z > 0 but for underflow
+            raise ValueError(f"normalize=True: every weight phi(q)^T phi(k) of a query underflowed to 0 in {dt} "
+                             f"(feature map {phi.name!r}); normalize or rescale q and k")
         o = torch.where(seen, numerator / torch.where(seen, z, torch.ones_like(z)), torch.zeros_like(numerator))
-    return o.to(out_dtype), (state if output_final_state else None)
+    return finite_answer("linear_attention", o.to(out_dtype)), (state if output_final_state else None)
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import (append_to_cache, check_mode, check_positive, check_qkv, check_state, compute_dtype,
-                       scale_or)
+                       finite_answer, scale_or)
 from ._varlen import check_cu_seqlens, per_sequence
 
 KERNELS = ("exp", "rbf", "poly")
@@ -119,7 +119,7 @@ def kernel_regression(
             n = first + t + 1
             outs.append(_read(L, kh[:, :, :n], vh[:, :, :n], qh[:, :, t:t + 1], n - 1, kernel, scale, degree))
         o = torch.cat(outs, 2)
-    o = o.transpose(1, 2).to(dt).to(out_dtype)
+    o = finite_answer("kernel_regression", o.transpose(1, 2).to(dt).to(out_dtype))
     return o, ((k_all, v_all, L) if output_final_state else None)
 
 

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, scale_or
+from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, log_gate_as,
+                       scale_or)
 from ..features import FEATURE_MAPS
 from ._chunk import causal_mask, decay_mask, to_chunks
 from ._varlen import check_cu_seqlens, padded_groups
@@ -79,6 +80,9 @@ def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ..
         return list(fresh), list(fresh[:n_start]), torch.zeros(rows, dtype=torch.long, device=fresh[0].device)
     if isinstance(initial_state, MiniBatchState):
         weights, start, offset = initial_state.weights, initial_state.start, initial_state.offset
+        if not (isinstance(weights, (tuple, list)) and isinstance(start, (tuple, list))):
+            raise ValueError(f"initial_state must be a MiniBatchState of weight tuples, got weights "
+                             f"{type(weights).__name__} and start {type(start).__name__}")
     else:
         weights = initial_state if isinstance(initial_state, (tuple, list)) else (initial_state,)
         start, offset = weights, 0
@@ -88,8 +92,10 @@ def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ..
         check_state(f"initial_state ({name})", w, shape)
     for name, w, shape in zip(names, start[:n_start], shapes):
         check_state(f"initial_state.start ({name})", w, shape)
+    if not (isinstance(offset, (int, Tensor)) and not isinstance(offset, bool)):
+        raise ValueError(f"initial_state.offset must be an int or an int tensor [{rows}], got {offset!r}")
     offset = torch.as_tensor(offset, device=fresh[0].device)
-    if offset.is_floating_point() or offset.dim() > 1 or offset.numel() not in (1, rows):
+    if offset.is_meta or offset.is_floating_point() or offset.dim() > 1 or offset.numel() not in (1, rows):
         raise ValueError(f"initial_state.offset must be an int or an int tensor [{rows}], got {offset!r}")
     offset = offset.long().expand(rows)
     if bool(((offset < 0) | (offset >= batch_size)).any()):
@@ -150,12 +156,25 @@ def _run(op: str, body, tensors: list[Tensor], batch_size: int, offset: Tensor, 
             final_weights = [f.index_put((rows,), x) for f, x in zip(final_weights, w)]
             final_start = [f.index_put((rows,), x) for f, x in zip(final_start, ends_in)]
     o = torch.cat([piece for piece in outs if piece is not None])
-    if not all(bool(torch.isfinite(x).all()) for x in (o, *final_weights)):
-        raise ValueError(f"{op} diverged: its weights overflowed on finite input; {_STABLE_RANGE[op]} (see "
-                         "ttr.ops.minibatch, Stability)")
+    if not all(bool(torch.isfinite(x).all()) for x in (o, *final_weights)) or _beyond_any_stable_read(op, o, tensors,
+                                                                                                weights):
+        raise ValueError(f"{op} diverged: its weights overflowed or grew a million times past the values on finite "
+                         f"input; {_STABLE_RANGE[op]} (see ttr.ops.minibatch, Stability)")
     complete = (end % batch_size == 0)[:, None, None, None]  # a finished mini-batch starts the next from here
     final_start = [torch.where(complete, w, f) for w, f in zip(final_weights, final_start)]
     return o.reshape(B, T, *o.shape[1:]), MiniBatchState(tuple(final_weights), tuple(final_start), end % batch_size)
+
+
+def _beyond_any_stable_read(op: str, o: Tensor, tensors: list[Tensor], weights: list[Tensor]) -> bool:
+    """A linear memory read out at 1e6 times the size its values and starting weights allow: |o| > 1e6 (|v| +
+    |W_0| |q| Dk), all maxima. Unstable rates grow the weights geometrically, and an answer that large is
+    the instability's, long before it overflows (Titans at momentum 0.999: 6e53 in float64)."""
+    if op == "ttt_mlp" or o.numel() == 0:
+        return False
+    q, v = tensors[0], tensors[2]
+    start = max(float(w.detach().abs().max()) for w in weights) if weights[0].numel() else 0.0
+    allowed = float(v.detach().abs().max()) + start * float(q.detach().abs().max()) * q.shape[-1]
+    return float(o.detach().abs().max()) > 1e6 * allowed + torch.finfo(o.dtype).tiny
 
 
 _STABLE_RANGE = {
@@ -319,8 +338,13 @@ def titans(
         raise ValueError("momentum must lie in (0, 1]: a zero momentum coefficient is the plain TTT-Linear update")
     check_log_gate(g, B, T, H, Dk, scalar_for="titans")
     q, k, v, theta = _prepare(q, k, v, theta, batch_size, mode, qk_l2norm, scale, lr_name="theta")
-    log_eta = momentum.to(q.dtype).log()                # 0 outside the sequences: the momentum stays
-    g = torch.zeros_like(log_eta) if g is None else g.to(q.dtype)
+    damping = momentum.detach().double().log() + (0.0 if g is None else g.detach().double())
+    if batch_size > 1 and float(damping.max()) >= 0:
+        raise ValueError("momentum * alpha reaches 1 (momentum 1 without decay): Titans' mini-batch iteration is "
+                         "then undamped and has no stable range for batch_size > 1 (see ttr.ops.minibatch, "
+                         "Stability); keep momentum * exp(g) below 1")
+    log_eta = log_gate_as(momentum.to(q.dtype).log(), q.dtype)  # 0 outside the sequences: the momentum stays
+    g = torch.zeros_like(log_eta) if g is None else log_gate_as(g, q.dtype)
     zero = q.new_zeros(rows, H, Dk, Dv)
     weights, start, offset = _resume(initial_state, (zero, zero), [(rows, H, Dk, Dv)] * 2, ["memory", "momentum"],
                                      1, batch_size, q.dtype)

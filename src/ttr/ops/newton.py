@@ -57,11 +57,13 @@ solver="cg" replaces every solve by conjugate gradients preconditioned by the di
 from q / diag(S_t) (the Jacobi guess); it applies S_t to every token's iterate at once with a few matrix
 products, decay or not, in the starts' precision (float64 on ill-conditioned keys, as above). It stops once
 every token's relative residual |q_t - S_t x_t| / |q_t| is at most cg_tol (1e-5 in float32, 1e-10 in
-float64), checking the true residual before it stops (float32's recursive residual drifts, and a restart
+float64; or 4 eps max_j (S_t)_jj where the dtype reaches no better), checking the true residual before it
+stops (float32's recursive residual drifts, and a restart
 from the true one recovers), or after cg_steps steps (default 4 Dk: d steps solve a d x d system in exact
 arithmetic, and rounding needs more); short of the tolerance it warns with the residual reached. cg_tol=0
-runs exactly cg_steps steps with no check (a fixed budget, as MesaNet trains). Gradients are the implicit
-ones of the exact forms with one more CG solve (as JAX's cg): exact once both solves have converged.
+runs exactly cg_steps steps with no check (a fixed budget, as MesaNet trains), and autograd follows them: the
+gradient of the answer computed. With a tolerance, gradients are the implicit ones of the exact forms with one
+more CG solve (as JAX's cg), exact once both solves have converged, and no graph is kept over the steps.
 Measured (T = 512, d = 16, lamb = 1, three repeated unit keys or keys of norm 5 ~ 20, float32): 8 fixed steps
 err by 24 % and 53 % against the float64 solve; the default reaches the tolerance, and 1e-5 on the output.
 """
@@ -69,6 +71,7 @@ err by 24 % and 53 % against the float64 solve; the default reaches the toleranc
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,7 +79,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, scale_or
+from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, finite_answer,
+                       log_gate_as, scale_or)
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
 
@@ -123,10 +127,12 @@ def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
 
 def _ridge(lamb: float | Tensor, H: int, Dk: int, device: torch.device) -> Tensor:
     """lamb as a positive diagonal [H, Dk] (in STATS): a scalar, one per head [H], or one per channel [H, Dk]."""
-    if not (isinstance(lamb, Tensor) or (isinstance(lamb, (int, float)) and not isinstance(lamb, bool))):
+    if not (isinstance(lamb, Tensor) or (isinstance(lamb, numbers.Real) and not isinstance(lamb, bool))):
         raise ValueError(f"lamb must be a positive number or a tensor [H] or [H, Dk], got {type(lamb).__name__} "
                          f"{lamb!r}")
-    lam = torch.as_tensor(lamb, dtype=STATS, device=device)  # a Python float straight to STATS, never via float32
+    if isinstance(lamb, Tensor) and lamb.is_meta:
+        raise ValueError("lamb is a meta tensor (a shape without values); the ridge must be known")
+    lam = torch.as_tensor(float(lamb) if isinstance(lamb, numbers.Real) else lamb, dtype=STATS, device=device)
     if lam.dim() == 0:
         lam = lam.expand(H, Dk)
     elif tuple(lam.shape) == (H,):
@@ -182,7 +188,8 @@ def mesa(
     if beta is not None:
         check_step("beta", beta, (B, T, H))
     if initial_state is not None:
-        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2
+                and all(isinstance(s, Tensor) for s in initial_state)):
             raise ValueError("initial_state must be the pair (H_kk [B, H, Dk, Dk], H_kv [B, H, Dk, Dv])")
         check_state("initial_state (H_kk)", initial_state[0], (rows, H, Dk, Dk))
         check_state("initial_state (H_kv)", initial_state[1], (rows, H, Dk, Dv))
@@ -193,7 +200,7 @@ def mesa(
     q = q.to(dt) * (scale_or(scale, 1.0) / root.to(dt))
     k, v = k.to(dt) / root.to(dt), v.to(dt)
     beta = torch.ones(B, T, H, dtype=dt, device=q.device) if beta is None else beta.to(dt)
-    g = None if g is None else g.to(dt)
+    g = log_gate_as(g, dt)
     if initial_state is None:
         state = (q.new_zeros(rows, H, Dk, Dk, dtype=STATS), q.new_zeros(rows, H, Dk, Dv, dtype=STATS))
     else:  # only H_kk's symmetric part enters the objective (x^T H_kk x): every form reads that, and its gradient
@@ -207,8 +214,9 @@ def mesa(
     else:
         if solver == "cg":
             default_tol = 1e-10 if dt == torch.float64 else 1e-5
-            solver = functools.partial(_conjugate_gradients, steps=4 * Dk if cg_steps is None else cg_steps,
-                                       tol=default_tol if cg_tol is None else float(cg_tol))
+            tol = default_tol if cg_tol is None else float(cg_tol)
+            solver = functools.partial(_conjugate_gradients, steps=4 * Dk if cg_steps is None else cg_steps, tol=tol)
+            solver.implicit = tol > 0  # a fixed budget is differentiated through its steps
         core = functools.partial(_chunked, C=1 if mode == "recurrent" else chunk_size, solver=solver, dt=dt)
     if cu is None:
         o, state = core(q, k, v, beta, g, state)
@@ -216,7 +224,7 @@ def mesa(
         o, state = run_packed(core, cu, [q, k, v, beta, g], state, None if mode == "recurrent" else chunk_size)
     if output_final_state:
         state = (state[0] * (root[:, :, None] * root[:, None, :]), state[1] * root[:, :, None])
-    return o.to(out_dtype), (state if output_final_state else None)
+    return finite_answer("mesa", o.to(out_dtype)), (state if output_final_state else None)
 
 
 def _chunked(q, k, v, beta, g, state, C, solver, dt):
@@ -227,7 +235,11 @@ def _chunked(q, k, v, beta, g, state, C, solver, dt):
     H_kk, H_kv, state = _chunk_starts(kc, vc, bc, G, state, dt)
     if solver == "exact":
         solver = _woodbury if g is None else _eigen
-    oc = _ImplicitRead.apply(qc, H_kk, H_kv, kc, vc, G, bc, solver)
+    if getattr(solver, "implicit", True):
+        oc = _ImplicitRead.apply(qc, H_kk, H_kv, kc, vc, G, bc, solver)
+    else:  # CG's fixed budget: autograd follows the steps, the gradient of the answer actually computed
+        solve, read = solver(H_kk, kc, G, bc)
+        oc = read(solve(qc), H_kv, vc)[1]
     return from_chunks(oc, q.shape[1]), state
 
 
@@ -472,8 +484,12 @@ def _conjugate_gradients(H_kk, kc, G, bc, steps, tol):
     def apply(P: Tensor) -> Tensor:                                        # rows p_t -> rows (S_t p_t)^T
         return _weighted(P, H_kk, kc, kc, G, bc) + P
 
-    def worst(r: Tensor, b_norm: Tensor) -> float:                       # the largest |r_t| - tol |b_t|
-        return float((r.norm(dim=-1) - tol * b_norm).max())
+    # the tolerance, or what hi can reach: a residual computed in hi errs by about eps |S_t| |x_t|, and the
+    # largest diagonal entry of S_t stands in for |S_t| (repeated keys make it ~ the number of associations)
+    limit = torch.clamp_min(4 * torch.finfo(hi).eps * diag.amax(-1), tol) if tol > 0 else None
+
+    def worst(r: Tensor, b_norm: Tensor) -> float:                       # the largest |r_t| - limit_t |b_t|
+        return float((r.norm(dim=-1) - limit * b_norm).max())
 
     def solve(rows: Tensor) -> tuple[Tensor, Tensor]:
         b = rows.to(hi)
@@ -498,8 +514,8 @@ def _conjugate_gradients(H_kk, kc, G, bc, steps, tol):
         if tol > 0 and worst(r, b_norm) > 0:
             reached = float((r.norm(dim=-1) / b_norm.clamp_min(tiny)).max())
             warnings.warn(f"mesa: conjugate gradients stopped at a relative residual of {reached:.2e} after {taken} "
-                          f"steps, above cg_tol = {tol:g}; raise cg_steps or use solver='exact'", RuntimeWarning,
-                          stacklevel=2)
+                          f"steps, above cg_tol = {tol:g} (and above what {hi} reaches on these keys); raise "
+                          "cg_steps or use solver='exact'", RuntimeWarning, stacklevel=2)
         return x.to(dt), x
 
     def read(xs: tuple[Tensor, Tensor], H_kv: Tensor, vc: Tensor) -> tuple[Tensor, Tensor]:

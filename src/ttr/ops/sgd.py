@@ -23,7 +23,8 @@ import functools
 import torch
 from torch import Tensor
 
-from .._checks import check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, scale_or
+from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, finite_answer,
+                       log_gate_as, scale_or)
 from ..features import FEATURE_MAPS
 from ._chunk import check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
@@ -69,14 +70,14 @@ def delta_rule(
     if qk_l2norm:
         q, k = FEATURE_MAPS["l2"](q), FEATURE_MAPS["l2"](k)
     q = q * scale_or(scale, Dk ** -0.5)
-    g = None if g is None else g.to(dt)
+    g = log_gate_as(g, dt)
     s0 = None if initial_state is None else initial_state.to(dt)
     core = _recurrent if mode == "recurrent" else functools.partial(_chunked, C=chunk_size)
     if cu is None:
         o, state = core(q, k, v, beta, g, s0)
     else:  # zero beta and gates outside the sequences: no step, no decay
         o, state = run_packed(core, cu, [q, k, v, beta, g], s0, None if mode == "recurrent" else chunk_size)
-    return o.to(out_dtype), (state if output_final_state else None)
+    return finite_answer("delta_rule", o.to(out_dtype)), (state if output_final_state else None)
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
