@@ -106,6 +106,31 @@ def cmd_regress(args: argparse.Namespace) -> None:
     console.print(f"saved {plot} and {results}")
 
 
+def cmd_capacity(args: argparse.Namespace) -> None:
+    from .experiments import capacity
+
+    cfg = capacity.CapacityConfig(dim=args.dim, trials=args.trials, seed=args.seed, out=args.out)
+    _writable(Path(cfg.out))
+    with _progress() as bar:
+        task = bar.add_task("pair counts", total=capacity.steps(cfg))
+        rows = capacity.run(cfg, progress=lambda: bar.advance(task))
+    results, plot = capacity.save(cfg, rows)
+    for kind in ("random", "orthonormal"):
+        counts = sorted({r.pairs for r in rows if r.keys == kind})
+        d = cfg.dim
+        shown = [n for n in counts if n in {1, d // 4, d // 2, d, 2 * d, 4 * d}]
+        table = Table(title=f"Recall accuracy, {kind} unit keys, d={cfg.dim}, {cfg.trials} trials",
+                      box=box.SIMPLE_HEAD, padding=(0, 1))
+        table.add_column("memory \\ pairs N", no_wrap=True)
+        for n in shown:
+            table.add_column(str(n), justify="right")
+        for memory in capacity.MEMORIES:
+            acc = {r.pairs: r.accuracy for r in rows if r.keys == kind and r.memory == memory}
+            table.add_row(memory, *(f"{acc[n]:.2f}" for n in shown))
+        console.print(table)
+    console.print(f"saved {plot}, {results} and capacity.csv")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
@@ -212,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=float, default=0.5, help="step size of online learners without parameters")
     p.add_argument("--out", default="runs/regress", help="output folder for regress.png and results.json")
     p.set_defaults(func=cmd_regress)
+
+    p = sub.add_parser("capacity", help="how many key-value pairs each memory recalls, no learned parameters; "
+                       "prints tables, saves a PNG", **shows_defaults)
+    p.add_argument("--dim", type=_at_least(1), default=16, help="key dimension d (pairs N run from 1 to 4 d)")
+    p.add_argument("--trials", type=_at_least(1), default=32, help="random draws averaged per point")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default="runs/capacity", help="output folder for capacity.png, .json and .csv")
+    p.set_defaults(func=cmd_capacity)
 
     p = sub.add_parser("bench", help="time chunk vs recurrent vs causal SDPA, GFLOP/s vs matmul, peak memory",
                        **shows_defaults)

@@ -1,0 +1,182 @@
+"""One training loop for the library: token classification with ignored positions (MQAR's labels, a language
+model's shifted tokens).
+
+AdamW with linear warm-up and cosine decay to `min_lr` x lr, gradient clipping, evaluation every `eval_every`
+steps, an early stop once the evaluation accuracy reaches `target`, and a checkpoint at every evaluation
+(written whole, see ttr._files) that `train(..., checkpoint=path)` resumes from: an interrupted run continues at
+the step it had saved and ends as the uninterrupted run would (same batches, same optimizer state), a finished
+one returns its result without training again.
+
+Batches are a function of (seed, step) alone: step s takes the examples at positions s * B .. (s + 1) * B of an
+epoch's permutation, seeded by (seed, epoch). That is what makes resuming exact, and data parallelism a slice
+of it: with W processes (torchrun), process r would take every W-th example of the same batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._files import write_atomically
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: float = 0.1        # fraction of the steps
+    min_lr: float = 0.0        # the cosine's floor, as a fraction of lr
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    target: float | None = None  # stop once the evaluation accuracy reaches it
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, lo, hi in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf), ("warmup", 0.0, 1.0),
+                             ("min_lr", 0.0, 1.0), ("grad_clip", 0.0, math.inf)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+                    and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of step `step` (0-based): linear warm-up, then cosine decay to min_lr * lr."""
+        warm = int(self.warmup * self.steps)
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        progress = (step - warm) / max(1, self.steps - warm)
+        return self.lr * (self.min_lr + (1 - self.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
+    """The examples step `step` trains on: a function of (seed, step) only (module docstring)."""
+    first = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, at = divmod(first + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.extend(perm[at:at + batch_size - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def token_loss(model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Cross-entropy over the labelled positions: (loss, correct predictions, labelled positions)."""
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    with torch.no_grad():
+        scored = labels != IGNORE
+        correct = (logits.argmax(-1) == labels) & scored
+    return loss, correct.sum(), scored.sum()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 256) -> dict[str, float]:
+    """Mean loss and accuracy over the labelled positions of a held-out set."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, correct, scored = 0.0, 0, 0
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        loss, c, s = token_loss(model, x, y)
+        total += float(loss) * int(s)
+        correct += int(c)
+        scored += int(s)
+    model.train(was_training)
+    return {"loss": total / max(scored, 1), "accuracy": correct / max(scored, 1)}
+
+
+def train(model: nn.Module, train_set: tuple[Tensor, Tensor], test_set: tuple[Tensor, Tensor], cfg: TrainConfig,
+          *, checkpoint: Path | None = None, progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Train `model` (token ids [B, T] -> logits [B, T, V]) on train_set = (inputs, labels) and evaluate on
+    test_set. Returns {"history": [{step, lr, train_loss, test_loss, test_accuracy}], "final": the last
+    evaluation, "best_accuracy", "steps": steps taken, "stopped_early", "seconds": training time}.
+    progress(step, latest metrics) is called after every step."""
+    device = next(model.parameters()).device
+    inputs, labels = train_set
+    if len(inputs) == 0:
+        raise ValueError("train_set holds no examples")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]  # biases, norms, gate constants: no weight decay
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    state = {"step": 0, "history": [], "done": False, "seconds": 0.0, "stopped_early": False}
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=True)
+        if saved.get("config") != asdict(cfg):
+            raise ValueError(f"checkpoint {str(checkpoint)!r} was written with another training configuration: "
+                             "remove it or train with the same settings")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+    if state["done"]:
+        return _result(state)
+
+    def save() -> None:
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "state": state}
+            write_atomically(checkpoint, lambda f: torch.save(payload, f))
+
+    model.train()
+    latest: dict = state["history"][-1] if state["history"] else {}
+    start, running = time.perf_counter(), []
+    while state["step"] < cfg.steps:
+        step = state["step"]
+        lr = cfg.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(len(inputs), cfg.batch_size, cfg.seed, step)
+        loss, _, _ = token_loss(model, inputs[idx].to(device), labels[idx].to(device))
+        if not bool(torch.isfinite(loss)):
+            raise ValueError(f"the training loss is not finite at step {step} (lr {lr:.3g}): lower lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        running.append(float(loss.detach()))
+        state["step"] = step + 1
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+            test = evaluate(model, *test_set)
+            latest = {"step": state["step"], "lr": lr, "train_loss": sum(running) / len(running),
+                      "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+            state["history"].append(latest)
+            running = []
+            if cfg.target is not None and test["accuracy"] >= cfg.target:
+                state["stopped_early"] = state["step"] < cfg.steps
+                state["done"] = True
+            state["done"] = state["done"] or state["step"] == cfg.steps
+            state["seconds"] += time.perf_counter() - start
+            start = time.perf_counter()
+            save()
+        if progress is not None:
+            progress(state["step"], {"loss": float(loss.detach()), **latest})
+        if state["done"]:
+            break
+    return _result(state)
+
+
+def _result(state: dict) -> dict:
+    history = state["history"]
+    return {"history": history, "final": history[-1] if history else {},
+            "best_accuracy": max((h["test_accuracy"] for h in history), default=0.0), "steps": state["step"],
+            "stopped_early": state["stopped_early"], "seconds": state["seconds"]}

@@ -1,0 +1,137 @@
+"""The recall experiments' pieces: MQAR data (Zoology's protocol), the training loop, the capacity experiment."""
+
+import math
+
+import pytest
+import torch
+
+from ttr.experiments.capacity import CapacityConfig, run as run_capacity
+from ttr.experiments.mqar import MQARModel
+from ttr.tasks.mqar import IGNORE, MQARConfig, mqar, train_test
+from ttr.train import TrainConfig, batch_indices, train
+
+
+@pytest.mark.parametrize("random_filler", [False, True])
+def test_mqar_examples_follow_the_protocol(random_filler):
+    cfg = MQARConfig(vocab_size=64, seq_len=40, num_kv_pairs=5, random_filler=random_filler)
+    x, y = mqar(cfg, 200, seed=3)
+    assert x.shape == y.shape == (200, 40) and x.dtype == y.dtype == torch.long
+    assert int(x.min()) >= 0 and int(x.max()) < 64
+    N, half = 5, 32
+    keys, values = x[:, 0:2 * N:2], x[:, 1:2 * N:2]
+    assert bool(((keys >= 1) & (keys < half)).all()) and bool((values >= half).all())
+    for row_keys, row_values in zip(keys, values):                       # drawn without replacement
+        assert len(set(row_keys.tolist())) == N and len(set(row_values.tolist())) == N
+    for b in range(200):
+        where = (y[b] != IGNORE).nonzero().flatten()
+        assert len(where) == N and bool((where >= 2 * N).all()) and bool(((where - 2 * N) % 2 == 0).all())
+        pairs = dict(zip(keys[b].tolist(), values[b].tolist()))
+        assert sorted(x[b, where].tolist()) == sorted(pairs)             # each key is queried once
+        assert all(pairs[int(x[b, t])] == int(y[b, t]) for t in where)  # and labelled with its value
+        if not random_filler:
+            rest = torch.ones(40, dtype=torch.bool)
+            rest[:2 * N] = False
+            rest[where] = False
+            assert bool((x[b, rest] == 0).all())
+    assert torch.equal(mqar(cfg, 200, seed=3)[0], x) and not torch.equal(mqar(cfg, 200, seed=4)[0], x)
+
+
+def test_mqar_queries_sit_near_the_pairs_under_a_small_power():
+    near = MQARConfig(vocab_size=256, seq_len=256, num_kv_pairs=4, power_a=0.01)
+    uniform = MQARConfig(vocab_size=256, seq_len=256, num_kv_pairs=4, power_a=1.0)
+    mean_position = [float((mqar(c, 500, 0)[1] != IGNORE).nonzero()[:, 1].double().mean()) for c in (near, uniform)]
+    assert mean_position[0] < mean_position[1] - 30
+
+
+def test_train_and_test_sets_share_no_example():
+    cfg = MQARConfig(vocab_size=8, seq_len=8, num_kv_pairs=2, random_filler=False)  # few distinct examples
+    (x, _), (xt, _) = train_test(cfg, 200, 50, seed=0)
+    seen = {tuple(r) for r in x.tolist()}
+    assert len(xt) == 50 and not any(tuple(r) in seen for r in xt.tolist())
+
+
+@pytest.mark.parametrize("kw,match", [({"seq_len": 30, "num_kv_pairs": 8}, "4 \\* num_kv_pairs must be at most"),
+                                      ({"vocab_size": 10, "num_kv_pairs": 5}, "fewer than num_kv_pairs"),
+                                      ({"seq_len": 31}, "seq_len must be even"),
+                                      ({"power_a": 0.0}, "power_a must lie in"),
+                                      ({"num_kv_pairs": 0}, "num_kv_pairs must be a positive int")])
+def test_impossible_mqar_settings_are_clear_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MQARConfig(**kw)
+
+
+def test_batches_depend_on_seed_and_step_only():
+    first = [batch_indices(10, 4, seed=1, step=s) for s in range(5)]
+    assert all(torch.equal(a, batch_indices(10, 4, seed=1, step=s)) for s, a in enumerate(first))
+    epoch = torch.cat(first)[:10]                                        # the first epoch: every example once
+    assert sorted(epoch.tolist()) == list(range(10))
+
+
+EASY = MQARConfig(vocab_size=32, seq_len=16, num_kv_pairs=2)
+
+
+def _easy_run(steps, checkpoint=None, progress=None, target=None):
+    train_set, test_set = train_test(EASY, 2048, 128, seed=0)
+    torch.manual_seed(0)
+    model = MQARModel(32, 32, "softmax_attention")
+    result = train(model, train_set, test_set, TrainConfig(steps=steps, batch_size=32, lr=3e-3, eval_every=20,
+                                                           target=target), checkpoint=checkpoint,
+                   progress=progress)
+    return model, result
+
+
+def test_one_layer_after_a_short_convolution_learns_an_easy_mqar():
+    """The learning path is real: softmax attention with its convolution reaches 90 % on an easy setting."""
+    _, result = _easy_run(400, target=0.95)
+    assert result["best_accuracy"] >= 0.9
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    _, whole = _easy_run(60)
+    model_whole, _ = _easy_run(60)
+
+    def interrupt(step, metrics):
+        if step == 50:                                                   # the last checkpoint was at step 40
+            raise KeyboardInterrupt
+
+    path = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _easy_run(60, checkpoint=path, progress=interrupt)
+    model, resumed = _easy_run(60, checkpoint=path)
+    assert resumed["history"] == whole["history"] or all(
+        a["step"] == b["step"] and a["test_accuracy"] == b["test_accuracy"]
+        for a, b in zip(resumed["history"], whole["history"]))
+    for a, b in zip(model.state_dict().values(), model_whole.state_dict().values()):
+        assert torch.equal(a, b)
+    seen = []
+    _easy_run(60, checkpoint=path, progress=lambda step, m: seen.append(step))  # finished: not trained again
+    assert seen == []
+
+
+def test_training_refuses_a_checkpoint_of_other_settings(tmp_path):
+    path = tmp_path / "run.pt"
+    _easy_run(20, checkpoint=path)
+    with pytest.raises(ValueError, match="was written with another training configuration"):
+        _easy_run(40, checkpoint=path)
+
+
+def test_exact_memory_recalls_every_pair_up_to_the_key_dimension():
+    """The claim: mesa recalls all N <= d pairs on random keys; the outer-product memory does not (N = d and
+    beyond), and recalls exactly on orthonormal keys."""
+    rows = run_capacity(CapacityConfig(dim=8, trials=16))
+    acc = {(r.keys, r.memory, r.pairs): r.accuracy for r in rows}
+    err = {(r.keys, r.memory, r.pairs): r.error for r in rows}
+    assert all(acc["random", "mesa", n] == 1.0 for n in range(1, 9) if ("random", "mesa", n) in acc)
+    assert acc["random", "linear_attention", 16] < 0.8 and acc["random", "linear_attention", 8] < 1.0
+    assert all(err["orthonormal", "linear_attention", n] < 1e-20 for n in (1, 2, 4, 8))
+    assert acc["random", "softmax_attention", 32] > acc["random", "linear_attention", 32]  # a cache keeps every pair
+
+
+def test_capacity_reads_the_cache_without_writing():
+    """Softmax attention's recall is the Nadaraya-Watson average over the stored pairs only."""
+    from ttr.experiments.capacity import _recall
+
+    k = torch.nn.functional.normalize(torch.randn(2, 5, 4, dtype=torch.float64), dim=-1)
+    v = torch.randn(2, 5, 4, dtype=torch.float64)
+    w = torch.softmax(math.sqrt(4) * k @ k.transpose(-1, -2), dim=-1)
+    assert (_recall("softmax_attention", k, v) - w @ v).abs().max() < 1e-6
