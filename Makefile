@@ -5,9 +5,9 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: all setup regress bench zoo test test-slow clean
+.PHONY: all setup reproduce regress capacity mqar bench zoo test test-slow clean
 
-all: regress
+all: reproduce
 
 $(BIN)/ttr: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,17 @@ $(BIN)/ttr: pyproject.toml
 
 setup: $(BIN)/ttr
 
+reproduce: setup
+	$(BIN)/ttr reproduce
+
 regress: setup
 	$(BIN)/ttr regress
+
+capacity: setup
+	$(BIN)/ttr capacity
+
+mqar: setup
+	$(BIN)/ttr mqar
 
 zoo: setup
 	$(BIN)/ttr zoo

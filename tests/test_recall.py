@@ -135,3 +135,40 @@ def test_capacity_reads_the_cache_without_writing():
     v = torch.randn(2, 5, 4, dtype=torch.float64)
     w = torch.softmax(math.sqrt(4) * k @ k.transpose(-1, -2), dim=-1)
     assert (_recall("softmax_attention", k, v) - w @ v).abs().max() < 1e-6
+
+
+def test_mqar_cli_saves_as_it_goes_and_continues(tmp_path, capsys):
+    """A second call finds every run finished and trains nothing; another sweep's file is refused."""
+    import json
+
+    from ttr.cli import main
+
+    out = tmp_path / "mqar"
+    args = ["mqar", "--memories", "softmax_attention,deltanet", "--steps", "10", "--jobs", "2", "--out", str(out)]
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted((r["memory"], r["conv"]) for r in rows) == [("deltanet", True), ("softmax_attention", False),
+                                                             ("softmax_attention", True)]
+    assert (out / "mqar_state_size.png").stat().st_size > 0 and (out / "results.csv").exists()
+    before = (out / "results.json").read_text()
+    assert main(args) == 0 and (out / "results.json").read_text() == before
+    capsys.readouterr()
+    assert main(["mqar", "--memories", "softmax_attention,deltanet", "--steps", "20", "--out", str(out)]) == 2
+    assert "holds another sweep's results" in capsys.readouterr().out.replace("\n", "")
+
+
+def _row(memory, conv, acc, floats=1024):
+    return {"memory": memory, "conv": conv, "d_model": 64, "seq_len": 32, "kv_pairs": 4, "lr": 3e-3,
+            "accuracy": acc, "state_floats": floats}
+
+
+def test_report_verdicts_follow_the_numbers():
+    from ttr.experiments.report import claim_a, claim_b
+
+    held = [_row("mesa", True, 0.99), _row("mesa", False, 0.1), _row("softmax_attention", True, 1.0),
+            _row("softmax_attention", False, 0.05)]
+    assert claim_a(held).startswith("(a) reproduced:")
+    assert claim_a(held[:1] + [_row("mesa", False, 0.8)] + held[2:]).startswith("(a) reproduced for 1 of 2")
+    assert claim_a([_row("mesa", True, 0.5), _row("mesa", False, 0.4)]).startswith("(a) not reproduced")
+    assert "fixed-state memories below it: gla 0.60 at 512 floats" in claim_b(held + [_row("gla", True, 0.6, 512)])
+    assert claim_b(held).startswith("(b) not shown at this setting")

@@ -131,6 +131,94 @@ def cmd_capacity(args: argparse.Namespace) -> None:
     console.print(f"saved {plot}, {results} and capacity.csv")
 
 
+def cmd_mqar(args: argparse.Namespace) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from dataclasses import asdict, replace
+
+    from .experiments import mqar
+    from .recipe import PRESETS
+
+    sweep = mqar.SWEEPS[args.preset]
+    if args.memories != "all":
+        chosen = tuple(args.memories.split(","))
+        unknown = [m for m in chosen if m not in PRESETS]
+        if unknown:
+            raise ValueError(f"--memories: unknown {', '.join(unknown)}; choose among {', '.join(PRESETS)}")
+        sweep = replace(sweep, memories=chosen, no_conv=tuple(m for m in sweep.no_conv if m in chosen))
+    if args.steps is not None:
+        sweep = replace(sweep, steps=args.steps)
+    out = Path(args.out)
+    _writable(out)
+    rows = _finished_mqar_rows(out / "results.json", args.preset, asdict(sweep))
+    done = {mqar.run_key(r) for r in rows}
+    todo = [r for r in sweep.runs() if mqar.run_key(r) not in done]
+    # spawned workers: a forked copy of a process whose torch already started its thread pools can hang
+    with _progress() as bar, ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        task = bar.add_task(f"mqar {args.preset}", total=len(sweep.runs()), completed=len(done))
+        futures = {pool.submit(mqar.train_one, sweep, run, out / "checkpoints"): run for run in todo}
+        for future in as_completed(futures):
+            row = future.result()
+            rows.append(row)
+            mqar.save(out, args.preset, sweep, rows)  # after every run: an interruption keeps what finished
+            bar.update(task, advance=1, description=f"{mqar.run_key(row)}: {row['accuracy']:.2f}")
+    paths = mqar.save(out, args.preset, sweep, rows)
+    best = sorted(mqar.best_per_cell(rows), key=lambda r: (-r["accuracy"], r["memory"]))
+    table = Table(title=f"MQAR ({args.preset}): best accuracy per memory, {sweep.n_layers} layer(s), vocab "
+                        f"{sweep.vocab_size}", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("memory", "conv", "d", "T/N", "acc", "lr", "state", "steps", "sec"):
+        table.add_column(col, justify="left" if col == "memory" else "right", no_wrap=True)
+    for r in best:
+        table.add_row(r["memory"], "yes" if r["conv"] else "no", str(r["d_model"]), f"{r['seq_len']}/{r['kv_pairs']}",
+                      f"{r['accuracy']:.3f}", f"{r['lr']:.0e}", str(r["state_floats"]), str(r["steps"]),
+                      f"{r['seconds']:.0f}")
+    console.print("T/N: sequence length / key-value pairs; state: floats in one layer's memory after T tokens")
+    console.print(table)
+    console.print(f"saved {', '.join(str(p) for p in paths)}")
+
+
+def _finished_mqar_rows(path: Path, preset: str, config: dict) -> list[dict]:
+    """The rows an earlier run of the same sweep finished (none without a file); another sweep's file is an
+    error naming it, left as it was."""
+    import json
+
+    if not path.exists():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+        same = saved["sweep"] == preset and saved["config"] == json.loads(json.dumps(config))
+        rows = list(saved["rows"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read {str(path)!r} as ttr mqar results ({type(exc).__name__}); move it away or "
+                         "choose another --out") from None
+    if not same:
+        raise ValueError(f"{str(path)!r} holds another sweep's results; choose another --out or remove it")
+    return rows
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    import time
+
+    from .experiments import report
+
+    out = Path(args.out)
+    _writable(out)
+    start = time.perf_counter()
+    console.rule("1/3 switching regression (ttr regress)")
+    cmd_regress(argparse.Namespace(dim=16, length=1024, sequences=64, seed=0, decay=0.95, step=0.5,
+                                   out=str(out / "regress")))
+    console.rule("2/3 memory capacity (ttr capacity)")
+    cmd_capacity(argparse.Namespace(dim=16, trials=32, seed=0, out=str(out / "capacity")))
+    console.rule("3/3 multi-query associative recall (ttr mqar --preset quick)")
+    cmd_mqar(argparse.Namespace(preset="quick", memories="all", steps=None, jobs=args.jobs, out=str(out / "mqar")))
+    path = report.write(out, time.perf_counter() - start)
+    console.rule("claims")
+    for line in path.read_text().split("## Claims")[1].split("##")[0].strip().splitlines():
+        if line:
+            console.print(line)
+    console.print(f"wrote {path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
@@ -245,6 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/capacity", help="output folder for capacity.png, .json and .csv")
     p.set_defaults(func=cmd_capacity)
+
+    p = sub.add_parser("mqar", help="train one-layer models on multi-query associative recall: every memory, "
+                       "with and without its short convolution; prints a table, saves PNGs", **shows_defaults)
+    p.add_argument("--preset", choices=("quick", "zoology"), default="quick",
+                   help="quick: a 2-core CPU in about 10 minutes; zoology: Zoology's grid, for a GPU")
+    p.add_argument("--memories", default="all", help="presets to train, comma-separated (see ttr zoo)")
+    p.add_argument("--steps", type=_at_least(1), default=None, help="training steps per run (None: the preset's)")
+    p.add_argument("--jobs", type=_at_least(1), default=2, help="runs trained at once, one CPU thread each")
+    p.add_argument("--out", default="runs/mqar", help="output folder; rerunning continues what it holds")
+    p.set_defaults(func=cmd_mqar)
+
+    p = sub.add_parser("reproduce", help="regress, capacity and mqar --preset quick into one folder, and "
+                       "report.md with every table, plot and claim (about 15 minutes on 2 cores)", **shows_defaults)
+    p.add_argument("--jobs", type=_at_least(1), default=2, help="MQAR runs trained at once, one CPU thread each")
+    p.add_argument("--out", default="runs/reproduce", help="output folder; rerunning continues what it holds")
+    p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("bench", help="time chunk vs recurrent vs causal SDPA, GFLOP/s vs matmul, peak memory",
                        **shows_defaults)

@@ -8,13 +8,19 @@ test is that with it one layer suffices (k_t from x_{t-1} and v_t from x_t make 
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .._files import write_atomically
 from ..layers import TTRLayer
-from ..recipe import Preset, Recipe
+from ..recipe import PRESETS, Preset, Recipe
+from ..tasks.mqar import MQARConfig, train_test
+from ..train import TrainConfig, train
 
 
 class MQARModel(nn.Module):
@@ -66,3 +72,135 @@ def _tensors(x: object) -> list[Tensor]:
     if hasattr(x, "weights"):  # MiniBatchState: the weights and the mini-batch's starting weights
         return _tensors(x.weights) + _tensors(x.start)
     return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the sweep: memories x convolution x d_model x (seq_len, pairs) x learning rate, best learning rate per cell
+
+
+@dataclass(frozen=True)
+class Sweep:
+    memories: tuple[str, ...]
+    no_conv: tuple[str, ...]            # memories also trained without their short convolution (the control)
+    d_models: tuple[int, ...]
+    settings: tuple[tuple[int, int], ...]  # (seq_len, num_kv_pairs)
+    lrs: tuple[float, ...]
+    vocab_size: int = 64
+    n_layers: int = 1
+    steps: int = 400
+    batch_size: int = 32
+    n_train: int = 8192
+    n_test: int = 512
+    target: float = 0.99
+    seed: int = 0
+
+    def runs(self) -> list[dict]:
+        """One dict per training run, in the order they run."""
+        return [{"memory": m, "conv": conv, "d_model": d, "seq_len": T, "kv_pairs": N, "lr": lr}
+                for (T, N) in self.settings for d in self.d_models for m in self.memories
+                for conv in ((True, False) if m in self.no_conv else (True,)) for lr in self.lrs]
+
+
+# One memory of each family without its convolution: the control of the claim that one layer needs it
+_CONTROLS = ("linear_attention", "gated_deltanet", "mesa", "ttt_linear", "softmax_attention")
+SWEEPS = {
+    # a 2-core CPU in about 10 minutes: every preset at one setting where one layer with its convolution
+    # solves MQAR, and the no-convolution controls
+    "quick": Sweep(memories=tuple(PRESETS), no_conv=_CONTROLS, d_models=(64,), settings=((32, 4),),
+                   lrs=(3e-3,)),
+    # Zoology's grid, for a GPU: training settings (64, 4) .. (256, 64), d_model 64-256, a log grid of lrs
+    "zoology": Sweep(memories=tuple(PRESETS), no_conv=_CONTROLS, d_models=(64, 128, 256),
+                     settings=((64, 4), (128, 8), (256, 16), (256, 32), (256, 64)),
+                     lrs=tuple(10 ** x for x in (-3.5, -3.0, -2.5, -2.0)), vocab_size=8192, n_layers=2,
+                     steps=4000, batch_size=64, n_train=100_000, n_test=3000),
+}
+
+
+def run_key(run: dict) -> str:
+    return (f"{run['memory']}-{'conv' if run['conv'] else 'noconv'}-d{run['d_model']}-T{run['seq_len']}"
+            f"-N{run['kv_pairs']}-lr{run['lr']:.2g}")
+
+
+def train_one(sweep: Sweep, run: dict, checkpoints: Path | None) -> dict:
+    """One training run of the sweep: its row of results."""
+    torch.set_num_threads(1)  # runs go in parallel, one per core
+    cfg = MQARConfig(vocab_size=sweep.vocab_size, seq_len=run["seq_len"], num_kv_pairs=run["kv_pairs"])
+    train_set, test_set = train_test(cfg, sweep.n_train, sweep.n_test, seed=sweep.seed)
+    torch.manual_seed(sweep.seed)
+    model = MQARModel(sweep.vocab_size, run["d_model"], run["memory"], n_layers=sweep.n_layers, conv=run["conv"])
+    train_cfg = TrainConfig(steps=sweep.steps, batch_size=sweep.batch_size, lr=run["lr"],
+                            eval_every=max(1, sweep.steps // 8), target=sweep.target, seed=sweep.seed)
+    checkpoint = None if checkpoints is None else checkpoints / f"{run_key(run)}.pt"
+    result = train(model, train_set, test_set, train_cfg, checkpoint=checkpoint)
+    return {**run, "accuracy": result["best_accuracy"], "final_accuracy": result["final"].get("test_accuracy", 0.0),
+            "steps": result["steps"], "seconds": round(result["seconds"], 1),
+            "state_floats": model.state_floats(run["seq_len"]),
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def best_per_cell(rows: list[dict]) -> list[dict]:
+    """The best learning rate's row for every (memory, conv, d_model, seq_len, kv_pairs)."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        cell = (r["memory"], r["conv"], r["d_model"], r["seq_len"], r["kv_pairs"])
+        if cell not in best or r["accuracy"] > best[cell]["accuracy"]:
+            best[cell] = r
+    return list(best.values())
+
+
+def save(out: Path, sweep_name: str, sweep: Sweep, rows: list[dict]) -> list[Path]:
+    """results.json and results.csv (every run), and the plots of the best rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({"sweep": sweep_name, "config": asdict(sweep), "rows": rows}, indent=1)
+    write_atomically(out / "results.json", lambda f: f.write_text(payload))
+    columns = list(rows[0]) if rows else []
+    csv = ",".join(columns) + "\n" + "".join(",".join(str(r[c]) for c in columns) + "\n" for r in rows)
+    write_atomically(out / "results.csv", lambda f: f.write_text(csv))
+    return [out / "results.json", out / "results.csv"] + (_plots(out, best_per_cell(rows)) if rows else [])
+
+
+def _plots(out: Path, best: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    memories = sorted({r["memory"] for r in best})
+    colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(memories)}
+    # accuracy against the memory's state size, one point per memory and d_model (Zoology's trade-off plot)
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for r in best:
+        ax.scatter(r["state_floats"], r["accuracy"], color=colors[r["memory"]], s=40,
+                   marker="o" if r["conv"] else "x", label=r["memory"] if r["conv"] else None)
+    ax.set_xscale("log")
+    ax.set_xlabel("floats in one layer's memory state after the sequence (a cache grows with it)")
+    ax.set_ylabel("MQAR accuracy (best learning rate)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title("Recall against state size: o with the short convolution, x without")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    path = out / "mqar_state_size.png"
+    write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)
+    paths.append(path)
+    settings = sorted({(r["seq_len"], r["kv_pairs"]) for r in best})
+    if len(settings) > 1:  # accuracy against kv pairs, one curve per memory (with its convolution)
+        fig, ax = plt.subplots(figsize=(10, 6))
+        for m in memories:
+            mine = sorted((r for r in best if r["memory"] == m and r["conv"]), key=lambda r: r["kv_pairs"])
+            ax.plot([r["kv_pairs"] for r in mine], [r["accuracy"] for r in mine], "-o", color=colors[m], label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("key-value pairs")
+        ax.set_ylabel("MQAR accuracy (best learning rate and d_model)")
+        ax.grid(alpha=0.3)
+        fig.legend(loc="center right", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 0.8, 1))
+        path = out / "mqar_pairs.png"
+        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+        plt.close(fig)
+        paths.append(path)
+    return paths
