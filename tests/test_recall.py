@@ -172,3 +172,16 @@ def test_report_verdicts_follow_the_numbers():
     assert claim_a([_row("mesa", True, 0.5), _row("mesa", False, 0.4)]).startswith("(a) not reproduced")
     assert "fixed-state memories below it: gla 0.60 at 512 floats" in claim_b(held + [_row("gla", True, 0.6, 512)])
     assert claim_b(held).startswith("(b) not shown at this setting")
+
+
+def test_mqar_models_start_their_scalar_gates_remembering_long():
+    """Mamba-2's published dt range forgets within ~12 tokens at initialization; the MQAR models start in
+    [1e-4, 1e-3] (ttr.experiments.mqar.MQAR_DT_RANGE), and TTRLayer takes any range."""
+    import ttr
+
+    dt = torch.nn.functional.softplus(MQARModel(32, 32, "mamba2").layers[0].inputs["g"].dt_bias)
+    assert bool(((dt >= 1e-4 * 0.999) & (dt <= 1e-3 * 1.001)).all())
+    dt = torch.nn.functional.softplus(ttr.TTRLayer(32, 2, "gated_deltanet").inputs["g"].dt_bias)
+    assert bool(((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all())
+    with pytest.raises(ValueError, match="dt_range must be"):
+        ttr.TTRLayer(32, 2, "mamba2", dt_range=(0.1, 1e-3))

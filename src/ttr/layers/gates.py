@@ -56,13 +56,19 @@ class GLAGate(nn.Module):
         return g.view(*x.shape[:2], self.n_heads, self.head_dim)
 
 
-def make_gate(weights: Weights, d_model: int, n_heads: int, head_dim: int) -> nn.Module | None:
+# Mamba-2's initial dt range: exp(-A dt) with A in [1, 16] forgets within about 1 / (A dt) tokens at
+# initialization, 1 to 1000 tokens here
+DT_RANGE = (1e-3, 0.1)
+
+
+def make_gate(weights: Weights, d_model: int, n_heads: int, head_dim: int,
+              dt_range: tuple[float, float] = DT_RANGE) -> nn.Module | None:
     if isinstance(weights, Uniform):
         return None
     if isinstance(weights, FixedDecay):
         return FixedDecayGate(n_heads)
     if isinstance(weights, ScalarGate):
-        return Mamba2Gate(d_model, n_heads)
+        return Mamba2Gate(d_model, n_heads, *dt_range)
     if isinstance(weights, VectorGate):
         return GLAGate(d_model, n_heads, head_dim)
     raise ValueError(f"no gate module for weights {weights!r}")
@@ -96,12 +102,13 @@ TITANS_MOMENTUM_MAX = 0.9
 TITANS_THETA_PER_BATCH = 0.25
 
 
-def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int) -> nn.ModuleDict:
+def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int,
+                dt_range: tuple[float, float] = DT_RANGE) -> nn.ModuleDict:
     """One module per input the recipe's op takes (recipe.inputs), keyed by the op's argument names."""
     n_steps = recipe.steps_per_token
     b = getattr(recipe.optimizer, "batch_size", 1)
     makers = {
-        "g": lambda: make_gate(recipe.weights, d_model, n_heads, head_dim),
+        "g": lambda: make_gate(recipe.weights, d_model, n_heads, head_dim, dt_range),
         # DeltaProduct lets beta reach 2 (negative eigenvalues of the transition), DeltaNet keeps it below 1
         "beta": lambda: StepSize(d_model, n_heads, "sigmoid", n_steps, scale=2.0 if n_steps > 1 else 1.0),
         "delta": lambda: StepSize(d_model, n_heads, "softplus"),

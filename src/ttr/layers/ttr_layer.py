@@ -22,7 +22,7 @@ from ..ops._varlen import check_cu_seqlens
 from ..recipe import MLP, LocalPolynomial, MiniBatchGD, Preset, Recipe, get_preset
 from .cache import LayerState, dtype_name
 from .conv import ShortConv
-from .gates import make_inputs
+from .gates import DT_RANGE, make_inputs
 
 # QKNorm's temperature starts at log2(L^2 - L) for a training length L (Henry et al., 2020), here L = 1024
 QKNORM_SCALE_INIT = math.log2(1024 ** 2 - 1024)
@@ -42,12 +42,14 @@ class TTRLayer(nn.Module):
     new LayerState). Feeding a sequence in pieces, passing the state along, equals feeding it whole.
     n_heads query heads of head_dim (default d_model / n_heads); num_kv_heads key and value heads (default
     n_heads; a divisor of n_heads: GQA, 1: MQA); value heads of expand_v * head_dim; conv_silu applies SiLU
-    after the short convolution.
+    after the short convolution; dt_range is the initial dt of scalar (Mamba-2) gates, log-uniform (Mamba-2's
+    (1e-3, 0.1) by default; a smaller range remembers longer at initialization).
     """
 
     def __init__(self, d_model: int, n_heads: int, memory: Recipe | Preset | str, *, head_dim: int | None = None,
                  num_kv_heads: int | None = None, expand_v: float = 1.0, conv_size: int = 4, conv_silu: bool = False,
-                 output_gate: bool = True, norm: bool = True, chunk_size: int = 64, mode: str = "chunk") -> None:
+                 output_gate: bool = True, norm: bool = True, chunk_size: int = 64, mode: str = "chunk",
+                 dt_range: tuple[float, float] = DT_RANGE) -> None:
         super().__init__()
         self.d_model, self.n_heads = _positive_int("d_model", d_model), _positive_int("n_heads", n_heads)
         if isinstance(memory, str):
@@ -77,7 +79,9 @@ class TTRLayer(nn.Module):
         self.qkv = nn.Linear(d_model, sum(self.widths), bias=False)
         self.conv = ShortConv(sum(self.widths), conv_size) if conv_size > 0 else None
         self.conv_silu = conv_silu
-        self.inputs = make_inputs(memory, d_model, n_heads, Dk)
+        if not (isinstance(dt_range, (tuple, list)) and len(dt_range) == 2 and 0 < dt_range[0] <= dt_range[1]):
+            raise ValueError(f"dt_range must be (dt_min, dt_max) with 0 < dt_min <= dt_max, got {dt_range!r}")
+        self.inputs = make_inputs(memory, d_model, n_heads, Dk, tuple(dt_range))
         if isinstance(memory.regressor, MLP):  # the MLP memory's starting weights are learned
             hidden = memory.regressor.expansion * Dk
             self.W1 = nn.Parameter(torch.randn(n_heads, hidden, Dk) * Dk ** -0.5)
