@@ -148,6 +148,7 @@ def cmd_mqar(args: argparse.Namespace) -> None:
         sweep = replace(sweep, memories=chosen, no_conv=tuple(m for m in sweep.no_conv if m in chosen))
     if args.steps is not None:
         sweep = replace(sweep, steps=args.steps)
+    device = _device(args.device)
     out = Path(args.out)
     _writable(out)
     rows = _finished_mqar_rows(out / "results.json", args.preset, asdict(sweep))
@@ -156,7 +157,7 @@ def cmd_mqar(args: argparse.Namespace) -> None:
     # spawned workers: a forked copy of a process whose torch already started its thread pools can hang
     with _progress() as bar, ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         task = bar.add_task(f"mqar {args.preset}", total=len(sweep.runs()), completed=len(done))
-        futures = {pool.submit(mqar.train_one, sweep, run, out / "checkpoints"): run for run in todo}
+        futures = {pool.submit(mqar.train_one, sweep, run, out / "checkpoints", device): run for run in todo}
         for future in as_completed(futures):
             row = future.result()
             rows.append(row)
@@ -210,7 +211,8 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     console.rule("2/3 memory capacity (ttr capacity)")
     cmd_capacity(argparse.Namespace(dim=16, trials=32, seed=0, out=str(out / "capacity")))
     console.rule("3/3 multi-query associative recall (ttr mqar --preset quick)")
-    cmd_mqar(argparse.Namespace(preset="quick", memories="all", steps=None, jobs=args.jobs, out=str(out / "mqar")))
+    cmd_mqar(argparse.Namespace(preset="quick", memories="all", steps=None, jobs=args.jobs, device="cpu",
+                                out=str(out / "mqar")))
     path = report.write(out, time.perf_counter() - start)
     console.rule("claims")
     for line in path.read_text().split("## Claims")[1].split("##")[0].strip().splitlines():
@@ -222,10 +224,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
-    if args.device == "auto":
-        args.device = "cuda" if _cuda() else "cpu"
-    if not (args.device == "cpu" or args.device == "cuda" or args.device.startswith("cuda:")):
-        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {args.device!r}")
+    args.device = _device(args.device)
     if Path(args.out).is_dir():
         raise ValueError(f"--out {args.out!r} is a folder; give the path of a JSON file")
     cfg = bench.BenchConfig(lengths=args.lengths, head_dims=args.head_dims, gates=tuple(args.gates.split(",")),
@@ -233,8 +232,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
                             recurrent_lengths=args.recurrent_lengths, repeats=args.repeats, device=args.device,
                             conditioning_length=args.conditioning_length, out=args.out, resume=args.resume)
-    if cfg.device.startswith("cuda") and not _cuda():
-        raise ValueError(f"--device {cfg.device}: this torch ({_torch_version()}) sees no CUDA device")
     _writable(Path(cfg.out).parent)
     total = 2 * len(bench.grid(cfg)) + 1  # timing and memory per row, and the packed sequences
     with _progress() as bar:
@@ -341,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memories", default="all", help="presets to train, comma-separated (see ttr zoo)")
     p.add_argument("--steps", type=_at_least(1), default=None, help="training steps per run (None: the preset's)")
     p.add_argument("--jobs", type=_at_least(1), default=2, help="runs trained at once, one CPU thread each")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto: cuda if present")
     p.add_argument("--out", default="runs/mqar", help="output folder; rerunning continues what it holds")
     p.set_defaults(func=cmd_mqar)
 
@@ -371,6 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings left in --out")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _device(device: str) -> str:
+    """--device: auto (cuda if present), cpu, cuda or cuda:N, refused before any compute where it cannot run."""
+    if device == "auto":
+        return "cuda" if _cuda() else "cpu"
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if device.startswith("cuda") and not _cuda():
+        raise ValueError(f"--device {device}: this torch ({_torch_version()}) sees no CUDA device")
+    return device
 
 
 def _cuda() -> bool:

@@ -130,13 +130,14 @@ def run_key(run: dict) -> str:
             f"-N{run['kv_pairs']}-lr{run['lr']:.2g}")
 
 
-def train_one(sweep: Sweep, run: dict, checkpoints: Path | None) -> dict:
-    """One training run of the sweep: its row of results."""
+def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "cpu") -> dict:
+    """One training run of the sweep on `device`: its row of results."""
     torch.set_num_threads(1)  # runs go in parallel, one per core
     cfg = MQARConfig(vocab_size=sweep.vocab_size, seq_len=run["seq_len"], num_kv_pairs=run["kv_pairs"])
     train_set, test_set = train_test(cfg, sweep.n_train, sweep.n_test, seed=sweep.seed)
     torch.manual_seed(sweep.seed)
-    model = MQARModel(sweep.vocab_size, run["d_model"], run["memory"], n_layers=sweep.n_layers, conv=run["conv"])
+    model = MQARModel(sweep.vocab_size, run["d_model"], run["memory"], n_layers=sweep.n_layers,
+                      conv=run["conv"]).to(device)
     train_cfg = TrainConfig(steps=sweep.steps, batch_size=sweep.batch_size, lr=run["lr"],
                             eval_every=max(1, sweep.steps // 8), target=sweep.target, seed=sweep.seed)
     checkpoint = None if checkpoints is None else checkpoints / f"{run_key(run)}.pt"
@@ -168,6 +169,19 @@ def save(out: Path, sweep_name: str, sweep: Sweep, rows: list[dict]) -> list[Pat
     return [out / "results.json", out / "results.csv"] + (_plots(out, best_per_cell(rows)) if rows else [])
 
 
+_FAMILIES = {"linear_attention": "linear attention, its gates and feature maps",
+             "delta_rule": "online learners (delta rules)", "longhorn": "online learners (delta rules)",
+             "delta_product": "online learners (delta rules)", "ttt_linear": "mini-batch learners (TTT, Titans)",
+             "ttt_mlp": "mini-batch learners (TTT, Titans)", "titans": "mini-batch learners (TTT, Titans)",
+             "mesa": "exact least squares (mesa)", "local_polynomial_attention": "caches (attention, kernels)",
+             "kernel_regression": "caches (attention, kernels)"}
+
+
+def _family(memory: str) -> str:
+    """The panel a memory is drawn in: the op that solves its regression."""
+    return _FAMILIES.get(PRESETS[memory].recipe.op_name, "other")
+
+
 def _plots(out: Path, best: list[dict]) -> list[Path]:
     import matplotlib
 
@@ -177,21 +191,36 @@ def _plots(out: Path, best: list[dict]) -> list[Path]:
     paths = []
     memories = sorted({r["memory"] for r in best})
     colors = {m: plt.cm.tab20(i % 20) for i, m in enumerate(memories)}
-    # accuracy against the memory's state size, one point per memory and d_model (Zoology's trade-off plot)
-    fig, ax = plt.subplots(figsize=(10, 6))
-    for r in best:
-        ax.scatter(r["state_floats"], r["accuracy"], color=colors[r["memory"]], s=40,
-                   marker="o" if r["conv"] else "x", label=r["memory"] if r["conv"] else None)
-    ax.set_xscale("log")
-    ax.set_xlabel("floats in one layer's memory state after the sequence (a cache grows with it)")
-    ax.set_ylabel("MQAR accuracy (best learning rate)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title("Recall against state size: o with the short convolution, x without")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    fig.legend(unique.values(), unique.keys(), loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    # accuracy against the memory's state size (Zoology's trade-off plot): one panel per optimizer family, one
+    # line per memory through its d_models, named at its end, x for the runs without the convolution
+    families: dict[str, list[str]] = {}
+    for m in memories:
+        families.setdefault(_family(m), []).append(m)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9), sharex=True, sharey=True)
+    for ax, (family, names) in zip(axes.flat, sorted(families.items())):
+        for i, m in enumerate(names):
+            color = plt.cm.tab10(i % 10)
+            conv = sorted((r for r in best if r["memory"] == m and r["conv"]), key=lambda r: r["state_floats"])
+            plain = [r for r in best if r["memory"] == m and not r["conv"]]
+            if conv:
+                ax.plot([r["state_floats"] for r in conv], [r["accuracy"] for r in conv], "-o", color=color, ms=5)
+                ax.annotate(m, (conv[-1]["state_floats"], conv[-1]["accuracy"]), textcoords="offset points",
+                            xytext=(8, -9 * i), fontsize=8, color=color)  # stacked: tied points stay apart
+            if plain:
+                ax.scatter([r["state_floats"] for r in plain], [r["accuracy"] for r in plain], marker="x", s=50,
+                           color=color)
+        ax.set_title(family, fontsize=10)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.05)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("floats in one layer's memory state after the sequence")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("MQAR accuracy (best learning rate)")
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    fig.suptitle("Recall against state size (o: with the short convolution, x: without)")
+    fig.tight_layout()
     path = out / "mqar_state_size.png"
     write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
