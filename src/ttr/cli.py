@@ -133,7 +133,7 @@ def cmd_capacity(args: argparse.Namespace) -> None:
 
 def cmd_mqar(args: argparse.Namespace) -> None:
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from dataclasses import asdict, replace
 
     from .experiments import mqar
@@ -155,14 +155,29 @@ def cmd_mqar(args: argparse.Namespace) -> None:
     done = {mqar.run_key(r) for r in rows}
     todo = [r for r in sweep.runs() if mqar.run_key(r) not in done]
     # spawned workers: a forked copy of a process whose torch already started its thread pools can hang
-    with _progress() as bar, ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        task = bar.add_task(f"mqar {args.preset}", total=len(sweep.runs()), completed=len(done))
-        futures = {pool.submit(mqar.train_one, sweep, run, out / "checkpoints", device): run for run in todo}
-        for future in as_completed(futures):
-            row = future.result()
-            rows.append(row)
-            mqar.save(out, args.preset, sweep, rows)  # after every run: an interruption keeps what finished
-            bar.update(task, advance=1, description=f"{mqar.run_key(row)}: {row['accuracy']:.2f}")
+    context = multiprocessing.get_context("spawn")
+    with _progress() as bar, ProcessPoolExecutor(args.jobs, mp_context=context) as pool, context.Manager() as manager:
+        runs = bar.add_task(f"mqar {args.preset} runs", total=len(sweep.runs()), completed=len(done))
+        live: dict[str, int] = {}                                        # a bar per run in training
+        reports = manager.Queue()
+        pending = {pool.submit(mqar.train_one, sweep, run, out / "checkpoints", device, reports) for run in todo}
+        while pending:
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            while not reports.empty():
+                key, step, loss, accuracy = reports.get()
+                if key not in live:
+                    live[key] = bar.add_task(key, total=sweep.steps)
+                acc = "-" if accuracy is None else f"{accuracy:.2f}"
+                bar.update(live[key], completed=step, description=f"{key} loss {loss:.2f} acc {acc}")
+            for future in finished:
+                row = future.result()
+                rows.append(row)
+                mqar.save(out, args.preset, sweep, rows)  # after every run: an interruption keeps what finished
+                key = mqar.run_key(row)
+                if key in live:
+                    bar.remove_task(live.pop(key))
+                bar.update(runs, advance=1, description=f"mqar {args.preset} runs (last: {key} "
+                                                         f"{row['accuracy']:.2f})")
     paths = mqar.save(out, args.preset, sweep, rows)
     best = sorted(mqar.best_per_cell(rows), key=lambda r: (-r["accuracy"], r["memory"]))
     table = Table(title=f"MQAR ({args.preset}): best accuracy per memory, {sweep.n_layers} layer(s), vocab "

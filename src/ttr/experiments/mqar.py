@@ -130,8 +130,9 @@ def run_key(run: dict) -> str:
             f"-N{run['kv_pairs']}-lr{run['lr']:.2g}")
 
 
-def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "cpu") -> dict:
-    """One training run of the sweep on `device`: its row of results."""
+def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "cpu", report=None) -> dict:
+    """One training run of the sweep on `device`: its row of results. report (a queue, or None) receives
+    (run key, step, training loss, latest test accuracy) every 10 steps, for the caller's progress bar."""
     torch.set_num_threads(1)  # runs go in parallel, one per core
     cfg = MQARConfig(vocab_size=sweep.vocab_size, seq_len=run["seq_len"], num_kv_pairs=run["kv_pairs"])
     train_set, test_set = train_test(cfg, sweep.n_train, sweep.n_test, seed=sweep.seed)
@@ -141,7 +142,13 @@ def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "
     train_cfg = TrainConfig(steps=sweep.steps, batch_size=sweep.batch_size, lr=run["lr"],
                             eval_every=max(1, sweep.steps // 8), target=sweep.target, seed=sweep.seed)
     checkpoint = None if checkpoints is None else checkpoints / f"{run_key(run)}.pt"
-    result = train(model, train_set, test_set, train_cfg, checkpoint=checkpoint)
+    key = run_key(run)
+
+    def progress(step: int, metrics: dict) -> None:
+        if report is not None and step % 10 == 0:
+            report.put((key, step, metrics["loss"], metrics.get("test_accuracy")))
+
+    result = train(model, train_set, test_set, train_cfg, checkpoint=checkpoint, progress=progress)
     return {**run, "accuracy": result["best_accuracy"], "final_accuracy": result["final"].get("test_accuracy", 0.0),
             "steps": result["steps"], "seconds": round(result["seconds"], 1),
             "state_floats": model.state_floats(run["seq_len"]),
