@@ -185,3 +185,21 @@ def test_mqar_models_start_their_scalar_gates_remembering_long():
     assert bool(((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all())
     with pytest.raises(ValueError, match="dt_range must be"):
         ttr.TTRLayer(32, 2, "mamba2", dt_range=(0.1, 1e-3))
+
+
+def test_a_mixed_sweep_trains_one_model_on_every_setting_and_tests_longer(tmp_path):
+    """Zoology's protocol: one model per cell on the mixture of training settings (shorter ones padded with
+    ignored labels), tested on its test settings, its accuracy their mean; every test setting a CSV column."""
+    from ttr.experiments import mqar
+
+    sweep = mqar.Sweep(memories=("softmax_attention",), no_conv=(), d_models=(32,), settings=((16, 2), (32, 4)),
+                       lrs=(3e-3,), vocab_size=32, steps=5, batch_size=8, n_train=256, n_test=32, mixed=True,
+                       test_settings=((16, 2), (64, 8)))
+    (x, y), _ = sweep.data(sweep.runs()[0])
+    assert x.shape == (256, 32) and bool((y[:128, 16:] == -100).all())  # the (16, 2) half, padded to 32
+    [row] = [mqar.train_one(sweep, run, None) for run in sweep.runs()]
+    assert set(row["tests"]) == {"16/2", "64/8"}
+    assert row["accuracy"] == pytest.approx(sum(row["tests"].values()) / 2)
+    mqar.save(tmp_path, "mixed", sweep, [row])
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert "test 64/8" in header and len((tmp_path / "results.csv").read_text().splitlines()[1].split(",")) == len(header)

@@ -188,7 +188,8 @@ def cmd_mqar(args: argparse.Namespace) -> None:
         table.add_row(r["memory"], "yes" if r["conv"] else "no", str(r["d_model"]), f"{r['seq_len']}/{r['kv_pairs']}",
                       f"{r['accuracy']:.3f}", f"{r['lr']:.0e}", str(r["state_floats"]), str(r["steps"]),
                       f"{r['seconds']:.0f}")
-    console.print("T/N: sequence length / key-value pairs; state: floats in one layer's memory after T tokens")
+    console.print("T/N: sequence length / key-value pairs (a mixed sweep: the largest trained on, and acc the mean "
+                  "over its test settings); state: floats in one layer's memory after T tokens")
     console.print(table)
     console.print(f"saved {', '.join(str(p) for p in paths)}")
 

@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._files import write_atomically
 from ..layers import TTRLayer
 from ..recipe import PRESETS, Preset, Recipe
-from ..tasks.mqar import MQARConfig, train_test
-from ..train import TrainConfig, train
+from ..tasks.mqar import IGNORE, MQARConfig, mqar, train_test
+from ..train import TrainConfig, evaluate, train
 
 
 # Scalar gates start remembering 100 to 10^4 tokens, not Mamba-2's 1 to 1000 (ttr.layers.gates.DT_RANGE): recall
@@ -102,12 +103,26 @@ class Sweep:
     n_test: int = 512
     target: float = 0.99
     seed: int = 0
+    mixed: bool = False                    # one model trained on every setting at once (Zoology), not one each
+    test_settings: tuple[tuple[int, int], ...] = ()  # (seq_len, pairs) each trained model is also tested on
 
     def runs(self) -> list[dict]:
-        """One dict per training run, in the order they run."""
+        """One dict per training run, in the order they run. A mixed run's seq_len and kv_pairs are the largest
+        of its settings."""
+        settings = [max(self.settings)] if self.mixed else list(self.settings)
         return [{"memory": m, "conv": conv, "d_model": d, "seq_len": T, "kv_pairs": N, "lr": lr}
-                for (T, N) in self.settings for d in self.d_models for m in self.memories
+                for (T, N) in settings for d in self.d_models for m in self.memories
                 for conv in ((True, False) if m in self.no_conv else (True,)) for lr in self.lrs]
+
+    def data(self, run: dict) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """A run's training and test sets: its setting's, or every setting's (mixed), shorter sequences padded
+        on the right with filler 0 and ignored labels."""
+        settings = list(self.settings) if self.mixed else [(run["seq_len"], run["kv_pairs"])]
+        parts = [train_test(MQARConfig(vocab_size=self.vocab_size, seq_len=T, num_kv_pairs=N),
+                            self.n_train // len(settings), self.n_test // len(settings), seed=self.seed + i)
+                 for i, (T, N) in enumerate(settings)]
+        longest = max(T for T, _ in settings)
+        return tuple(_padded([part[which] for part in parts], longest) for which in (0, 1))
 
 
 # One memory of each family without its convolution: the control of the claim that one layer needs it
@@ -118,10 +133,14 @@ SWEEPS = {
     "quick": Sweep(memories=tuple(PRESETS), no_conv=_CONTROLS, d_models=(64,), settings=((32, 4),),
                    lrs=(3e-3,)),
     # Zoology's grid, for a GPU: training settings (64, 4) .. (256, 64), d_model 64-256, a log grid of lrs
+    # Zoology's grid, for a GPU: one model per cell trained on the mixture of (64, 4) .. (256, 64) and tested
+    # up to (1024, 256); d_model 64-256, a log grid of learning rates, 2 layers
     "zoology": Sweep(memories=tuple(PRESETS), no_conv=_CONTROLS, d_models=(64, 128, 256),
                      settings=((64, 4), (128, 8), (256, 16), (256, 32), (256, 64)),
                      lrs=tuple(10 ** x for x in (-3.5, -3.0, -2.5, -2.0)), vocab_size=8192, n_layers=2,
-                     steps=4000, batch_size=64, n_train=100_000, n_test=3000),
+                     steps=4000, batch_size=64, n_train=100_000, n_test=3000, mixed=True,
+                     test_settings=((64, 4), (128, 8), (256, 16), (256, 32), (256, 64), (512, 64), (512, 128),
+                                    (1024, 128), (1024, 256))),
 }
 
 
@@ -134,8 +153,7 @@ def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "
     """One training run of the sweep on `device`: its row of results. report (a queue, or None) receives
     (run key, step, training loss, latest test accuracy) every 10 steps, for the caller's progress bar."""
     torch.set_num_threads(1)  # runs go in parallel, one per core
-    cfg = MQARConfig(vocab_size=sweep.vocab_size, seq_len=run["seq_len"], num_kv_pairs=run["kv_pairs"])
-    train_set, test_set = train_test(cfg, sweep.n_train, sweep.n_test, seed=sweep.seed)
+    train_set, test_set = sweep.data(run)
     torch.manual_seed(sweep.seed)
     model = MQARModel(sweep.vocab_size, run["d_model"], run["memory"], n_layers=sweep.n_layers,
                       conv=run["conv"]).to(device)
@@ -149,10 +167,25 @@ def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "
             report.put((key, step, metrics["loss"], metrics.get("test_accuracy")))
 
     result = train(model, train_set, test_set, train_cfg, checkpoint=checkpoint, progress=progress)
-    return {**run, "accuracy": result["best_accuracy"], "final_accuracy": result["final"].get("test_accuracy", 0.0),
-            "steps": result["steps"], "seconds": round(result["seconds"], 1),
-            "state_floats": model.state_floats(run["seq_len"]),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    row = {**run, "accuracy": result["best_accuracy"],
+           "final_accuracy": result["final"].get("test_accuracy", 0.0), "steps": result["steps"],
+           "seconds": round(result["seconds"], 1), "state_floats": model.state_floats(run["seq_len"]),
+           "parameters": sum(p.numel() for p in model.parameters())}
+    if sweep.test_settings:  # the trained model on other lengths and pair counts; its accuracy is their mean
+        tests = {}
+        for i, (T, N) in enumerate(sweep.test_settings):
+            x, y = mqar(MQARConfig(vocab_size=sweep.vocab_size, seq_len=T, num_kv_pairs=N), sweep.n_test,
+                        seed=sweep.seed + 7_777_777 + i)
+            tests[f"{T}/{N}"] = evaluate(model, x.to(device), y.to(device))["accuracy"]
+        row["tests"] = tests
+        row["accuracy"] = sum(tests.values()) / len(tests)
+    return row
+
+
+def _padded(sets: list[tuple[Tensor, Tensor]], length: int) -> tuple[Tensor, Tensor]:
+    """Sets of (inputs, labels) of various lengths as one, padded on the right to `length`."""
+    pad = [(F.pad(x, (0, length - x.shape[1])), F.pad(y, (0, length - y.shape[1]), value=IGNORE)) for x, y in sets]
+    return torch.cat([x for x, _ in pad]), torch.cat([y for _, y in pad])
 
 
 def best_per_cell(rows: list[dict]) -> list[dict]:
@@ -170,8 +203,10 @@ def save(out: Path, sweep_name: str, sweep: Sweep, rows: list[dict]) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"sweep": sweep_name, "config": asdict(sweep), "rows": rows}, indent=1)
     write_atomically(out / "results.json", lambda f: f.write_text(payload))
-    columns = list(rows[0]) if rows else []
-    csv = ",".join(columns) + "\n" + "".join(",".join(str(r[c]) for c in columns) + "\n" for r in rows)
+    flat = [{**{k: v for k, v in r.items() if k != "tests"}, **{f"test {s}": a for s, a in r.get("tests", {}).items()}}
+            for r in rows]                                               # a test setting per column
+    columns = list(dict.fromkeys(c for r in flat for c in r))
+    csv = ",".join(columns) + "\n" + "".join(",".join(str(r.get(c, "")) for c in columns) + "\n" for r in flat)
     write_atomically(out / "results.csv", lambda f: f.write_text(csv))
     return [out / "results.json", out / "results.csv"] + (_plots(out, best_per_cell(rows)) if rows else [])
 
@@ -187,6 +222,44 @@ _FAMILIES = {"linear_attention": "linear attention, its gates and feature maps",
 def _family(memory: str) -> str:
     """The panel a memory is drawn in: the op that solves its regression."""
     return _FAMILIES.get(PRESETS[memory].recipe.op_name, "other")
+
+
+def _pair_curves(best: list[dict]) -> dict[str, dict[int, float]]:
+    """Per memory (with its convolution), accuracy against pairs: from its test settings where it was tested on
+    several (mean over lengths with the same pairs), else over the settings it was trained on; the best
+    d_model and learning rate for each."""
+    curves: dict[str, dict[int, float]] = {}
+    for r in best:
+        if not r["conv"]:
+            continue
+        mine = curves.setdefault(r["memory"], {})
+        if "tests" in r:
+            by_pairs: dict[int, list[float]] = {}
+            for setting, acc in r["tests"].items():
+                by_pairs.setdefault(int(setting.split("/")[1]), []).append(acc)
+            points = {n: sum(a) / len(a) for n, a in by_pairs.items()}
+        else:
+            points = {r["kv_pairs"]: r["accuracy"]}
+        for n, acc in points.items():
+            mine[n] = max(mine.get(n, 0.0), acc)
+    return curves
+
+
+def _finish(fig, axes, used: int, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Label a grid of family panels (the unused ones hidden), save it whole as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)
+    return path
 
 
 def _plots(out: Path, best: list[dict]) -> list[Path]:
@@ -220,32 +293,23 @@ def _plots(out: Path, best: list[dict]) -> list[Path]:
         ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.05)
         ax.grid(alpha=0.3)
-    for ax in axes[1]:
-        ax.set_xlabel("floats in one layer's memory state after the sequence")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("MQAR accuracy (best learning rate)")
-    for ax in list(axes.flat)[len(families):]:
-        ax.axis("off")
-    fig.suptitle("Recall against state size (o: with the short convolution, x: without)")
-    fig.tight_layout()
-    path = out / "mqar_state_size.png"
-    write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
-    plt.close(fig)
-    paths.append(path)
-    settings = sorted({(r["seq_len"], r["kv_pairs"]) for r in best})
-    if len(settings) > 1:  # accuracy against kv pairs, one curve per memory (with its convolution)
-        fig, ax = plt.subplots(figsize=(10, 6))
-        for m in memories:
-            mine = sorted((r for r in best if r["memory"] == m and r["conv"]), key=lambda r: r["kv_pairs"])
-            ax.plot([r["kv_pairs"] for r in mine], [r["accuracy"] for r in mine], "-o", color=colors[m], label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("key-value pairs")
-        ax.set_ylabel("MQAR accuracy (best learning rate and d_model)")
-        ax.grid(alpha=0.3)
-        fig.legend(loc="center right", fontsize=8)
-        fig.tight_layout(rect=(0, 0, 0.8, 1))
-        path = out / "mqar_pairs.png"
-        write_atomically(path, lambda f: fig.savefig(f, dpi=120, format="png"))
-        plt.close(fig)
-        paths.append(path)
+    paths.append(_finish(fig, axes, len(families), "floats in one layer's memory state after the sequence",
+                         "MQAR accuracy (best learning rate)",
+                         "Recall against state size (o: with the short convolution, x: without)",
+                         out / "mqar_state_size.png"))
+    curves = _pair_curves(best)
+    if any(len(points) > 1 for points in curves.values()):  # accuracy against pairs, a panel per family
+        fig, axes = plt.subplots(2, 3, figsize=(16, 9), sharex=True, sharey=True)
+        for ax, (family, names) in zip(axes.flat, sorted(families.items())):
+            for i, m in enumerate(n for n in names if n in curves):
+                xs, ys = zip(*sorted(curves[m].items()))
+                ax.plot(xs, ys, "-o", color=plt.cm.tab10(i % 10), ms=4, label=m)
+            ax.set_title(family, fontsize=10)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.02, 1.05)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="lower left")
+        paths.append(_finish(fig, axes, len(families), "key-value pairs",
+                             "MQAR accuracy (best d_model and learning rate)",
+                             "Recall against the number of pairs (with the short convolution)", out / "mqar_pairs.png"))
     return paths
