@@ -203,3 +203,16 @@ def test_a_mixed_sweep_trains_one_model_on_every_setting_and_tests_longer(tmp_pa
     mqar.save(tmp_path, "mixed", sweep, [row])
     header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
     assert "test 64/8" in header and len((tmp_path / "results.csv").read_text().splitlines()[1].split(",")) == len(header)
+
+
+def test_report_reads_claim_b_off_the_pair_counts():
+    from ttr.experiments.report import claim_b
+
+    def tested(memory, few, most):
+        return {**_row(memory, True, most), "tests": {"32/1": few, "32/8": most}}
+
+    rows = [tested("softmax_attention", 1.0, 0.99), tested("gla", 0.95, 0.70), tested("mesa", 0.99, 0.97)]
+    assert claim_b(rows).startswith("(b) reproduced at one state size per memory")
+    assert "gla 0.95 -> 0.70 (1024 floats)" in claim_b(rows)
+    flat = [tested("softmax_attention", 1.0, 0.99), tested("gla", 0.95, 0.94)]
+    assert claim_b(flat).startswith("(b) not reproduced")
