@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._files import write_atomically
 
-IGNORE = -100
+IGNORE = -100  # the label of a position that is not scored (torch's cross_entropy ignore_index)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-IGNORE = -100  # the label of positions that are not queries (torch's cross_entropy ignore_index)
+from ..train import IGNORE  # the label of positions that are not queries
+
 
 
 @dataclass(frozen=True)
