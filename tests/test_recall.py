@@ -216,3 +216,14 @@ def test_report_reads_claim_b_off_the_pair_counts():
     assert "gla 0.95 -> 0.70 (1024 floats)" in claim_b(rows)
     flat = [tested("softmax_attention", 1.0, 0.99), tested("gla", 0.95, 0.94)]
     assert claim_b(flat).startswith("(b) not reproduced")
+
+
+def test_a_diverging_run_is_a_row_of_the_sweep_not_its_end():
+    """A learning rate too large for a memory is a finding of the sweep: the run is recorded with accuracy 0 and
+    its error, and the other runs go on."""
+    from ttr.experiments import mqar
+
+    sweep = mqar.Sweep(memories=("linear_attention",), no_conv=(), d_models=(32,), settings=((16, 2),),
+                       lrs=(1e6,), vocab_size=32, steps=20, batch_size=8, n_train=64, n_test=16)
+    [row] = [mqar.train_one(sweep, run, None) for run in sweep.runs()]
+    assert row["accuracy"] == 0.0 and "not finite" in row["error"] and row["state_floats"] > 0

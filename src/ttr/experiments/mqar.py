@@ -168,11 +168,16 @@ def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "
         if report is not None and step % 10 == 0:
             report.put((key, step, metrics["loss"], metrics.get("test_accuracy")))
 
-    result = train(model, train_set, test_set, train_cfg, checkpoint=checkpoint, progress=progress)
+    sizes = {"state_floats": model.state_floats(run["seq_len"]),
+             "parameters": sum(p.numel() for p in model.parameters())}
+    try:
+        result = train(model, train_set, test_set, train_cfg, checkpoint=checkpoint, progress=progress)
+    except ValueError as exc:  # the run diverged (its loss, or an op's answer, not finite): a result of the sweep
+        return {**run, "accuracy": 0.0, "final_accuracy": 0.0, "steps": 0, "seconds": 0.0, **sizes,
+                "error": str(exc).replace(",", ";")}
     row = {**run, "accuracy": result["best_accuracy"],
            "final_accuracy": result["final"].get("test_accuracy", 0.0), "steps": result["steps"],
-           "seconds": round(result["seconds"], 1), "state_floats": model.state_floats(run["seq_len"]),
-           "parameters": sum(p.numel() for p in model.parameters())}
+           "seconds": round(result["seconds"], 1), **sizes}
     if sweep.test_settings:  # the trained model on other lengths and pair counts (a mixed run: their mean)
         tests = {}
         for i, (T, N) in enumerate(sweep.test_settings):
