@@ -117,8 +117,7 @@ def cmd_capacity(args: argparse.Namespace) -> None:
     results, plot = capacity.save(cfg, rows)
     for kind in ("random", "orthonormal"):
         counts = sorted({r.pairs for r in rows if r.keys == kind})
-        d = cfg.dim
-        shown = [n for n in counts if n in {1, d // 4, d // 2, d, 2 * d, 4 * d}]
+        shown = capacity.headline(counts, cfg.dim)
         table = Table(title=f"Recall accuracy, {kind} unit keys, d={cfg.dim}, {cfg.trials} trials",
                       box=box.SIMPLE_HEAD, padding=(0, 1))
         table.add_column("memory \\ pairs N", no_wrap=True)

@@ -57,6 +57,11 @@ class CapacityConfig:
         return sorted({n for n in (1, 2, 3, 4) if n <= 4 * d} | set(range(max(1, d // 4), 4 * d + 1, max(1, d // 4))))
 
 
+def headline(counts: list[int], dim: int) -> list[int]:
+    """The pair counts a table shows: 1, d/4, d/2, d, 2d and 4d, those that were run."""
+    return [n for n in counts if n in {1, dim // 4, dim // 2, dim, 2 * dim, 4 * dim}]
+
+
 def _keys(kind: str, trials: int, n: int, d: int, gen: torch.Generator) -> Tensor:
     """[trials, n, d] unit keys: random, or orthonormal (n <= d)."""
     if kind == "random":

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .capacity import headline
+
 SOLVED = 0.9       # accuracy that counts as solving MQAR
 UNSOLVED = 0.5     # below it, a control counts as failing
 
@@ -140,7 +142,7 @@ def write(out: Path, seconds: float) -> Path:
     if (out / "mqar" / "mqar_pairs.png").exists():
         parts += ["![accuracy against pairs](mqar/mqar_pairs.png)", ""]
     counts = sorted({r["pairs"] for r in capacity["rows"] if r["keys"] == "random"})
-    shown = [n for n in counts if n in {1, dim // 4, dim // 2, dim, 2 * dim, 4 * dim}]
+    shown = headline(counts, dim)
     memories = list(dict.fromkeys(r["memory"] for r in capacity["rows"]))
     acc = {(r["keys"], r["memory"], r["pairs"]): r["accuracy"] for r in capacity["rows"]}
     parts += ["## Capacity (`capacity/`)", "", f"Recall accuracy on random unit keys, d = {dim}, by stored pairs N:",

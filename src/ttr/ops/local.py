@@ -182,6 +182,13 @@ class _Moments(torch.autograd.Function):
         return torch.cat(dw, -1), torch.cat(dpsi, -2)
 
 
+def _in_float64(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: float, scale: float | Tensor
+                ) -> Tensor:
+    """_query_block computed in float64 and answered in q's dtype: for blocks float32 cannot be trusted with."""
+    return _query_block(q.double(), k.double(), v.double(), pos, order, ridge,
+                        scale.double() if isinstance(scale, Tensor) else scale).to(q.dtype)
+
+
 def _cancels(A: Tensor, M: Tensor, G: Tensor) -> bool:
     """Whether the system G = A M A^T + ridge loses more than 1e-2 of its diagonal to cancellation in this dtype:
     the terms of A M A^T reach (|A| |M| |A|^T)_jj, so rounding errs by about eps times that. Queries far from
@@ -216,8 +223,7 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: f
     penalty[0] = 0.0
     G = A @ M @ A.transpose(-1, -2) + torch.diag_embed(ridge * omega[..., None] * penalty)
     if q.dtype != torch.float64 and _cancels(A, M, G):
-        return _query_block(*(x.double() for x in (q, k, v)), pos, order, ridge,
-                            scale.double() if isinstance(scale, Tensor) else scale).to(q.dtype)
+        return _in_float64(q, k, v, pos, order, ridge, scale)
     e0 = torch.zeros(*G.shape[:-1], 1, dtype=q.dtype, device=q.device)
     e0[..., 0, 0] = 1.0
     L, info = torch.linalg.cholesky_ex(G)
@@ -228,8 +234,7 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: f
     with torch.no_grad():
         singular = (info > 0) | ~(z[..., 0] * omega * math.sqrt(torch.finfo(q.dtype).eps) < 1.0)
     if bool(singular.any()) and q.dtype != torch.float64:  # what is singular in float32 may not be in float64
-        return _query_block(q.double(), k.double(), v.double(), pos, order, ridge,
-                            scale.double() if isinstance(scale, Tensor) else scale).to(q.dtype)
+        return _in_float64(q, k, v, pos, order, ridge, scale)
     if bool(singular.any()):
         G = torch.where(singular[..., None, None], torch.eye(p, dtype=q.dtype, device=q.device), G)
         z = torch.cholesky_solve(e0, torch.linalg.cholesky(G))[..., 0]

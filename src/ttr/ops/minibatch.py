@@ -23,14 +23,16 @@ W_0 (I - A), A = sum_i eta_i k_i k_i^T over the mini-batch, which contracts whil
 (sum_i eta_i |k_i|^2 <= 2 suffices; it is tight when a mini-batch's keys are alike, as repeated tokens make
 them). With Titans' momentum the stale gradients add up over the mini-batch, so the stable range of theta
 shrinks with b and vanishes as momentum eta alpha -> 1: for unit keys all alike and constant rates, the
-largest stable theta is about 4 (1 + alpha)(1 + eta) / 4 at b = 1, and at b = 16 it is 0.019 (momentum 0.9),
-0.0014 (0.99), 1.3e-4 (0.999); momentum 1 without decay has none for b > 1 and diverges over long sequences
-(inf by T = 8192). Random keys in Dk dimensions tolerate about Dk times more. The layer's presets keep
-inside this range (ttr.layers.gates); an op whose weights overflow says so rather than return inf or nan.
+stable range is theta |k|^2 < (1 + alpha)(1 + eta) at b = 1, while at b = 16 the largest stable theta is 0.019
+(momentum 0.9), 0.0014 (0.99), 1.3e-4 (0.999); momentum 1 without decay has none for b > 1 and diverges over
+long sequences (inf by T = 8192). Random keys in Dk dimensions tolerate about Dk times more. The layer's presets keep
+inside this range (ttr.layers.gates). An op whose weights overflow, or read out a million times past its values,
+says so rather than return the number; Titans refuses momentum * alpha = 1 with b > 1 up front.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -156,8 +158,7 @@ def _run(op: str, body, tensors: list[Tensor], batch_size: int, offset: Tensor, 
             final_weights = [f.index_put((rows,), x) for f, x in zip(final_weights, w)]
             final_start = [f.index_put((rows,), x) for f, x in zip(final_start, ends_in)]
     o = torch.cat([piece for piece in outs if piece is not None])
-    if not all(bool(torch.isfinite(x).all()) for x in (o, *final_weights)) or _beyond_any_stable_read(op, o, tensors,
-                                                                                                weights):
+    if _diverged(op, o, final_weights, tensors, weights):
         raise ValueError(f"{op} diverged: its weights overflowed or grew a million times past the values on finite "
                          f"input; {_STABLE_RANGE[op]} (see ttr.ops.minibatch, Stability)")
     complete = (end % batch_size == 0)[:, None, None, None]  # a finished mini-batch starts the next from here
@@ -165,16 +166,20 @@ def _run(op: str, body, tensors: list[Tensor], batch_size: int, offset: Tensor, 
     return o.reshape(B, T, *o.shape[1:]), MiniBatchState(tuple(final_weights), tuple(final_start), end % batch_size)
 
 
-def _beyond_any_stable_read(op: str, o: Tensor, tensors: list[Tensor], weights: list[Tensor]) -> bool:
-    """A linear memory read out at 1e6 times the size its values and starting weights allow: |o| > 1e6 (|v| +
-    |W_0| |q| Dk), all maxima. Unstable rates grow the weights geometrically, and an answer that large is
-    the instability's, long before it overflows (Titans at momentum 0.999: 6e53 in float64)."""
-    if op == "ttt_mlp" or o.numel() == 0:
+def _diverged(op: str, o: Tensor, final: list[Tensor], tensors: list[Tensor], start: list[Tensor]) -> bool:
+    """Whether the weights overflowed (a non-finite answer or final weight), or a linear memory reads out at
+    1e6 times the size its values and starting weights allow: |o| > 1e6 (|v| + |W_0| |q| Dk), all maxima.
+    Unstable rates grow the weights geometrically, and an answer that large is the instability's, long before
+    it overflows (Titans at momentum 0.999: 6e53 in float64). One maximum per tensor: nan and inf show in it."""
+    peaks = [float(x.detach().abs().max()) if x.numel() else 0.0 for x in (o, *final)]
+    if not all(math.isfinite(p) for p in peaks):
+        return True
+    if op == "ttt_mlp":  # a nonlinear memory: no such bound on its answer
         return False
     q, v = tensors[0], tensors[2]
-    start = max(float(w.detach().abs().max()) for w in weights) if weights[0].numel() else 0.0
-    allowed = float(v.detach().abs().max()) + start * float(q.detach().abs().max()) * q.shape[-1]
-    return float(o.detach().abs().max()) > 1e6 * allowed + torch.finfo(o.dtype).tiny
+    w0 = max((float(w.detach().abs().max()) for w in start if w.numel()), default=0.0)
+    allowed = float(v.detach().abs().max()) + w0 * float(q.detach().abs().max()) * q.shape[-1] if o.numel() else 0.0
+    return peaks[0] > 1e6 * allowed + torch.finfo(o.dtype).tiny
 
 
 _STABLE_RANGE = {

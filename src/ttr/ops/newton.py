@@ -58,8 +58,7 @@ from q / diag(S_t) (the Jacobi guess); it applies S_t to every token's iterate a
 products, decay or not, in the starts' precision (float64 on ill-conditioned keys, as above). It stops once
 every token's relative residual |q_t - S_t x_t| / |q_t| is at most cg_tol (1e-5 in float32, 1e-10 in
 float64; or 4 eps max_j (S_t)_jj where the dtype reaches no better), checking the true residual before it
-stops (float32's recursive residual drifts, and a restart
-from the true one recovers), or after cg_steps steps (default 4 Dk: d steps solve a d x d system in exact
+stops (float32's recursive residual drifts, and a restart from the true one recovers), or after cg_steps steps (default 4 Dk: d steps solve a d x d system in exact
 arithmetic, and rounding needs more); short of the tolerance it warns with the residual reached. cg_tol=0
 runs exactly cg_steps steps with no check (a fixed budget, as MesaNet trains), and autograd follows them: the
 gradient of the answer computed. With a tolerance, gradients are the implicit ones of the exact forms with one
@@ -181,7 +180,7 @@ def mesa(
         raise ValueError(f"solver must be 'exact' or 'cg', got {solver!r}")
     if cg_steps is not None and (not isinstance(cg_steps, int) or isinstance(cg_steps, bool) or cg_steps < 0):
         raise ValueError(f"cg_steps must be a non-negative int, got {cg_steps!r}")
-    if cg_tol is not None and not (isinstance(cg_tol, (int, float)) and not isinstance(cg_tol, bool)
+    if cg_tol is not None and not (isinstance(cg_tol, numbers.Real) and not isinstance(cg_tol, bool)
                                    and 0 <= cg_tol < 1):
         raise ValueError(f"cg_tol must be a number in [0, 1), got {cg_tol!r}")
     check_log_gate(g, B, T, H, Dk, scalar_for="mesa")
@@ -212,12 +211,14 @@ def mesa(
     if mode == "recurrent" and solver == "exact":
         core = _recurrent
     else:
+        implicit = True
         if solver == "cg":
             default_tol = 1e-10 if dt == torch.float64 else 1e-5
             tol = default_tol if cg_tol is None else float(cg_tol)
             solver = functools.partial(_conjugate_gradients, steps=4 * Dk if cg_steps is None else cg_steps, tol=tol)
-            solver.implicit = tol > 0  # a fixed budget is differentiated through its steps
-        core = functools.partial(_chunked, C=1 if mode == "recurrent" else chunk_size, solver=solver, dt=dt)
+            implicit = tol > 0  # a fixed budget is differentiated through its steps
+        core = functools.partial(_chunked, C=1 if mode == "recurrent" else chunk_size, solver=solver, dt=dt,
+                                 implicit=implicit)
     if cu is None:
         o, state = core(q, k, v, beta, g, state)
     else:  # zero beta and gates outside the sequences: no association, no decay
@@ -227,15 +228,15 @@ def mesa(
     return finite_answer("mesa", o.to(out_dtype)), (state if output_final_state else None)
 
 
-def _chunked(q, k, v, beta, g, state, C, solver, dt):
+def _chunked(q, k, v, beta, g, state, C, solver, dt, implicit):
     """The chunk form: every chunk's start first (_chunk_starts), then every chunk's solves and read-outs.
-    solver: "exact", or the conjugate gradients' factory."""
+    solver: "exact", or the conjugate gradients' factory; implicit: differentiate the solve, not its steps."""
     qc, kc, vc, bc = (to_chunks(x, C) for x in (q, k, v, beta))     # padding: k = 0, beta = 0, g = 0
     G = torch.zeros_like(bc) if g is None else to_chunks(g, C).cumsum(-1)
     H_kk, H_kv, state = _chunk_starts(kc, vc, bc, G, state, dt)
     if solver == "exact":
         solver = _woodbury if g is None else _eigen
-    if getattr(solver, "implicit", True):
+    if implicit:
         oc = _ImplicitRead.apply(qc, H_kk, H_kv, kc, vc, G, bc, solver)
     else:  # CG's fixed budget: autograd follows the steps, the gradient of the answer actually computed
         solve, read = solver(H_kk, kc, G, bc)
