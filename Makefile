@@ -12,7 +12,7 @@ all: reproduce
 $(BIN)/ttr: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,hf]'
 	touch $@
 
 setup: $(BIN)/ttr
