@@ -130,9 +130,35 @@ def cmd_capacity(args: argparse.Namespace) -> None:
     console.print(f"saved {plot}, {results} and capacity.csv")
 
 
-def cmd_mqar(args: argparse.Namespace) -> None:
+def _in_pool(jobs: int, label: str, total: int, done: int, steps: int, runs: list[tuple], finished) -> None:
+    """Train runs = [(fn, args)] in `jobs` spawned processes, fn(*args, report) each, with a bar per run in
+    training fed by the (key, step, text) its report queue receives; finished(row) saves a finished run's row and
+    returns (its key, a summary for the overall bar)."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    # spawned workers: a forked copy of a process whose torch already started its thread pools can hang
+    context = multiprocessing.get_context("spawn")
+    with _progress() as bar, ProcessPoolExecutor(jobs, mp_context=context) as pool, context.Manager() as manager:
+        overall = bar.add_task(label, total=total, completed=done)
+        live: dict[str, int] = {}
+        reports = manager.Queue()
+        pending = {pool.submit(fn, *args, reports) for fn, args in runs}
+        while pending:
+            ready, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            while not reports.empty():
+                key, step, text = reports.get()
+                if key not in live:
+                    live[key] = bar.add_task(key, total=steps)
+                bar.update(live[key], completed=step, description=f"{key} {text}")
+            for future in ready:
+                key, summary = finished(future.result())  # after every run: an interruption keeps what finished
+                if key in live:
+                    bar.remove_task(live.pop(key))
+                bar.update(overall, advance=1, description=f"{label} (last: {key} {summary})")
+
+
+def cmd_mqar(args: argparse.Namespace) -> None:
     from dataclasses import asdict, replace
 
     from .experiments import mqar
@@ -150,33 +176,17 @@ def cmd_mqar(args: argparse.Namespace) -> None:
     device = _device(args.device)
     out = Path(args.out)
     _writable(out)
-    rows = _finished_mqar_rows(out / "results.json", args.preset, asdict(sweep))
+    rows = _finished_rows(out / "results.json", "mqar", args.preset, asdict(sweep))
     done = {mqar.run_key(r) for r in rows}
     todo = [r for r in sweep.runs() if mqar.run_key(r) not in done]
-    # spawned workers: a forked copy of a process whose torch already started its thread pools can hang
-    context = multiprocessing.get_context("spawn")
-    with _progress() as bar, ProcessPoolExecutor(args.jobs, mp_context=context) as pool, context.Manager() as manager:
-        runs = bar.add_task(f"mqar {args.preset} runs", total=len(sweep.runs()), completed=len(done))
-        live: dict[str, int] = {}                                        # a bar per run in training
-        reports = manager.Queue()
-        pending = {pool.submit(mqar.train_one, sweep, run, out / "checkpoints", device, reports) for run in todo}
-        while pending:
-            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            while not reports.empty():
-                key, step, loss, accuracy = reports.get()
-                if key not in live:
-                    live[key] = bar.add_task(key, total=sweep.steps)
-                acc = "-" if accuracy is None else f"{accuracy:.2f}"
-                bar.update(live[key], completed=step, description=f"{key} loss {loss:.2f} acc {acc}")
-            for future in finished:
-                row = future.result()
-                rows.append(row)
-                mqar.save(out, args.preset, sweep, rows)  # after every run: an interruption keeps what finished
-                key = mqar.run_key(row)
-                if key in live:
-                    bar.remove_task(live.pop(key))
-                bar.update(runs, advance=1, description=f"mqar {args.preset} runs (last: {key} "
-                                                         f"{row['accuracy']:.2f})")
+
+    def finished(row: dict) -> tuple[str, str]:
+        rows.append(row)
+        mqar.save(out, args.preset, sweep, rows)
+        return mqar.run_key(row), f"{row['accuracy']:.2f}"
+
+    _in_pool(args.jobs, f"mqar {args.preset} runs", len(sweep.runs()), len(done), sweep.steps,
+             [(mqar.train_one, (sweep, run, out / "checkpoints", device)) for run in todo], finished)
     paths = mqar.save(out, args.preset, sweep, rows)
     best = sorted(mqar.best_per_cell(rows), key=lambda r: (-r["accuracy"], r["memory"]))
     table = Table(title=f"MQAR ({args.preset}): best accuracy per memory, {sweep.n_layers} layer(s), vocab "
@@ -193,7 +203,7 @@ def cmd_mqar(args: argparse.Namespace) -> None:
     console.print(f"saved {', '.join(str(p) for p in paths)}")
 
 
-def _finished_mqar_rows(path: Path, preset: str, config: dict) -> list[dict]:
+def _finished_rows(path: Path, command: str, preset: str, config: dict) -> list[dict]:
     """The rows an earlier run of the same sweep finished (none without a file); another sweep's file is an
     error naming it, left as it was."""
     import json
@@ -205,11 +215,114 @@ def _finished_mqar_rows(path: Path, preset: str, config: dict) -> list[dict]:
         same = saved["sweep"] == preset and saved["config"] == json.loads(json.dumps(config))
         rows = list(saved["rows"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot read {str(path)!r} as ttr mqar results ({type(exc).__name__}); move it away or "
-                         "choose another --out") from None
+        raise ValueError(f"cannot read {str(path)!r} as ttr {command} results ({type(exc).__name__}); move it away "
+                         "or choose another --out") from None
     if not same:
         raise ValueError(f"{str(path)!r} holds another sweep's results; choose another --out or remove it")
     return rows
+
+
+def cmd_lm(args: argparse.Namespace) -> None:
+    import os
+    from dataclasses import asdict
+
+    from .experiments import lm
+    from .recipe import PRESETS
+
+    sweep = lm.SWEEPS[args.preset]
+    memories = None
+    if args.memories != "preset":
+        memories = tuple(args.memories.split(","))
+        for m in memories:
+            unknown = [part for part in m.split("/") if part not in PRESETS]
+            if unknown:
+                raise ValueError(f"--memories: unknown preset {unknown[0]!r} in {m!r}; choose among "
+                                 f"{', '.join(PRESETS)} (a/b alternates two over the layers)")
+    sweep = lm.overrides(sweep, memories=memories, steps=args.steps, d_model=args.d_model, n_layers=args.layers,
+                         n_heads=args.heads, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                         corpus=args.corpus, max_bytes=args.max_bytes)
+    if args.corpus is not None and not Path(args.corpus).exists():
+        raise ValueError(f"--corpus {args.corpus!r} does not exist")
+    sweep.train_config()  # bad settings fail here, before any process starts
+    counts = lm.check_budget(sweep)
+    out = Path(args.out)
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = _start_distributed(args.device) if size > 1 else 0
+    if rank == 0:
+        _writable(out)
+    device = _device(args.device) if size == 1 else _distributed_device()
+    rows = _finished_rows(out / "results.json", "lm", args.preset, asdict(sweep))
+    todo = [m for m in sweep.memories if m not in {r["memory"] for r in rows}]
+    if rank == 0:
+        console.print(f"ttr lm --preset {args.preset}: {len(sweep.memories)} models of "
+                      f"{min(counts.values()) / 1e6:.2f}-{max(counts.values()) / 1e6:.2f}M parameters, "
+                      f"{sweep.tokens / 1e6:.2g}M training bytes each, {size} process(es)"
+                      + (f", {len(rows)} already trained" if rows else ""))
+
+    def finished(row: dict) -> tuple[str, str]:
+        rows.append(row)
+        if rank == 0:
+            lm.save(out, args.preset, sweep, rows)
+        return lm.run_key(row["memory"]), f"{row['bits_per_byte']:.3f} bits/byte"
+
+    if size > 1:  # every process trains every run together (DistributedDataParallel), one after another
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", size)))
+        with _progress() as bar:
+            for memory in todo:
+                live = _LiveBar(bar, lm.run_key(memory), sweep.steps) if rank == 0 else None
+                finished(lm.train_one(sweep, memory, out, device, live, threads))
+    else:
+        _in_pool(args.jobs, f"lm {args.preset} runs", len(sweep.memories), len(rows), sweep.steps,
+                 [(lm.train_one, (sweep, m, out, device)) for m in todo], finished)
+    if rank != 0:
+        return
+    paths = lm.save(out, args.preset, sweep, rows)
+    table = Table(title=f"Byte-level LM ({args.preset}): {sweep.n_layers} layers, d_model {sweep.d_model}, "
+                        f"{sweep.tokens / 1e6:.2g}M bytes each", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("memory", "params", "val loss", "bits/byte", "tokens/s"):
+        table.add_column(col, justify="left" if col == "memory" else "right", no_wrap=True)
+    for r in sorted(rows, key=lambda r: r["val_loss"]):
+        table.add_row(r["memory"], f"{r['parameters'] / 1e6:.3f}M", f"{r['val_loss']:.3f}",
+                      f"{r['bits_per_byte']:.3f}", f"{r['tokens_per_s']:.0f}")
+    console.print(table)
+    row = rows[0]
+    console.print(f"corpus: {row['corpus']}, {row['train_files']} training files ({row['train_bytes'] / 1e6:.1f} MB), "
+                  f"{row['val_files']} held-out files ({row['val_bytes'] / 1e3:.0f} kB evaluated); tokens/s: "
+                  f"training steps only, all processes together")
+    console.print(f"saved {', '.join(str(p) for p in paths)}")
+
+
+class _LiveBar:
+    """A progress bar that takes a run's (key, step, text) reports directly (no queue: same process)."""
+
+    def __init__(self, bar: Progress, key: str, steps: int) -> None:
+        self.bar, self.task = bar, bar.add_task(key, total=steps)
+
+    def put(self, report: tuple) -> None:
+        key, step, text = report
+        self.bar.update(self.task, completed=step, description=f"{key} {text}")
+
+
+def _start_distributed(device: str) -> int:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs); this process's rank."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = device != "cpu" and _cuda()
+    if cuda:
+        import os
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
+
+
+def _distributed_device() -> str:
+    import os
+
+    import torch.distributed as dist
+
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if dist.get_backend() == "nccl" else "cpu"
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -356,6 +469,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto: cuda if present")
     p.add_argument("--out", default="runs/mqar", help="output folder; rerunning continues what it holds")
     p.set_defaults(func=cmd_mqar)
+
+    p = sub.add_parser("lm", help="train small byte-level language models, one per memory, under the same "
+                       "budget, on a local corpus; prints a table, saves a PNG (torchrun: data parallel)",
+                       **shows_defaults, description="Each memory gets the same parameter count (within 10 %%), "
+                       "the same training bytes and the same windows. Under torchrun --nproc_per_node N -m ttr lm "
+                       "the runs go one after another, each trained by all N processes (DistributedDataParallel).")
+    p.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: 2-layer models, a 2-core CPU in a few minutes; gpu: 8 layers, d_model 512")
+    p.add_argument("--memories", default="preset", help="presets to train, comma-separated; a/b alternates a "
+                   "and b over the layers (a hybrid); 'preset': the preset's list")
+    p.add_argument("--corpus", default=None, help="a text file or folder (default: the Python standard "
+                   "library's sources), held out by file")
+    p.add_argument("--max-bytes", type=_at_least(1024), default=None, help="bytes of the corpus read (None: the "
+                   "preset's)")
+    p.add_argument("--steps", type=_at_least(1), default=None, help="training steps (None: the preset's)")
+    p.add_argument("--batch-size", type=_at_least(1), default=None, help="global batch in sequences (None: the "
+                   "preset's)")
+    p.add_argument("--seq-len", type=_at_least(2), default=None, help="bytes per sequence (None: the preset's)")
+    p.add_argument("--d-model", type=_at_least(1), default=None, help="model width (None: the preset's)")
+    p.add_argument("--layers", type=_at_least(1), default=None, help="blocks (None: the preset's)")
+    p.add_argument("--heads", type=_at_least(1), default=None, help="heads (None: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (None: the preset's)")
+    p.add_argument("--jobs", type=_at_least(1), default=2, help="runs trained at once, one CPU thread each "
+                   "(without torchrun)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto: cuda if present")
+    p.add_argument("--out", default="runs/lm", help="output folder; rerunning continues what it holds")
+    p.set_defaults(func=cmd_lm)
 
     p = sub.add_parser("reproduce", help="regress, capacity and mqar --preset quick into one folder, and "
                        "report.md with every table, plot and claim (about 15 minutes on 2 cores)", **shows_defaults)

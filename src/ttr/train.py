@@ -9,7 +9,14 @@ one returns its result without training again.
 
 Batches are a function of (seed, step) alone: step s takes the examples at positions s * B .. (s + 1) * B of an
 epoch's permutation, seeded by (seed, epoch). That is what makes resuming exact, and data parallelism a slice
-of it: with W processes (torchrun), process r would take every W-th example of the same batch.
+of it: under torch.distributed (torchrun), process r of W takes every W-th example of the same global batch and
+its loss is its share of the global batch's mean (its summed loss over the global count of labelled tokens, times
+W, since DistributedDataParallel averages gradients), so W processes take the steps one process would, up to
+the order of float additions. A checkpoint is written once (by process 0), holds nothing that depends on W, and
+resumes under any number of processes.
+
+The data is (inputs, labels) tensors, or any dataset whose `len()` counts examples and whose `[index]` (a tensor of
+example numbers) returns (inputs, labels) for them (a language model's windows over a corpus: ttr.tasks.text).
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -76,10 +84,50 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> Tensor:
     return torch.tensor(out)
 
 
+class Dataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class Pairs:
+    """(inputs, labels) tensors as a Dataset."""
+
+    def __init__(self, inputs: Tensor, labels: Tensor) -> None:
+        if inputs.shape[:1] != labels.shape[:1]:
+            raise ValueError(f"inputs and labels must hold the same number of examples, got {inputs.shape[0]} "
+                             f"and {labels.shape[0]}")
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.inputs[index], self.labels[index]
+
+
+def _dataset(data: Dataset | tuple[Tensor, Tensor]) -> Dataset:
+    return Pairs(*data) if isinstance(data, tuple) else data
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(t: Tensor) -> Tensor:
+    """The sum over processes (t itself in one process)."""
+    if world()[1] > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def token_loss(model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Cross-entropy over the labelled positions: (loss, correct predictions, labelled positions)."""
+    """Cross-entropy summed over the labelled positions: (summed loss, correct predictions, labelled positions)."""
     logits = model(inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     with torch.no_grad():
         scored = labels != IGNORE
         correct = (logits.argmax(-1) == labels) & scored
@@ -87,32 +135,40 @@ def token_loss(model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 256) -> dict[str, float]:
-    """Mean loss and accuracy over the labelled positions of a held-out set."""
+def evaluate(model: nn.Module, data: Dataset | tuple[Tensor, Tensor], batch_size: int = 256) -> dict[str, float]:
+    """Mean loss and accuracy over the labelled positions of a held-out set (under torch.distributed each process
+    evaluates its share and the sums are exchanged)."""
+    data = _dataset(data)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, correct, scored = 0.0, 0, 0
-    for i in range(0, len(inputs), batch_size):
-        x, y = inputs[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
-        loss, c, s = token_loss(model, x, y)
-        total += float(loss) * int(s)
-        correct += int(c)
-        scored += int(s)
+    rank, size = world()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, scored
+    for i in range(rank * batch_size, len(data), size * batch_size):
+        x, y = data[torch.arange(i, min(i + batch_size, len(data)))]
+        loss, c, s = token_loss(model, x.to(device), y.to(device))
+        sums += torch.stack([loss.double(), c.double(), s.double()])
+    loss, correct, scored = _all_sum(sums).tolist()
     model.train(was_training)
-    return {"loss": total / max(scored, 1), "accuracy": correct / max(scored, 1)}
+    return {"loss": loss / max(scored, 1), "accuracy": correct / max(scored, 1)}
 
 
-def train(model: nn.Module, train_set: tuple[Tensor, Tensor], test_set: tuple[Tensor, Tensor], cfg: TrainConfig,
-          *, checkpoint: Path | None = None, progress: Callable[[int, dict], None] | None = None) -> dict:
-    """Train `model` (token ids [B, T] -> logits [B, T, V]) on train_set = (inputs, labels) and evaluate on
-    test_set. Returns {"history": [{step, lr, train_loss, test_loss, test_accuracy}], "final": the last
-    evaluation, "best_accuracy", "steps": steps taken, "stopped_early", "seconds": training time}.
-    progress(step, latest metrics) is called after every step."""
+def train(model: nn.Module, train_set: Dataset | tuple[Tensor, Tensor], test_set: Dataset | tuple[Tensor, Tensor],
+          cfg: TrainConfig, *, checkpoint: Path | None = None,
+          progress: Callable[[int, dict], None] | None = None) -> dict:
+    """Train `model` (token ids [B, T] -> logits [B, T, V]) on train_set and evaluate on test_set (datasets, or
+    (inputs, labels) tensors). Returns {"history": [{step, lr, train_loss, test_loss, test_accuracy}], "final": the
+    last evaluation, "best_accuracy", "steps": steps taken, "stopped_early", "seconds": time in training steps,
+    evaluations excluded}. progress(step, latest metrics) is called after every step. Under torch.distributed
+    (module docstring) every process calls train with the same arguments."""
     device = next(model.parameters()).device
-    inputs, labels = train_set
-    if len(inputs) == 0:
+    data, test_set = _dataset(train_set), _dataset(test_set)
+    if len(data) == 0:
         raise ValueError("train_set holds no examples")
+    rank, size = world()
+    if cfg.batch_size % size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the number of processes ({size})")
+    net = nn.parallel.DistributedDataParallel(model) if size > 1 else model
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]  # biases, norms, gate constants: no weight decay
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -130,34 +186,41 @@ def train(model: nn.Module, train_set: tuple[Tensor, Tensor], test_set: tuple[Te
         return _result(state)
 
     def save() -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             payload = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                        "state": state}
             write_atomically(checkpoint, lambda f: torch.save(payload, f))
+        if size > 1:
+            dist.barrier()  # no process runs ahead of a checkpoint it might be resumed from
 
     model.train()
     latest: dict = state["history"][-1] if state["history"] else {}
-    start, running = time.perf_counter(), []
+    running: list[Tensor] = []
     while state["step"] < cfg.steps:
+        start = time.perf_counter()
         step = state["step"]
         lr = cfg.lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = batch_indices(len(inputs), cfg.batch_size, cfg.seed, step)
-        loss, _, _ = token_loss(model, inputs[idx].to(device), labels[idx].to(device))
+        x, y = data[batch_indices(len(data), cfg.batch_size, cfg.seed, step)[rank::size]]
+        x, y = x.to(device), y.to(device)
+        scored = _all_sum((y != IGNORE).sum().double())
+        loss_sum, _, _ = token_loss(net, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum * (size / scored.clamp_min(1))).backward()
+        loss = _all_sum(loss_sum.detach().double()) / scored.clamp_min(1)  # the global batch's mean
         if not bool(torch.isfinite(loss)):
             raise ValueError(f"the training loss is not finite at step {step} (lr {lr:.3g}): lower lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        running.append(float(loss.detach()))
+        running.append(loss)
         state["step"] = step + 1
+        state["seconds"] += time.perf_counter() - start
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
-            test = evaluate(model, *test_set)
-            latest = {"step": state["step"], "lr": lr, "train_loss": sum(running) / len(running),
+            test = evaluate(model, test_set)
+            latest = {"step": state["step"], "lr": lr, "train_loss": float(torch.stack(running).mean()),
                       "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
             state["history"].append(latest)
             running = []
@@ -165,11 +228,9 @@ def train(model: nn.Module, train_set: tuple[Tensor, Tensor], test_set: tuple[Te
                 state["stopped_early"] = state["step"] < cfg.steps
                 state["done"] = True
             state["done"] = state["done"] or state["step"] == cfg.steps
-            state["seconds"] += time.perf_counter() - start
-            start = time.perf_counter()
             save()
         if progress is not None:
-            progress(state["step"], {"loss": float(loss.detach()), **latest})
+            progress(state["step"], {"loss": float(loss), **latest})
         if state["done"]:
             break
     return _result(state)

@@ -134,7 +134,6 @@ SWEEPS = {
     # with (3e-3, 1e-2) at 300 steps: 9.5 minutes, and lower accuracy for most memories than 400 steps at 3e-3)
     "quick": Sweep(memories=tuple(PRESETS), no_conv=_CONTROLS, d_models=(64,), settings=((32, 4),),
                    lrs=(3e-3,), test_settings=((32, 1), (32, 2), (32, 4), (32, 8))),
-    # Zoology's grid, for a GPU: training settings (64, 4) .. (256, 64), d_model 64-256, a log grid of lrs
     # Zoology's grid, for a GPU: one model per cell trained on the mixture of (64, 4) .. (256, 64) and tested
     # up to (1024, 256); d_model 64-256, a log grid of learning rates, 2 layers with MLPs
     "zoology": Sweep(memories=tuple(PRESETS), no_conv=_CONTROLS, d_models=(64, 128, 256),
@@ -153,7 +152,8 @@ def run_key(run: dict) -> str:
 
 def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "cpu", report=None) -> dict:
     """One training run of the sweep on `device`: its row of results. report (a queue, or None) receives
-    (run key, step, training loss, latest test accuracy) every 10 steps, for the caller's progress bar."""
+    (run key, step, training loss and latest test accuracy as text) every 10 steps, for the caller's progress
+    bar."""
     torch.set_num_threads(1)  # runs go in parallel, one per core
     train_set, test_set = sweep.data(run)
     torch.manual_seed(sweep.seed)
@@ -166,7 +166,8 @@ def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "
 
     def progress(step: int, metrics: dict) -> None:
         if report is not None and step % 10 == 0:
-            report.put((key, step, metrics["loss"], metrics.get("test_accuracy")))
+            accuracy = metrics.get("test_accuracy")
+            report.put((key, step, f"loss {metrics['loss']:.2f} acc {'-' if accuracy is None else f'{accuracy:.2f}'}"))
 
     sizes = {"state_floats": model.state_floats(run["seq_len"]),
              "parameters": sum(p.numel() for p in model.parameters())}
@@ -183,7 +184,7 @@ def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "
         for i, (T, N) in enumerate(sweep.test_settings):
             x, y = mqar(MQARConfig(vocab_size=sweep.vocab_size, seq_len=T, num_kv_pairs=N), sweep.n_test,
                         seed=sweep.seed + 7_777_777 + i)
-            tests[f"{T}/{N}"] = evaluate(model, x.to(device), y.to(device))["accuracy"]
+            tests[f"{T}/{N}"] = evaluate(model, (x, y))["accuracy"]
         row["tests"] = tests
         if sweep.mixed:
             row["accuracy"] = sum(tests.values()) / len(tests)

@@ -1,0 +1,7 @@
+"""python -m ttr: the `ttr` command (what torchrun launches: torchrun --nproc_per_node N -m ttr lm ...)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
