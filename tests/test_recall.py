@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ttr.experiments.capacity import CapacityConfig, run as run_capacity
-from ttr.experiments.mqar import MQARModel
+from ttr.experiments.mqar import mqar_model
 from ttr.tasks.mqar import IGNORE, MQARConfig, mqar, train_test
 from ttr.train import TrainConfig, batch_indices, train
 
@@ -73,7 +73,7 @@ EASY = MQARConfig(vocab_size=32, seq_len=16, num_kv_pairs=2)
 def _easy_run(steps, checkpoint=None, progress=None, target=None):
     train_set, test_set = train_test(EASY, 2048, 128, seed=0)
     torch.manual_seed(0)
-    model = MQARModel(32, 32, "softmax_attention")
+    model = mqar_model(32, 32, "softmax_attention")
     result = train(model, train_set, test_set, TrainConfig(steps=steps, batch_size=32, lr=3e-3, eval_every=20,
                                                            target=target), checkpoint=checkpoint,
                    progress=progress)
@@ -179,7 +179,7 @@ def test_mqar_models_start_their_scalar_gates_remembering_long():
     [1e-4, 1e-3] (ttr.experiments.mqar.MQAR_DT_RANGE), and TTRLayer takes any range."""
     import ttr
 
-    dt = torch.nn.functional.softplus(MQARModel(32, 32, "mamba2").layers[0].inputs["g"].dt_bias)
+    dt = torch.nn.functional.softplus(mqar_model(32, 32, "mamba2").blocks[0].layer.inputs["g"].dt_bias)
     assert bool(((dt >= 1e-4 * 0.999) & (dt <= 1e-3 * 1.001)).all())
     dt = torch.nn.functional.softplus(ttr.TTRLayer(32, 2, "gated_deltanet").inputs["g"].dt_bias)
     assert bool(((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all())

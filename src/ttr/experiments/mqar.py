@@ -1,25 +1,24 @@
 """Multi-query associative recall with TTR layers: the model, and one training run of it.
 
-The model (Zoology's setting): token embedding, N blocks x + layer(norm(x)) of a TTRLayer (any preset or Recipe)
-with or without its short convolution, each optionally followed by x + mlp(norm(x)), a final norm and a linear
-head. No positional embedding: the short convolution is what tells a token its neighbour, and the claim under
+The model (Zoology's setting, ttr.models.LanguageModel): token embedding, N blocks x + layer(norm(x)) of a
+TTRLayer (any preset or Recipe) with or without its short convolution, each optionally followed by
+x + mlp(norm(x)), a final norm and a linear head. No positional embedding: the short convolution is what tells a token its neighbour, and the claim under
 test is that with it one layer suffices (k_t from x_{t-1} and v_t from x_t make the bigram association).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._files import write_atomically
-from ..layers import TTRLayer
-from ..recipe import PRESETS, Preset, Recipe
+from ..models import LanguageModel, LMConfig
+from ..recipe import PRESETS, Recipe
 from ..tasks.mqar import IGNORE, MQARConfig, mqar, train_test
 from ..train import TrainConfig, evaluate, train
 
@@ -31,57 +30,17 @@ from ..train import TrainConfig, evaluate, train
 MQAR_DT_RANGE = (1e-4, 1e-3)
 
 
-class MQARModel(nn.Module):
-    def __init__(self, vocab_size: int, d_model: int, memory: str | Preset | Recipe, *, n_layers: int = 1,
-                 head_dim: int = 16, conv: bool = True, mlp: bool = False, chunk_size: int = 64,
-                 dt_range: tuple[float, float] = MQAR_DT_RANGE) -> None:
-        super().__init__()
-        if d_model % head_dim:
-            raise ValueError(f"head_dim {head_dim} must divide d_model {d_model}")
-        self.embed = nn.Embedding(vocab_size, d_model)
-        self.norms = nn.ModuleList(nn.RMSNorm(d_model, eps=1e-5) for _ in range(n_layers))
-        self.layers = nn.ModuleList(
-            TTRLayer(d_model, d_model // head_dim, memory, conv_size=4 if conv else 0, chunk_size=chunk_size,
-                     dt_range=dt_range)
-            for _ in range(n_layers))
-        self.mlps = nn.ModuleList(
-            nn.Sequential(nn.RMSNorm(d_model, eps=1e-5), nn.Linear(d_model, 2 * d_model), nn.GELU(),
-                          nn.Linear(2 * d_model, d_model)) for _ in range(n_layers)) if mlp else None
-        self.final = nn.RMSNorm(d_model, eps=1e-5)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        for module in self.modules():  # the field's initialization: normal 0.02, output projections by depth
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-        for layer in self.layers:
-            nn.init.normal_(layer.out.weight, std=0.02 / math.sqrt(2 * n_layers))
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        x = self.embed(tokens)
-        for i, (norm, layer) in enumerate(zip(self.norms, self.layers)):
-            x = x + layer(norm(x))[0]
-            if self.mlps is not None:
-                x = x + self.mlps[i](x)
-        return self.head(self.final(x))
-
-    def state_floats(self, seq_len: int) -> int:
-        """Floats in one layer's memory state after seq_len tokens (the convolution's cache excluded): what the
-        recall-memory trade-off puts on its x axis. A cache of keys and values grows with seq_len."""
-        layer = self.layers[0]
-        with torch.no_grad():
-            x = torch.zeros(1, seq_len, layer.d_model, device=self.head.weight.device)
-            _, state = layer(x)
-        tensors = _tensors(state.memory)
-        return sum(t.numel() for t in tensors)
-
-
-def _tensors(x: object) -> list[Tensor]:
-    if isinstance(x, Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for item in x for t in _tensors(item)]
-    if hasattr(x, "weights"):  # MiniBatchState: the weights and the mini-batch's starting weights
-        return _tensors(x.weights) + _tensors(x.start)
-    return []
+def mqar_model(vocab_size: int, d_model: int, memory: str | Recipe, *, n_layers: int = 1, head_dim: int = 16,
+               conv: bool = True, mlp: bool = False, chunk_size: int = 64,
+               dt_range: tuple[float, float] = MQAR_DT_RANGE) -> LanguageModel:
+    """The language model of ttr.models in Zoology's setting: heads of head_dim, an untied head, no MLP unless
+    asked for (SwiGLU), the short convolution on or off."""
+    if d_model % head_dim:
+        raise ValueError(f"head_dim {head_dim} must divide d_model {d_model}")
+    return LanguageModel(LMConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                                  n_heads=d_model // head_dim, memory=memory, conv_size=4 if conv else 0,
+                                  mlp_width=None if mlp else 0, tie_embeddings=False, chunk_size=chunk_size,
+                                  dt_range=dt_range))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,8 +116,8 @@ def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "
     torch.set_num_threads(1)  # runs go in parallel, one per core
     train_set, test_set = sweep.data(run)
     torch.manual_seed(sweep.seed)
-    model = MQARModel(sweep.vocab_size, run["d_model"], run["memory"], n_layers=sweep.n_layers,
-                      conv=run["conv"], mlp=sweep.mlp).to(device)
+    model = mqar_model(sweep.vocab_size, run["d_model"], run["memory"], n_layers=sweep.n_layers,
+                       conv=run["conv"], mlp=sweep.mlp).to(device)
     train_cfg = TrainConfig(steps=sweep.steps, batch_size=sweep.batch_size, lr=run["lr"],
                             eval_every=max(1, sweep.steps // 8), target=sweep.target, seed=sweep.seed)
     checkpoint = None if checkpoints is None else checkpoints / f"{run_key(run)}.pt"
@@ -170,7 +129,7 @@ def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "
             report.put((key, step, f"loss {metrics['loss']:.2f} acc {'-' if accuracy is None else f'{accuracy:.2f}'}"))
 
     sizes = {"state_floats": model.state_floats(run["seq_len"]),
-             "parameters": sum(p.numel() for p in model.parameters())}
+             "parameters": model.num_parameters()}
     try:
         result = train(model, train_set, test_set, train_cfg, checkpoint=checkpoint, progress=progress)
     except ValueError as exc:  # the run diverged (its loss, or an op's answer, not finite): a result of the sweep

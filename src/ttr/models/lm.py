@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import LayerState, TTRLayer
+from ..ops import MiniBatchState
 from ..layers.gates import DT_RANGE
 from ..recipe import PRESETS, Recipe
 
@@ -203,6 +204,14 @@ class LanguageModel(nn.Module):
         total = sum(p.numel() for p in unique.values())
         return total if embeddings else total - self.embed.weight.numel()
 
+    def state_floats(self, seq_len: int, layer: int = 0) -> int:
+        """Floats in a layer's memory state after seq_len tokens (its convolution's cache excluded): the x axis of
+        the recall-memory trade-off. A cache of keys and values grows with seq_len."""
+        block = self.blocks[layer]
+        with torch.no_grad():
+            _, state = block.layer(torch.zeros(1, seq_len, self.config.d_model, device=self.embed.weight.device))
+        return sum(t.numel() for t in _tensors(state.memory))
+
     def new_cache(self) -> ModelCache:
         return ModelCache([None] * len(self.blocks))
 
@@ -223,6 +232,16 @@ class LanguageModel(nn.Module):
             if cache is not None:
                 cache.states[i] = state
         return self.head(self.norm(x)).float()
+
+
+def _tensors(x: object) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in _tensors(item)]
+    if isinstance(x, MiniBatchState):  # the weights and the mini-batch's starting weights
+        return _tensors(x.weights) + _tensors(x.start)
+    return []
 
 
 def _describe(x: object) -> str:
