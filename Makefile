@@ -5,7 +5,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: all setup reproduce regress capacity mqar bench zoo test test-slow clean
+.PHONY: all setup reproduce regress capacity mqar lm bench zoo test test-slow clean
 
 all: reproduce
 
@@ -28,6 +28,9 @@ capacity: setup
 
 mqar: setup
 	$(BIN)/ttr mqar
+
+lm: setup
+	$(BIN)/ttr lm
 
 zoo: setup
 	$(BIN)/ttr zoo

@@ -351,7 +351,7 @@ def test_help_answers_without_torch_and_shows_every_default():
     import subprocess
     import sys
 
-    probe = ("import sys\nfrom ttr.cli import main\nfor cmd in ('regress', 'bench'):\n    try:\n"
+    probe = ("import sys\nfrom ttr.cli import main\nfor cmd in ('regress', 'capacity', 'mqar', 'lm', 'reproduce', 'bench'):\n    try:\n"
              "        main([cmd, '--help'])\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip().endswith("False")

@@ -472,15 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lm", help="train small byte-level language models, one per memory, under the same "
                        "budget, on a local corpus; prints a table, saves a PNG (torchrun: data parallel)",
-                       **shows_defaults, description="Each memory gets the same parameter count (within 10 %%), "
+                       **shows_defaults, description="Each memory gets the same parameter count (within 10 percent), "
                        "the same training bytes and the same windows. Under torchrun --nproc_per_node N -m ttr lm "
                        "the runs go one after another, each trained by all N processes (DistributedDataParallel).")
     p.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: 2-layer models, a 2-core CPU in a few minutes; gpu: 8 layers, d_model 512")
     p.add_argument("--memories", default="preset", help="presets to train, comma-separated; a/b alternates a "
                    "and b over the layers (a hybrid); 'preset': the preset's list")
-    p.add_argument("--corpus", default=None, help="a text file or folder (default: the Python standard "
-                   "library's sources), held out by file")
+    p.add_argument("--corpus", default=None, help="a text file or folder, held out by file (None: the Python "
+                   "standard library's sources)")
     p.add_argument("--max-bytes", type=_at_least(1024), default=None, help="bytes of the corpus read (None: the "
                    "preset's)")
     p.add_argument("--steps", type=_at_least(1), default=None, help="training steps (None: the preset's)")
