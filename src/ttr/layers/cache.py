@@ -1,9 +1,10 @@
 """LayerState: what a TTRLayer carries between calls, one object whatever the memory.
 
 The memory part is the op's state: a tensor (linear attention, the delta rule), a pair (the exact memory's
-statistics), a MiniBatchState (TTT, Titans), the cache of keys and values (nonparametric memories: a batched
-tuple, or a list with one cache per row once rows have seen different numbers of tokens). Every form has
-its rows first, so one function maps row selection, device and dtype moves over all of them.
+statistics), a MiniBatchState (TTT, Titans), the cache of keys and values (nonparametric memories: a KVCache,
+preallocated buffers written in place, one batched buffer whatever each row's length; a tuple, or a list with
+one cache per row, as earlier versions kept it, is still taken). Every form has its rows first, so one function
+maps row selection, device and dtype moves over all of them.
 """
 
 from __future__ import annotations
@@ -15,14 +16,19 @@ import torch
 from torch import Tensor
 
 from ..ops import MiniBatchState
+from ..ops.kv_cache import KVCache
 
 
-def _map(memory: Any, fn: Callable[[Tensor], Tensor], rows: Callable[[list], list] | None = None) -> Any:
-    """fn on every tensor of a memory state; `rows` on a per-row list (where fn cannot reach the rows)."""
+def _map(memory: Any, fn: Callable[[Tensor], Tensor], rows: Callable[[list], list] | None = None,
+         index: Tensor | None = None) -> Any:
+    """fn on every tensor of a memory state; `rows` on a per-row list (where fn cannot reach the rows); index: the
+    rows fn selects (a KVCache keeps each row's length)."""
     if memory is None or isinstance(memory, int):  # an int offset is every row's
         return memory
     if isinstance(memory, Tensor):
         return fn(memory)
+    if isinstance(memory, KVCache):  # before tuple: a KVCache is one, over its buffers
+        return memory.map(fn, index)
     if isinstance(memory, MiniBatchState):
         return MiniBatchState(_map(memory.weights, fn), _map(memory.start, fn), _map(memory.offset, fn))
     if isinstance(memory, list):  # one cache per row
@@ -68,7 +74,8 @@ class LayerState:
                              f"{index.tolist()}")
         pick = lambda t: t[index.to(t.device)] if t.dim() else t  # noqa: E731  (a 0-d offset is every row's)
         return replace(self, conv=None if self.conv is None else pick(self.conv), lengths=pick(self.lengths),
-                       memory=_map(self.memory, pick, rows=lambda caches: [caches[i] for i in index.tolist()]))
+                       memory=_map(self.memory, pick, rows=lambda caches: [caches[i] for i in index.tolist()],
+                                   index=index))
 
     def reorder(self, beam_idx: Tensor) -> LayerState:
         """Hugging Face's name for select: the rows in the order beam search keeps them."""

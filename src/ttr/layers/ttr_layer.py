@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import MiniBatchState
+from ..ops.kv_cache import KVCache
 from ..ops._varlen import check_cu_seqlens
 from ..recipe import MLP, LocalPolynomial, MiniBatchGD, Preset, Recipe, get_preset
 from .cache import LayerState, dtype_name
@@ -114,11 +115,9 @@ class TTRLayer(nn.Module):
             cu = check_cu_seqlens(cu_seqlens, B, T)
             return self._run(x, state, cu)
         mask = None if attention_mask is None else self._check_mask(attention_mask, B, T, x.device)
-        ragged = state is not None and isinstance(state.memory, list)  # caches of different lengths per row
-        if mask is None and not ragged:
-            return self._run(x, state, None)
-        mask = torch.ones(B, T, dtype=torch.bool, device=x.device) if mask is None else mask
-        if not ragged and bool(mask.all()):
+        # a cache's rows may hold different numbers of tokens (a KVCache masks each row's padding), so only
+        # padding in x needs the packed path
+        if mask is None or bool(mask.all()):
             return self._run(x, state, None)
         # the real tokens of row b become packed sequence b
         lengths = mask.sum(1)
@@ -153,8 +152,9 @@ class TTRLayer(nn.Module):
         memory = state.memory
         if memory is None and hasattr(self, "W1"):
             memory = (self.W1.expand(rows, -1, -1, -1), self.W2.expand(rows, -1, -1, -1))
-        if cu is not None and isinstance(memory, tuple) and self.op.func.__name__ in _CACHE_OPS:
-            memory = [tuple(t[b:b + 1] for t in memory) for b in range(rows)]  # batched cache -> one per row
+        cache_op = self.op.func.__name__ in _CACHE_OPS
+        if cache_op:  # keys and values in preallocated buffers, appended in place (a cache given as tuples is wrapped)
+            memory = KVCache.empty() if memory is None else KVCache.wrap(memory, "state.memory")
         longest = int(lengths.max()) if cu is not None else T
         mode = "recurrent" if longest == 1 else self.mode
         kwargs = {"chunk_size": self.chunk_size} if mode == "chunk" and self.takes_chunk_size else {}
@@ -163,6 +163,8 @@ class TTRLayer(nn.Module):
         if cu is not None:
             kwargs["cu_seqlens"] = cu
         o, memory = self.op(q, k, v, **inputs, initial_state=memory, output_final_state=True, mode=mode, **kwargs)
+        if cache_op and isinstance(memory, list):  # packed sequences' caches, one per row: one batched buffer
+            memory = KVCache.stack(memory, checked=True)
         if self.norm is not None:
             o = self.norm(o)
         o = o.reshape(B, T, -1)

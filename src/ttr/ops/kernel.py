@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import (append_to_cache, check_mode, check_positive, check_qkv, check_state, compute_dtype,
+from .._checks import (all_finite, append_to_cache, check_mode, check_positive, check_qkv, check_state, compute_dtype,
                        finite_answer, scale_or)
 from ._varlen import check_cu_seqlens, per_sequence
+from .kv_cache import KVCache
 
 KERNELS = ("exp", "rbf", "poly")
 
@@ -45,7 +46,7 @@ def kern(a: Tensor, b: Tensor, kernel: str, scale: float, degree: int) -> Tensor
         value = torch.exp(-0.5 * scale * sq.clamp_min(0.0))
     else:
         value = (1.0 + scale * dot) ** degree
-    if not bool(torch.isfinite(value).all()):  # a large scale times large keys: exp overflows even float64
+    if not all_finite(value):  # a large scale times large keys: exp overflows even float64
         raise ValueError(f"the {kernel} kernel overflows float64 on these keys and queries (scale {scale:g}): "
                          "lower scale or normalize q and k")
     return value
@@ -60,17 +61,21 @@ def kernel_regression(
     ridge: float = 1.0,
     scale: float | None = None,
     degree: int = 2,
-    initial_state: tuple[Tensor, ...] | None = None,
+    initial_state: tuple[Tensor, ...] | KVCache | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
     cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | list | None]:
+) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | KVCache | list | None]:
     """Causal kernel ridge regression. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; kernel "exp", "rbf" or "poly"
     (with `degree`); ridge > 0; scale defaults to Dk^-1/2. initial_state: the cache (K [B, T0, H, Dk],
     V [B, T0, H, Dv]), optionally with the factor L [B, H, T0, T0] a previous call returned (else it is
-    recomputed). Returns (o [B, T, H, Dv], (K, V, L) with these tokens appended, or None). cu_seqlens [N + 1]
-    (with B = 1) packs N sequences; initial and final states are then lists of N caches."""
+    recomputed), or a KVCache (KVCache.empty() to start one: keys, values, the factor and L^-1 V preallocated and
+    appended in place, rows of different lengths allowed). Returns (o [B, T, H, Dv], (K, V, L) with these tokens
+    appended (a KVCache where one was given), or None). cu_seqlens [N + 1] (with B = 1) packs N sequences;
+    initial and final states are then lists of N caches."""
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    if isinstance(initial_state, KVCache) and cu_seqlens is not None:  # one cache per sequence
+        initial_state = None if initial_state.keys is None else initial_state.rows()
     if cu_seqlens is not None:
         empty = (k[:, :0], v[:, :0], k.new_zeros(1, H, 0, 0, dtype=torch.float64))
         # a leading block of the factor is the factor of the leading keys: sequence n's is L[:L_n, :L_n]
@@ -83,6 +88,24 @@ def kernel_regression(
     check_positive("ridge", ridge)
     if kernel == "poly" and not (isinstance(degree, int) and degree >= 1):
         raise ValueError(f"degree must be a positive int for the poly kernel, got {degree!r}")
+    if isinstance(initial_state, KVCache):
+        cached = initial_state
+        tensors = (cached.keys, cached.values, cached.factor)
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, *tensors))):
+            o, cache = _in_place(q, k, v, cached, mode, kernel, ridge, scale_or(scale, Dk ** -0.5), degree)
+            return finite_answer("kernel_regression", o.to(compute_dtype(q.dtype)).to(q.dtype)), (
+                cache if output_final_state else None)
+        # under autograd: the tuples' path (concatenations), one row at a time where the rows' lengths differ
+        parts = [(q, k, v, None if cached.keys is None else tuple(cached))] if not cached.ragged else [
+            (q[b:b + 1], k[b:b + 1], v[b:b + 1], row) for b, row in enumerate(cached.rows())]
+        outs, finals = [], []
+        for qb, kb, vb, state in parts:
+            o, final = kernel_regression(qb, kb, vb, kernel=kernel, ridge=ridge, scale=scale, degree=degree,
+                                         initial_state=state, output_final_state=True, mode=mode)
+            outs.append(o)
+            finals.append(final)
+        cache = KVCache.wrap(finals[0]) if len(finals) == 1 else KVCache.stack(finals, checked=True)
+        return torch.cat(outs), (cache if output_final_state else None)
     factor = None
     if isinstance(initial_state, (tuple, list)) and len(initial_state) == 3:
         *initial_state, factor = initial_state
@@ -121,6 +144,70 @@ def kernel_regression(
         o = torch.cat(outs, 2)
     o = finite_answer("kernel_regression", o.transpose(1, 2).to(dt).to(out_dtype))
     return o, ((k_all, v_all, L) if output_final_state else None)
+
+
+def _in_place(q: Tensor, k: Tensor, v: Tensor, cached: KVCache, mode: str, kernel: str, ridge: float, scale: float,
+              degree: int) -> tuple[Tensor, KVCache]:
+    """kernel_regression on a KVCache, without autograd: the new keys and values, the new rows of the factor L and
+    of U = L^-1 V are written into the cache's buffers (U's old rows do not change: forward substitution), and a
+    query costs one triangular solve against L, O(t^2), where the tuples' path solves for U again, O(t^2 Dv).
+    Rows of different lengths run one at a time. Returns (o [B, T, H, Dv] in float64, the cache)."""
+    B, T = q.shape[:2]
+    fresh_factor, fresh_solved = cached.factor is None, cached.solved is None
+    cache, starts = cached.append(k, v, factor=True)
+    groups = [(0, B)] if not cache.ragged else [(b, b + 1) for b in range(B)]
+    outs = []
+    for b0, b1 in groups:
+        first = starts[b0]
+        end = first + T
+        kh, vh = (buf[b0:b1, :, :end].to(torch.float64) for buf in (cache.keys, cache.values))  # [b, H, n, D]
+        qh = q[b0:b1].transpose(1, 2).to(torch.float64)
+        L, U = cache.factor[b0:b1], cache.solved[b0:b1]
+        if first and fresh_factor:  # a cache given without its factor: factorize the old keys once
+            _extend(L, U, kh, vh, 0, first, kernel, ridge, scale, degree)
+        elif first and fresh_solved:
+            U[:, :, :first] = torch.linalg.solve_triangular(L[:, :, :first, :first], vh[:, :, :first], upper=False)
+        if mode == "chunk":
+            _extend(L, U, kh, vh, first, end, kernel, ridge, scale, degree)
+            outs.append(_read_solved(L[:, :, :end, :end], U[:, :, :end], kh, qh, first, kernel, scale, degree))
+        else:
+            steps = []
+            for t in range(T):  # one appended row of the factor per token: O(t^2) each
+                n = first + t + 1
+                _extend(L, U, kh, vh, n - 1, n, kernel, ridge, scale, degree)
+                steps.append(_read_solved(L[:, :, :n, :n], U[:, :, :n], kh[:, :, :n], qh[:, :, t:t + 1], n - 1,
+                                          kernel, scale, degree))
+            outs.append(torch.cat(steps, 2))
+    return torch.cat(outs).transpose(1, 2), cache
+
+
+def _extend(L: Tensor, U: Tensor, kh: Tensor, vh: Tensor, start: int, end: int, kernel: str, ridge: float,
+            scale: float, degree: int) -> None:
+    """Rows [start, end) of the factor L [B, H, >= end, >= end] and of U = L^-1 V [B, H, >= end, Dv], in place,
+    from their rows [0, start): a blocked Cholesky append and forward substitution. kh, vh: [B, H, >= end, D]."""
+    new = kh[:, :, start:end]
+    corner = kern(new, new, kernel, scale, degree) + ridge * torch.eye(end - start, dtype=torch.float64,
+                                                                     device=kh.device)
+    if start == 0:
+        L[:, :, :end, :end] = _factor(corner)
+        U[:, :, :end] = torch.linalg.solve_triangular(L[:, :, :end, :end], vh[:, :, :end], upper=False)
+        return
+    below = torch.linalg.solve_triangular(L[:, :, :start, :start], kern(kh[:, :, :start], new, kernel, scale, degree),
+                                          upper=False).transpose(-1, -2)   # [B, H, end - start, start]
+    L_new = _factor(corner - below @ below.transpose(-1, -2))
+    L[:, :, start:end, :start] = below
+    L[:, :, start:end, start:end] = L_new
+    U[:, :, start:end] = torch.linalg.solve_triangular(L_new, vh[:, :, start:end] - below @ U[:, :, :start],
+                                                       upper=False)
+
+
+def _read_solved(L: Tensor, U: Tensor, kh: Tensor, qh: Tensor, first: int, kernel: str, scale: float,
+                 degree: int) -> Tensor:
+    """_read with U = L^-1 V given: y_t = sum_{i<=t} U_i Z_it, Z = L^-1 [kern(k_i, q_t), i <= t, else 0]."""
+    n, Tk = qh.shape[2], kh.shape[2]
+    seen = torch.ones(n, Tk, dtype=torch.bool, device=qh.device).tril(first).T   # [i, t]: key i seen by query t
+    Z = torch.linalg.solve_triangular(L, kern(kh, qh, kernel, scale, degree).masked_fill(~seen, 0.0), upper=False)
+    return Z.masked_fill(~seen, 0.0).transpose(-1, -2) @ U
 
 
 def _factor(gram: Tensor) -> Tensor:

@@ -31,9 +31,11 @@ with such a query is computed again in float64, so the guard acts at float64's t
 dtype (float32's own, 3e-4, made float32 answer order 0 where float64 fits: 9 % apart on offset keys), and
 so is a float32 block whose moments cancel (_cancels: queries spread far around the block's mean).
 
-order 0 in the chunk form is torch's scaled_dot_product_attention. The state is the cache of keys and
-values (K [B, T, H, Dk], V [B, T, H, Dv]); "recurrent" answers one query at a time against the cache,
-as decoding does.
+Order 0 is torch's scaled_dot_product_attention in both forms (a decoding step: one query over the filled
+prefix, no mask). The state is the cache of keys and values: the pair (K [B, T, H, Dk], V [B, T, H, Dv]),
+concatenated anew at every call, or a KVCache (ttr.ops.kv_cache), preallocated and written in place, whose
+rows may hold different numbers of tokens (each row's queries then see its own keys, the padding masked).
+Orders 1 and 2 in "recurrent" answer one query at a time against the cache, as decoding does.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from .._checks import (append_to_cache, check_mode, check_positive, check_qkv, check_step, compute_dtype,
                        finite_answer, scale_or)
 from ._varlen import check_cu_seqlens, per_sequence
+from .kv_cache import KVCache
 
 MAX_ORDER2_DIM = 16  # order 2 has 1 + D + D(D+1)/2 monomials and p^2 moments per query
 BLOCK = 128          # queries per block, keys per tile
@@ -62,20 +65,24 @@ def local_polynomial_attention(
     ridge: float = 0.1,
     scale: float | Tensor | None = None,
     qk_norm: bool = False,
-    initial_state: tuple[Tensor, Tensor] | None = None,
+    initial_state: tuple[Tensor, Tensor] | KVCache | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
     cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, tuple[Tensor, Tensor] | list | None]:
+) -> tuple[Tensor, tuple[Tensor, Tensor] | KVCache | list | None]:
     """Causal local polynomial attention. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; order 0, 1, or 2 (Dk <= 16).
 
     ridge > 0 penalizes the non-constant coefficients (relative to the weight mass; unused at order 0).
     scale: a number, or a positive tensor [H] (a temperature per head, e.g. learned with QKNorm).
-    initial_state: the cache (K [B, T0, H, Dk], V [B, T0, H, Dv]) of earlier tokens, which every query sees.
-    Returns (o [B, T, H, Dv], the cache with these tokens appended, or None). scale defaults to Dk^-1/2.
+    initial_state: the cache (K [B, T0, H, Dk], V [B, T0, H, Dv]) of earlier tokens, which every query sees, or a
+    KVCache (KVCache.empty() to start one), preallocated and written in place (its rows may differ in length).
+    Returns (o [B, T, H, Dv], the cache with these tokens appended (a KVCache where one was given), or None).
+    scale defaults to Dk^-1/2.
     cu_seqlens [N + 1] (with B = 1) packs N sequences; initial and final states are then lists of N caches.
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    if isinstance(initial_state, KVCache) and cu_seqlens is not None:  # one cache per sequence
+        initial_state = None if initial_state.keys is None else initial_state.rows()
     if cu_seqlens is not None:
         return per_sequence(local_polynomial_attention, check_cu_seqlens(cu_seqlens, B, T), q, k, v, initial_state,
                             (k[:, :0], v[:, :0]), lambda kv, n, L: (kv[0][n:n + 1, :L], kv[1][n:n + 1, :L]),
@@ -88,7 +95,15 @@ def local_polynomial_attention(
                          f"Dk <= {MAX_ORDER2_DIM}, got Dk = {Dk}")
     if order > 0:
         check_positive("ridge", ridge)
-    k_all, v_all = append_to_cache(initial_state, k, v)
+    if isinstance(initial_state, KVCache):  # the preallocated cache: the new tokens are written in place
+        cache, starts = initial_state.append(k, v)
+        S = cache.size
+        kh, vh = cache.keys[:, :, :S], cache.values[:, :, :S]            # [B, H, S, D], rows padded to S
+    else:
+        k_all, v_all = append_to_cache(initial_state, k, v)
+        cache = (k_all, v_all)
+        kh, vh = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        starts = (kh.shape[2] - T,) * B
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
     if isinstance(scale, Tensor):
@@ -98,28 +113,48 @@ def local_polynomial_attention(
         scale = scale.to(dt)[:, None, None]                   # per head, against scores [B, H, n, T]
     else:
         scale = scale_or(scale, Dk ** -0.5, positive=True)
-    qh, kh, vh = (x.to(dt).transpose(1, 2) for x in (q, k_all, v_all))  # [B, H, T, D]
+    qh, kh, vh = q.to(dt).transpose(1, 2), kh.to(dt), vh.to(dt)   # [B, H, T, D]
     if qk_norm:
         qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
-    first = kh.shape[2] - T  # position of the first query: it sees keys 0..first
-    if mode == "chunk" and order == 0:
-        seen = None if first == 0 else torch.ones(T, first + T, dtype=torch.bool, device=q.device).tril(first)
-        per_head = isinstance(scale, Tensor)  # SDPA takes one number: a per-head scale goes into q
-        o = F.scaled_dot_product_attention(qh * scale if per_head else qh, kh, vh, attn_mask=seen,
-                                           is_causal=first == 0, scale=1.0 if per_head else scale)
+    # position of each row's first query: it sees keys 0..first (an int where every row has the same)
+    first = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=q.device)
+    if order == 0:  # SDPA over the filled prefix (decoding: one query, no mask, where the rows are alike)
+        o = _attend(qh, kh, vh, first, scale)
     else:
         block = BLOCK if mode == "chunk" else 1
+        top = starts[0] if isinstance(first, int) else max(starts)
         outs = []
         for s in range(0, T, block):
             e = min(s + block, T)
-            args = (qh[:, :, s:e], kh[:, :, : first + e], vh[:, :, : first + e], first + s, order, ridge, scale)
+            args = (qh[:, :, s:e], kh[:, :, : top + e], vh[:, :, : top + e], first + s, order, ridge, scale)
             if torch.is_grad_enabled() and any(x.requires_grad for x in (qh, kh, vh)):
                 outs.append(checkpoint(_query_block, *args, use_reentrant=False))
             else:
                 outs.append(_query_block(*args))
         o = torch.cat(outs, 2)
     o = finite_answer("local_polynomial_attention", o.transpose(1, 2).to(out_dtype))
-    return o, ((k_all, v_all) if output_final_state else None)
+    return o, (cache if output_final_state else None)
+
+
+def _visible(first: int | Tensor, n: int, Tk: int, device: torch.device) -> Tensor:
+    """Which keys each query sees: query j (at position first + j) sees keys 0 .. first + j. [n, Tk], or
+    [B, 1, n, Tk] where first is a tensor [B] (rows of different lengths, keys padded to Tk)."""
+    if isinstance(first, int):
+        return torch.ones(n, Tk, dtype=torch.bool, device=device).tril(first)
+    last = first[:, None] + torch.arange(n, device=device)                     # [B, n]
+    return (torch.arange(Tk, device=device) <= last[..., None])[:, None]
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, first: int | Tensor, scale: float | Tensor) -> Tensor:
+    """Softmax attention of queries q [B, H, n, D] at positions first + j over keys k, v [B, H, Tk, .]: torch's
+    scaled_dot_product_attention, causal where the queries start at 0, unmasked for one query of rows alike."""
+    n, Tk = q.shape[2], k.shape[2]
+    per_head = isinstance(scale, Tensor)  # SDPA takes one number: a per-head scale goes into q
+    alike = isinstance(first, int)                                            # every row at the same position
+    mask = None if alike and (first == 0 or n == 1) else _visible(first, n, Tk, q.device)
+    return F.scaled_dot_product_attention(q * scale if per_head else q, k, v, attn_mask=mask,
+                                          is_causal=alike and first == 0 and n > 1,
+                                          scale=1.0 if per_head else scale)
 
 
 def _monomials(x: Tensor, order: int) -> Tensor:
@@ -182,7 +217,7 @@ class _Moments(torch.autograd.Function):
         return torch.cat(dw, -1), torch.cat(dpsi, -2)
 
 
-def _in_float64(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: float, scale: float | Tensor
+def _in_float64(q: Tensor, k: Tensor, v: Tensor, pos: int | Tensor, order: int, ridge: float, scale: float | Tensor
                 ) -> Tensor:
     """_query_block computed in float64 and answered in q's dtype: for blocks float32 cannot be trusted with."""
     return _query_block(q.double(), k.double(), v.double(), pos, order, ridge,
@@ -201,13 +236,14 @@ erred by 0.45 in float32; ordinary keys and common offsets stay near 1e-3 or bel
         return float(ratio.max()) * torch.finfo(G.dtype).eps > 1e-2
 
 
-def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int, order: int, ridge: float, scale: float | Tensor) -> Tensor:
+def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int | Tensor, order: int, ridge: float,
+                 scale: float | Tensor) -> Tensor:
     """Answers of queries at positions pos, pos + 1, ... (q [B, H, n, D]) from the keys they see
-    (k [B, H, pos + n, D], query j sees keys 0..pos + j): the module docstring's computation."""
+    (k [B, H, pos + n, D], query j sees keys 0..pos + j; pos a tensor [B]: each row's own, keys padded after
+    each row's last): the module docstring's computation."""
     n, Tk = q.shape[2], k.shape[2]
     scores = scale * (q @ k.transpose(-1, -2))
-    visible = torch.ones(n, Tk, dtype=torch.bool, device=q.device).tril(pos)
-    scores = scores.masked_fill(~visible, -math.inf)
+    scores = scores.masked_fill(~_visible(pos, n, Tk, q.device), -math.inf)
     w = torch.exp(scores - scores.amax(-1, keepdim=True))    # [B, H, n, Tk], the row's largest weight is 1
     omega = w.sum(-1)
     if order == 0:
