@@ -8,6 +8,10 @@ from torch import Tensor, nn
 
 from ..ops._varlen import Layout
 
+# up to this many tokens per row the convolution is a sum of shifted products: at d_model 1024 (3072 channels,
+# K = 4) one token took 0.01 ms that way against 0.2 ms through conv1d (2 cores)
+FEW_TOKENS = 4
+
 
 class ShortConv(nn.Module):
     """y_t = sum_{j<K} w_j * x_{t-j} per channel. The decoding cache holds the last K-1 inputs [B, K-1, C]."""
@@ -33,7 +37,10 @@ class ShortConv(nn.Module):
         if cache is None:
             cache = x.new_zeros(B, keep, C)
         full = torch.cat([cache.to(x.dtype), x], dim=1)
-        y = F.conv1d(full.transpose(1, 2), self.weight, self.bias, groups=C).transpose(1, 2)
+        if T <= FEW_TOKENS:  # decoding: K multiply-adds per channel, written out (conv1d's setup alone took 0.2 ms)
+            y = (full.unfold(1, self.kernel_size, 1) * self.weight[:, 0]).sum(-1) + self.bias
+        else:
+            y = F.conv1d(full.transpose(1, 2), self.weight, self.bias, groups=C).transpose(1, 2)
         if layout is None:
             return y, full[:, full.shape[1] - keep:]
         # each sequence's last K-1 inputs (its cache included) sit at full[n, L_n : L_n + K-1]
