@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .._checks import (check_log_gate, check_mode, check_qkv, check_state, compute_dtype, finite_answer, log_gate_as,
-                       scale_or)
+                       scale_or, vouch)
 from ..features import get_feature_map
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
@@ -93,6 +93,8 @@ def linear_attention(
             raise ValueError(f"normalize=True: every weight phi(q)^T phi(k) of a query underflowed to 0 in {dt} "
                              f"(feature map {phi.name!r}); normalize or rescale q and k")
         o = torch.where(seen, numerator / torch.where(seen, z, torch.ones_like(z)), torch.zeros_like(numerator))
+    if output_final_state:
+        vouch(state)
     return finite_answer("linear_attention", o.to(out_dtype)), (state if output_final_state else None)
 
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, log_gate_as,
-                       scale_or)
+                       scale_or, vouch)
 from ..features import FEATURE_MAPS
 from ._chunk import causal_mask, decay_mask, to_chunks
 from ._varlen import check_cu_seqlens, padded_groups
@@ -163,6 +163,7 @@ def _run(op: str, body, tensors: list[Tensor], batch_size: int, offset: Tensor, 
                          f"input; {_STABLE_RANGE[op]} (see ttr.ops.minibatch, Stability)")
     complete = (end % batch_size == 0)[:, None, None, None]  # a finished mini-batch starts the next from here
     final_start = [torch.where(complete, w, f) for w, f in zip(final_weights, final_start)]
+    vouch(*final_weights, *final_start)
     return o.reshape(B, T, *o.shape[1:]), MiniBatchState(tuple(final_weights), tuple(final_start), end % batch_size)
 
 

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, finite_answer,
-                       log_gate_as, scale_or)
+                       log_gate_as, scale_or, vouch, vouched)
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
 
@@ -194,20 +194,34 @@ def mesa(
         check_state("initial_state (H_kv)", initial_state[1], (rows, H, Dk, Dv))
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
-    # the ridge as a change of variables (module docstring): every form below solves with the ridge I
-    root = _ridge(lamb, H, Dk, q.device).sqrt()                          # Lambda^1/2: [H, Dk]
-    q = q.to(dt) * (scale_or(scale, 1.0) / root.to(dt))
-    k, v = k.to(dt) / root.to(dt), v.to(dt)
+    # the ridge as a change of variables (module docstring): every form below solves with the ridge I. A unit
+    # ridge (MesaNet's) changes nothing, and the decoding step skips the scalings
+    unit = isinstance(lamb, numbers.Real) and not isinstance(lamb, bool) and float(lamb) == 1.0
+    root = None if unit else _ridge(lamb, H, Dk, q.device).sqrt()       # Lambda^1/2: [H, Dk]
+    if root is None:
+        q, k, v = q.to(dt) * scale_or(scale, 1.0), k.to(dt), v.to(dt)
+    else:
+        q = q.to(dt) * (scale_or(scale, 1.0) / root.to(dt))
+        k, v = k.to(dt) / root.to(dt), v.to(dt)
     beta = torch.ones(B, T, H, dtype=dt, device=q.device) if beta is None else beta.to(dt)
     g = log_gate_as(g, dt)
     if initial_state is None:
         state = (q.new_zeros(rows, H, Dk, Dk, dtype=STATS), q.new_zeros(rows, H, Dk, Dv, dtype=STATS))
-    else:  # only H_kk's symmetric part enters the objective (x^T H_kk x): every form reads that, and its gradient
+    else:
         H_kk, H_kv = (s.to(STATS) for s in initial_state)
-        H_kk = 0.5 * (H_kk + H_kk.transpose(-1, -2)) / (root[:, :, None] * root[:, None, :])
-        _cholesky(H_kk + torch.eye(Dk, dtype=STATS, device=H_kk.device), "initial_state (H_kk) + lamb",
-                  "H_kk, a sum of weighted k k^T, must be positive semi-definite")
-        state = (H_kk, H_kv / root[:, :, None])
+        # a state this op returned (vouched, exactly symmetric and positive semi-definite) is taken as it is;
+        # else only H_kk's symmetric part enters the objective (x^T H_kk x): every form reads that, and its
+        # gradient, and it must be positive semi-definite
+        trusted = all(vouched(s) for s in initial_state) and not (
+            torch.is_grad_enabled() and any(s.requires_grad for s in initial_state))
+        if not trusted:
+            H_kk = 0.5 * (H_kk + H_kk.transpose(-1, -2))
+        if root is not None:
+            H_kk, H_kv = H_kk / (root[:, :, None] * root[:, None, :]), H_kv / root[:, :, None]
+        if not trusted:
+            _cholesky(H_kk + torch.eye(Dk, dtype=STATS, device=H_kk.device), "initial_state (H_kk) + lamb",
+                      "H_kk, a sum of weighted k k^T, must be positive semi-definite")
+        state = (H_kk, H_kv)
     if mode == "recurrent" and solver == "exact":
         core = _recurrent
     else:
@@ -224,7 +238,13 @@ def mesa(
     else:  # zero beta and gates outside the sequences: no association, no decay
         o, state = run_packed(core, cu, [q, k, v, beta, g], state, None if mode == "recurrent" else chunk_size)
     if output_final_state:
-        state = (state[0] * (root[:, :, None] * root[:, None, :]), state[1] * root[:, :, None])
+        H_kk, H_kv = state
+        if core is not _recurrent:  # the chunk forms' products round H_kk's two halves differently
+            H_kk = 0.5 * (H_kk + H_kk.transpose(-1, -2))
+        if root is not None:
+            H_kk, H_kv = H_kk * (root[:, :, None] * root[:, None, :]), H_kv * root[:, :, None]
+        state = (H_kk, H_kv)
+        vouch(*state)
     return finite_answer("mesa", o.to(out_dtype)), (state if output_final_state else None)
 
 
@@ -245,18 +265,19 @@ def _chunked(q, k, v, beta, g, state, C, solver, dt, implicit):
 
 
 def _recurrent(q, k, v, beta, g, state):
-    """Token by token in STATS: accumulate H_kk and H_kv, one Cholesky solve per token."""
+    """Token by token in STATS: accumulate H_kk and H_kv, one Cholesky solve per token. H_kk gains beta (k k^T),
+    whose two halves are the same products, so a symmetric state stays exactly symmetric."""
     H_kk, H_kv = state
     eye = torch.eye(H_kk.shape[-1], dtype=STATS, device=H_kk.device)
     q, k, v, beta = (x.to(STATS) for x in (q, k, v, beta))
     outs = []
     for t in range(q.shape[1]):
+        k_t, b_t = k[:, t], beta[:, t, :, None, None]
         if g is not None:
             alpha = torch.exp(g[:, t].to(STATS))[..., None, None]
             H_kk, H_kv = alpha * H_kk, alpha * H_kv
-        bk = beta[:, t, :, None] * k[:, t]
-        H_kk = H_kk + bk[..., :, None] * k[:, t, :, None, :]
-        H_kv = H_kv + bk[..., :, None] * v[:, t, :, None, :]
+        H_kk = torch.addcmul(H_kk, k_t[..., :, None] * k_t[..., None, :], b_t)
+        H_kv = torch.addcmul(H_kv, b_t * k_t[..., :, None], v[:, t, :, None, :])
         x = torch.cholesky_solve(q[:, t, :, :, None], _cholesky(H_kk + eye, "H_kk + lamb"))
         outs.append((H_kv.transpose(-1, -2) @ x)[..., 0])
     return torch.stack(outs, dim=1), (H_kk, H_kv)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, finite_answer,
-                       log_gate_as, scale_or)
+                       log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
 from ._chunk import check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
@@ -77,6 +77,8 @@ def delta_rule(
         o, state = core(q, k, v, beta, g, s0)
     else:  # zero beta and gates outside the sequences: no step, no decay
         o, state = run_packed(core, cu, [q, k, v, beta, g], s0, None if mode == "recurrent" else chunk_size)
+    if output_final_state:
+        vouch(state)
     return finite_answer("delta_rule", o.to(out_dtype)), (state if output_final_state else None)
 
 
