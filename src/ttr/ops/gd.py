@@ -106,7 +106,7 @@ def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | N
         if g is not None:
             state = state * torch.exp(g[:, t]).unsqueeze(-1)
         state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+        outs.append((q[:, t, :, None, :] @ state)[..., 0, :])
     return torch.stack(outs, dim=1), state
 
 

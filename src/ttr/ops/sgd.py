@@ -91,9 +91,9 @@ def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
         if g is not None:
             state = state * torch.exp(g[:, t])[..., None, None]
         k_t = k[:, t]
-        error = torch.einsum("bhk,bhkv->bhv", k_t, state) - v[:, t]  # M k - v, the gradient's residual
+        error = (k_t[..., None, :] @ state)[..., 0, :] - v[:, t]  # M k - v, the gradient's residual
         state = state - beta[:, t, :, None, None] * k_t[..., :, None] * error[..., None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+        outs.append((q[:, t, :, None, :] @ state)[..., 0, :])
     return torch.stack(outs, dim=1), state
 
 
