@@ -134,7 +134,6 @@ class TTRLayer(nn.Module):
         """The layer on x [B, T, d] (cu None) or on N sequences packed in x [1, T, d]."""
         B, T, _ = x.shape
         rows = B if cu is None else cu.numel() - 1
-        lengths = torch.full((rows,), T, device=x.device) if cu is None else cu[1:] - cu[:-1]
         state = self._check_state(state, rows, x.dtype)
         qkv = self.qkv(x)
         conv_cache = None
@@ -155,7 +154,7 @@ class TTRLayer(nn.Module):
         cache_op = self.op.func.__name__ in _CACHE_OPS
         if cache_op:  # keys and values in preallocated buffers, appended in place (a cache given as tuples is wrapped)
             memory = KVCache.empty() if memory is None else KVCache.wrap(memory, "state.memory")
-        longest = int(lengths.max()) if cu is not None else T
+        longest = int((cu[1:] - cu[:-1]).max()) if cu is not None else T
         mode = "recurrent" if longest == 1 else self.mode
         kwargs = {"chunk_size": self.chunk_size} if mode == "chunk" and self.takes_chunk_size else {}
         if hasattr(self, "log_qk_scale"):
@@ -170,7 +169,10 @@ class TTRLayer(nn.Module):
         o = o.reshape(B, T, -1)
         if self.out_gate is not None:
             o = o * F.silu(self.out_gate(x))
-        seen = lengths if state.lengths is None else state.lengths + lengths
+        if cu is None:  # every row saw T tokens
+            seen = torch.full((rows,), T, device=x.device) if state.lengths is None else state.lengths + T
+        else:
+            seen = cu[1:] - cu[:-1] if state.lengths is None else state.lengths + (cu[1:] - cu[:-1])
         return self.out(o), LayerState(conv_cache, memory, seen, self.kind, dtype_name(x.dtype))
 
     def _check_input(self, x: Tensor) -> tuple[int, int]:
@@ -180,7 +182,7 @@ class TTRLayer(nn.Module):
             raise ValueError(f"x must be [B, T, d_model = {self.d_model}], got shape {list(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.is_meta or any(p.is_meta for p in self.parameters()):
+        if x.is_meta or self.qkv.weight.is_meta:  # a layer made on the meta device (every parameter is)
             raise ValueError("the layer or x is on the meta device (shapes without values); the memory computes "
                              "and checks values: materialize the layer (to_empty, then load or initialize) first")
         if x.shape[1] == 0:
