@@ -226,12 +226,22 @@ class KVCache(tuple):
         returns as views of the same memory keep sharing it (and its writes) with this cache."""
         if self.keys is None:
             return self
-        bufs = [None if t is None else fn(t) for t in (self.keys, self.values, self.factor, self.solved)]
+        old = (self.keys, self.values, self.factor, self.solved)
+        bufs = [None if t is None else fn(t) for t in old]
+        for i in (2, 3):  # kernel regression's factor and solved values stay in float64 whatever the input's dtype
+            if bufs[i] is not None and bufs[i].dtype != old[i].dtype:
+                bufs[i] = old[i].to(bufs[i].device)
         lengths = self.lengths if index is None else tuple(self.lengths[i] for i in index.tolist())
-        shared = bufs[0].untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr()
-        if shared and not self.keys.requires_grad:
+        shares = [t is not None and t.untyped_storage().data_ptr() == o.untyped_storage().data_ptr()
+                  for t, o in zip(bufs, old)]
+        if all(shared or t is None for shared, t in zip(shares, bufs)) and not self.keys.requires_grad:
             return KVCache(*bufs[:2], lengths, *bufs[2:], store=self._store, mark=self._mark)
-        return KVCache(*bufs[:2], lengths, *bufs[2:], mark=-1 if shared else 0)
+        if any(shares) and not all(shared or t is None for shared, t in zip(shares, bufs)):
+            # some buffers moved, some did not (a dtype move leaves the float64 factor): copy the ones left behind,
+            # so that the new cache writes in place into nothing this one reads
+            bufs = [t.clone() if shared else t for t, shared in zip(bufs, shares)]
+            shares = [False] * len(bufs)
+        return KVCache(*bufs[:2], lengths, *bufs[2:], mark=-1 if any(shares) else 0)
 
     def __reduce__(self):
         S = self.size
