@@ -429,6 +429,39 @@ def cmd_bench(args: argparse.Namespace) -> None:
                   f"saved {path}")
 
 
+def cmd_decode_bench(args: argparse.Namespace) -> None:
+    from . import bench_decode
+
+    memories = bench_decode.MEMORIES if args.memories == "all" else tuple(args.memories.split(","))
+    max_context = dict(bench_decode.MAX_CONTEXT)
+    for item in filter(None, args.max_context.split(",")):
+        name, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--max-context takes name=N pairs, comma-separated, got {item!r}")
+        max_context[name] = int(n)
+    cfg = bench_decode.DecodeConfig(memories=memories, contexts=args.contexts, d_model=args.d_model, heads=args.heads,
+                                    batch=args.batch, layers=args.layers, steps=args.steps, repeats=args.repeats,
+                                    threads=args.threads, max_context=max_context, seed=args.seed, out=args.out)
+    _writable(Path(cfg.out))
+    with _progress() as bar:
+        task = bar.add_task("decode-bench", total=bench_decode.ticks(cfg))
+
+        def step(desc: str) -> None:
+            bar.update(task, description=desc)
+            bar.advance(task)
+
+        rows = bench_decode.run(cfg, progress=step)
+    import torch
+
+    console.print(f"decoding one token per step: d_model {cfg.d_model}, {cfg.heads} heads, {cfg.layers} layer(s), "
+                  f"batch {cfg.batch}, float32, {torch.get_num_threads()} CPU threads; ms per token, median of "
+                  f"{cfg.repeats} repeats (min, max and tokens/s in the JSON and CSV)")
+    for line in bench_decode.table(rows):
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print("x: over the plain attention layer (qkv and output projections, preallocated KV cache, SDPA) at "
+                  f"the same context. Saved {Path(cfg.out) / 'decode.json'}, decode.csv, decode.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttr", description="Test-time regression sequence layers: "
                                      "the named systems, the single-forward-pass experiment, and benchmarks.")
@@ -523,6 +556,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="reuse the rows an interrupted run with the same "
                    "settings left in --out")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("decode-bench", help="decoding latency per token and tokens/s against the context, for "
+                       "each memory next to a plain attention layer; prints a table, saves JSON, CSV and a PNG",
+                       **shows_defaults)
+    p.add_argument("--memories", default="all", help="presets, comma-separated (default: gated_deltanet, gla, "
+                   "mesanet, softmax_attention, local_linear, intention)")
+    p.add_argument("--contexts", type=_ints, default="1024,2048,4096,8192,16384", help="context lengths")
+    p.add_argument("--max-context", default="", help="name=N,...: measure a memory only up to context N "
+                   "(defaults: local_linear=4096, intention=2048)")
+    p.add_argument("--d-model", type=_at_least(1), default=1024, help="model width")
+    p.add_argument("--heads", type=_at_least(1), default=16, help="heads")
+    p.add_argument("--batch", type=_at_least(1), default=1, help="rows decoded at once")
+    p.add_argument("--layers", type=_at_least(1), default=1, help="layers in the stack of each system")
+    p.add_argument("--steps", type=_at_least(2), default=32, help="timed steps per repeat, at most (fewer for "
+                   "slow systems: about 0.4 s each)")
+    p.add_argument("--repeats", type=_at_least(1), default=5, help="repeats (min, median, max)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", default="runs/decode_bench", help="output folder (decode.json, .csv, .png)")
+    p.set_defaults(func=cmd_decode_bench)
     return parser
 
 
