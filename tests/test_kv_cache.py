@@ -65,8 +65,11 @@ def test_prefill_then_single_steps_equal_one_call(name, mode):
     assert isinstance(cache, KVCache) and cache.lengths == (110, 110)
     assert (torch.cat(outs, 1) - whole).abs().max() < 1e-10
     assert len(capacities) >= 2 and max(capacities) < 2 * 110          # grew, geometrically, not to the end
-    for got, want in zip(cache, final, strict=True):                    # the cache is the tuple of one call
+    for got, want in zip(cache, final[:2], strict=True):                # the cache is the pair of one call
         assert got.shape == want.shape and (got - want).abs().max() < 1e-10
+    if name == "kernel":                                                 # and holds the inverse of its factor L
+        eye = torch.eye(110, dtype=torch.float64)
+        assert (cache.inverse[:, :, :110, :110] @ final[2] - eye).abs().max() < 1e-10
 
 
 def test_growth_is_geometric_and_keeps_the_values():
@@ -193,15 +196,15 @@ def test_save_and_load_mid_decode(name):
 
 @torch.no_grad()
 def test_to_and_detach_leave_the_original_cache_intact():
-    """A dtype move copies the buffers (and the kernel factor left in float64); detach shares them, and the
-    original and the detached cache both go on correctly."""
+    """A dtype move copies the buffers (and the kernel's inverse factor, left in float64); detach shares them, and
+    the original and the detached cache both go on correctly."""
     layer = _layer("intention")
     _, state = layer(_rand(1, 5, 0))
     _, state = layer(_rand(1, 1, 1), state)
     nxt = _rand(1, 1, 2)
     want, _ = layer(nxt, state)
     moved = state.to(dtype=torch.float32)
-    assert moved.memory.keys.dtype == torch.float32 and moved.memory.factor.dtype == torch.float64
+    assert moved.memory.keys.dtype == torch.float32 and moved.memory.inverse.dtype == torch.float64
     layer.float()(nxt.float(), moved)
     layer.double()
     assert torch.equal(layer(nxt, state)[0], want)

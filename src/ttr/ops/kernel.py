@@ -17,6 +17,9 @@ The factor is the state next to the cache (K, V): new tokens append rows to it (
 append: one triangular solve against the old factor and a factorization of the new corner), so a call
 after T0 cached tokens costs O(T0^2 T) and not O((T0 + T)^3). "recurrent" appends one row per token,
 O(t^2) each, as decoding does.
+Decoding on a KVCache keeps M = L^-1 and U = M V instead, in preallocated buffers: appending a token appends a
+row to each (the old rows stay), and a query is Z = M kern(K, q), y = U^T Z: three matrix-vector products over M
+per token, read in place, against two triangular solves and a solve for U with Dv columns on the tuples' path.
 The factorization runs in float64 whatever the input: kernel Gram matrices with a small ridge are badly
 conditioned, and in float32 the answer at T = 400 errs by 3e-5 (exp kernel, ridge 1e-2) to 6e-2 (poly, degree 3,
 ridge 1e-4) against 3e-8 from float64 (tests/test_kernel.py).
@@ -69,8 +72,8 @@ def kernel_regression(
     """Causal kernel ridge regression. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; kernel "exp", "rbf" or "poly"
     (with `degree`); ridge > 0; scale defaults to Dk^-1/2. initial_state: the cache (K [B, T0, H, Dk],
     V [B, T0, H, Dv]), optionally with the factor L [B, H, T0, T0] a previous call returned (else it is
-    recomputed), or a KVCache (KVCache.empty() to start one: keys, values, the factor and L^-1 V preallocated and
-    appended in place, rows of different lengths allowed). Returns (o [B, T, H, Dv], (K, V, L) with these tokens
+    recomputed), or a KVCache (KVCache.empty() to start one: keys, values, the inverse factor L^-1 and L^-1 V
+    preallocated and appended in place, rows of different lengths allowed; see _in_place). Returns (o [B, T, H, Dv], (K, V, L) with these tokens
     appended (a KVCache where one was given), or None). cu_seqlens [N + 1] (with B = 1) packs N sequences;
     initial and final states are then lists of N caches."""
     B, T, H, Dk, Dv = check_qkv(q, k, v)
@@ -90,7 +93,7 @@ def kernel_regression(
         raise ValueError(f"degree must be a positive int for the poly kernel, got {degree!r}")
     if isinstance(initial_state, KVCache):
         cached = initial_state
-        tensors = (cached.keys, cached.values, cached.factor)
+        tensors = (cached.keys, cached.values, cached.inverse)
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, *tensors))):
             o, cache = _in_place(q, k, v, cached, mode, kernel, ridge, scale_or(scale, Dk ** -0.5), degree)
             return finite_answer("kernel_regression", o.to(compute_dtype(q.dtype)).to(q.dtype)), (
@@ -148,13 +151,16 @@ def kernel_regression(
 
 def _in_place(q: Tensor, k: Tensor, v: Tensor, cached: KVCache, mode: str, kernel: str, ridge: float, scale: float,
               degree: int) -> tuple[Tensor, KVCache]:
-    """kernel_regression on a KVCache, without autograd: the new keys and values, the new rows of the factor L and
-    of U = L^-1 V are written into the cache's buffers (U's old rows do not change: forward substitution), and a
-    query costs one triangular solve against L, O(t^2), where the tuples' path solves for U again, O(t^2 Dv).
-    Rows of different lengths run one at a time. Returns (o [B, T, H, Dv] in float64, the cache)."""
+    """kernel_regression on a KVCache, without autograd. It keeps M = L^-1, the inverse of the Cholesky factor of
+    Kern(K, K) + ridge I, and U = M V: appending keys appends rows to both and leaves the old rows as they are
+    (the inverse of a lower-triangular matrix grown by rows), and y_t = U^T M_{<=t} kern(K_{<=t}, q_t). So a token
+    costs three matrix-vector products over M's filled block, read in place (a triangular solve against a block
+    of a larger buffer copies it first: 22x slower at 1024 keys), where the tuples' path concatenates L and
+    solves for U again, O(t^2 Dv). Rows of different lengths run one at a time. Returns (o [B, T, H, Dv] in
+    float64, the cache)."""
     B, T = q.shape[:2]
-    fresh_factor, fresh_solved = cached.factor is None, cached.solved is None
-    cache, starts = cached.append(k, v, factor=True)
+    fresh_inverse, fresh_solved = cached.inverse is None, cached.solved is None
+    cache, starts = cached.append(k, v, kernel=True)
     groups = [(0, B)] if not cache.ragged else [(b, b + 1) for b in range(B)]
     outs = []
     for b0, b1 in groups:
@@ -162,51 +168,52 @@ def _in_place(q: Tensor, k: Tensor, v: Tensor, cached: KVCache, mode: str, kerne
         end = first + T
         kh, vh = (buf[b0:b1, :, :end].to(torch.float64) for buf in (cache.keys, cache.values))  # [b, H, n, D]
         qh = q[b0:b1].transpose(1, 2).to(torch.float64)
-        L, U = cache.factor[b0:b1], cache.solved[b0:b1]
-        if first and fresh_factor:  # a cache given without its factor: factorize the old keys once
-            _extend(L, U, kh, vh, 0, first, kernel, ridge, scale, degree)
+        M, U = cache.inverse[b0:b1], cache.solved[b0:b1]
+        if first and fresh_inverse:  # a cache given without its factor: factorize the old keys once
+            _extend(M, U, kh, vh, 0, first, kernel, ridge, scale, degree)
         elif first and fresh_solved:
-            U[:, :, :first] = torch.linalg.solve_triangular(L[:, :, :first, :first], vh[:, :, :first], upper=False)
+            U[:, :, :first] = M[:, :, :first, :first] @ vh[:, :, :first]
         if mode == "chunk":
-            _extend(L, U, kh, vh, first, end, kernel, ridge, scale, degree)
-            outs.append(_read_solved(L[:, :, :end, :end], U[:, :, :end], kh, qh, first, kernel, scale, degree))
+            _extend(M, U, kh, vh, first, end, kernel, ridge, scale, degree)
+            outs.append(_read_inverse(M[:, :, :end, :end], U[:, :, :end], kh, qh, first, kernel, scale, degree))
         else:
             steps = []
-            for t in range(T):  # one appended row of the factor per token: O(t^2) each
+            for t in range(T):  # one appended row per token: O(t^2) each
                 n = first + t + 1
-                _extend(L, U, kh, vh, n - 1, n, kernel, ridge, scale, degree)
-                steps.append(_read_solved(L[:, :, :n, :n], U[:, :, :n], kh[:, :, :n], qh[:, :, t:t + 1], n - 1,
-                                          kernel, scale, degree))
+                _extend(M, U, kh, vh, n - 1, n, kernel, ridge, scale, degree)
+                steps.append(_read_inverse(M[:, :, :n, :n], U[:, :, :n], kh[:, :, :n], qh[:, :, t:t + 1], n - 1,
+                                           kernel, scale, degree))
             outs.append(torch.cat(steps, 2))
     return torch.cat(outs).transpose(1, 2), cache
 
 
-def _extend(L: Tensor, U: Tensor, kh: Tensor, vh: Tensor, start: int, end: int, kernel: str, ridge: float,
+def _extend(M: Tensor, U: Tensor, kh: Tensor, vh: Tensor, start: int, end: int, kernel: str, ridge: float,
             scale: float, degree: int) -> None:
-    """Rows [start, end) of the factor L [B, H, >= end, >= end] and of U = L^-1 V [B, H, >= end, Dv], in place,
-    from their rows [0, start): a blocked Cholesky append and forward substitution. kh, vh: [B, H, >= end, D]."""
+    """Rows [start, end) of M = L^-1 [B, H, >= end, >= end] and of U = M V [B, H, >= end, Dv], in place, from
+    their rows [0, start). With the blocked Cholesky append L = [[L0, 0], [W, C]] (W = (L0^-1 k(K0, K1))^T,
+    C C^T = k(K1, K1) + ridge - W W^T): M = [[M0, 0], [-C^-1 W M0, C^-1]]. kh, vh: [B, H, >= end, D]."""
+    eye = torch.eye(end - start, dtype=torch.float64, device=kh.device)
     new = kh[:, :, start:end]
-    corner = kern(new, new, kernel, scale, degree) + ridge * torch.eye(end - start, dtype=torch.float64,
-                                                                     device=kh.device)
+    corner = kern(new, new, kernel, scale, degree) + ridge * eye
     if start == 0:
-        L[:, :, :end, :end] = _factor(corner)
-        U[:, :, :end] = torch.linalg.solve_triangular(L[:, :, :end, :end], vh[:, :, :end], upper=False)
+        C_inv = torch.linalg.solve_triangular(_factor(corner), eye, upper=False)
+        M[:, :, :end, :end] = C_inv
+        U[:, :, :end] = C_inv @ vh[:, :, :end]
         return
-    below = torch.linalg.solve_triangular(L[:, :, :start, :start], kern(kh[:, :, :start], new, kernel, scale, degree),
-                                          upper=False).transpose(-1, -2)   # [B, H, end - start, start]
-    L_new = _factor(corner - below @ below.transpose(-1, -2))
-    L[:, :, start:end, :start] = below
-    L[:, :, start:end, start:end] = L_new
-    U[:, :, start:end] = torch.linalg.solve_triangular(L_new, vh[:, :, start:end] - below @ U[:, :, :start],
-                                                       upper=False)
+    M0 = M[:, :, :start, :start]
+    W = (M0 @ kern(kh[:, :, :start], new, kernel, scale, degree)).transpose(-1, -2)   # [B, H, end - start, start]
+    C_inv = torch.linalg.solve_triangular(_factor(corner - W @ W.transpose(-1, -2)), eye, upper=False)
+    M[:, :, start:end, :start] = -C_inv @ (W @ M0)
+    M[:, :, start:end, start:end] = C_inv
+    U[:, :, start:end] = C_inv @ (vh[:, :, start:end] - W @ U[:, :, :start])
 
 
-def _read_solved(L: Tensor, U: Tensor, kh: Tensor, qh: Tensor, first: int, kernel: str, scale: float,
-                 degree: int) -> Tensor:
-    """_read with U = L^-1 V given: y_t = sum_{i<=t} U_i Z_it, Z = L^-1 [kern(k_i, q_t), i <= t, else 0]."""
+def _read_inverse(M: Tensor, U: Tensor, kh: Tensor, qh: Tensor, first: int, kernel: str, scale: float,
+                  degree: int) -> Tensor:
+    """_read with M = L^-1 and U = M V given: y_t = sum_{i<=t} U_i Z_it, Z = M [kern(k_i, q_t), i <= t, else 0]."""
     n, Tk = qh.shape[2], kh.shape[2]
     seen = torch.ones(n, Tk, dtype=torch.bool, device=qh.device).tril(first).T   # [i, t]: key i seen by query t
-    Z = torch.linalg.solve_triangular(L, kern(kh, qh, kernel, scale, degree).masked_fill(~seen, 0.0), upper=False)
+    Z = M @ kern(kh, qh, kernel, scale, degree).masked_fill(~seen, 0.0)
     return Z.masked_fill(~seen, 0.0).transpose(-1, -2) @ U
 
 

@@ -5,13 +5,15 @@ it has seen. Concatenating them anew at every token costs O(t) per token, O(T^2)
 they sit in buffers [B, H, capacity, D] that grow geometrically (by GROWTH, so appends cost O(1) amortized),
 and a step writes its new tokens in place. Each row has its own length, so rows that have seen different
 numbers of tokens (left-padded prompts, then decoding) share one batched buffer: row b's tokens fill
-positions 0 .. lengths[b] - 1, and a reader masks the rest. Kernel regression keeps its Cholesky factor
-[B, H, capacity, capacity] and the solved values L^-1 V [B, H, capacity, Dv] (float64) in the same way.
+positions 0 .. lengths[b] - 1, and a reader masks the rest. Kernel regression keeps the inverse M = L^-1 of its
+Cholesky factor [B, H, capacity, capacity] and U = M V [B, H, capacity, Dv] (float64) in the same way (appending
+a token appends a row to each; see ttr.ops.kernel).
 
-As a tuple a KVCache is what the ops returned before it: the pair (K [B, S, H, Dk], V [B, S, H, Dv]) (and the
-factor L [B, H, S, S] for kernel regression) when every row holds S tokens, and one such tuple per row
-(K_b [1, S_b, H, Dk], ...) once the rows' lengths differ: views of the buffers, no copies. So
-`K, V = cache`, `cache[b]` of a ragged cache, and the oracle's initial_state take it as they took the tuples.
+As a tuple a KVCache is what the ops returned before it: the pair (K [B, S, H, Dk], V [B, S, H, Dv]) when every
+row holds S tokens, and one pair per row (K_b [1, S_b, H, Dk], V_b [1, S_b, H, Dv]) once the rows' lengths
+differ: views of the buffers, no copies. So `K, V = cache`, `cache[b]` of a ragged cache, and the oracle's
+initial_state take it as they took the tuples (kernel regression's tuples also held the factor L; its KVCache
+holds M instead, which is what decoding reads).
 
 Writing in place is safe for the functional API. A cache is a value: appending to it returns a new cache
 over the same buffers, and positions below any existing cache's lengths are never written. Every cache
@@ -47,23 +49,23 @@ class _Store:
 
 class KVCache(tuple):
     """The key/value cache of a nonparametric memory: buffers keys [B, H, cap, Dk], values [B, H, cap, Dv] (input
-    dtype), for kernel regression also factor [B, H, cap, cap] and solved [B, H, cap, Dv] (float64), and each
-    row's length. Make one with KVCache.empty() (an op fills it), KVCache.wrap(tuples) (from the tuples the ops
+    dtype), for kernel regression also inverse [B, H, cap, cap] (M = L^-1) and solved [B, H, cap, Dv] (U = M V),
+    in float64, and each row's length. Make one with KVCache.empty() (an op fills it), KVCache.wrap(tuples) (from the tuples the ops
     returned before), or KVCache.stack(per-row tuples). Rows are selected, moved and detached with map (which
     LayerState does); torch.save saves the filled part, torch.load(weights_only=True) rebuilds it."""
 
     keys: Tensor | None
     values: Tensor | None
-    factor: Tensor | None
+    inverse: Tensor | None
     solved: Tensor | None
     lengths: tuple[int, ...]
 
     def __new__(cls, keys: Tensor | None, values: Tensor | None, lengths: tuple[int, ...],
-                factor: Tensor | None = None, solved: Tensor | None = None, store: _Store | None = None,
+                inverse: Tensor | None = None, solved: Tensor | None = None, store: _Store | None = None,
                 mark: int = 0) -> KVCache:
         lengths = tuple(int(n) for n in lengths)
-        self = super().__new__(cls, _views(keys, values, factor, lengths))
-        self.keys, self.values, self.factor, self.solved, self.lengths = keys, values, factor, solved, lengths
+        self = super().__new__(cls, _views(keys, values, lengths))
+        self.keys, self.values, self.inverse, self.solved, self.lengths = keys, values, inverse, solved, lengths
         self._store = _Store() if store is None else store
         self._mark = mark  # the store's writes when this cache was made; -1: borrowed buffers, never written
         return self
@@ -77,9 +79,10 @@ class KVCache(tuple):
 
     @classmethod
     def wrap(cls, state: Any, name: str = "initial_state") -> KVCache:
-        """A KVCache over a cache given as tuples, checked: (K [B, S, H, Dk], V [B, S, H, Dv]) or with the factor
-        (K, V, L [B, H, S, S]) (the buffers are these tensors, copied at the first append), or a list of per-row
-        tuples (copied into one batched buffer: stack). A KVCache is returned as it is."""
+        """A KVCache over a cache given as tuples, checked: (K [B, S, H, Dk], V [B, S, H, Dv]) (the buffers are
+        these tensors, copied at the first append; kernel regression's (K, V, L): its factor is shape-checked and
+        left, the op factorizes the keys again), or a list of per-row tuples (copied into one batched buffer:
+        stack). A KVCache is returned as it is."""
         if isinstance(state, KVCache):
             return state
         if isinstance(state, list):
@@ -94,17 +97,15 @@ class KVCache(tuple):
         B, S, H, Dk = K.shape
         check_state(f"{name} (K)", K, (B, S, H, Dk))
         check_state(f"{name} (V)", V, (B, S, H, V.shape[-1] if isinstance(V, Tensor) and V.dim() else 0))
-        factor = None
         if len(state) == 3:
             check_state(f"{name} (L)", state[2], (B, H, S, S))
-            factor = state[2].to(torch.float64)
-        return cls(K.transpose(1, 2), V.transpose(1, 2), (S,) * B, factor=factor, mark=-1)
+        return cls(K.transpose(1, 2), V.transpose(1, 2), (S,) * B, mark=-1)
 
     @classmethod
     def stack(cls, rows: list, name: str = "initial_state", checked: bool = False) -> KVCache:
         """One batched cache from per-row caches [(K_b [1, S_b, H, Dk], V_b [1, S_b, H, Dv](, L_b)), ...], copied
-        into buffers of capacity max S_b; the factors come along where every row has one. checked: the rows are
-        an op's final states, whose values need no check."""
+        into buffers of capacity max S_b (kernel regression's factors are left: the op factorizes again). checked:
+        the rows are an op's final states, whose values need no check."""
         if not rows:
             raise ValueError(f"{name}: no rows to stack")
         rows = [r.rows()[0] if isinstance(r, KVCache) and r.batch_size == 1 else r for r in rows]
@@ -128,15 +129,11 @@ class KVCache(tuple):
         like = rows[0][0]
         keys = like.new_zeros(B, H, S, Dk)
         values = rows[0][1].new_zeros(B, H, S, Dv)
-        with_factor = all(len(r) == 3 for r in rows)
-        factor = like.new_zeros(B, H, S, S, dtype=torch.float64) if with_factor else None
         for b, r in enumerate(rows):
             n = lengths[b]
             keys[b, :, :n] = r[0][0].transpose(0, 1)
             values[b, :, :n] = r[1][0].transpose(0, 1)
-            if with_factor:
-                factor[b, :, :n, :n] = r[2][0]
-        return cls(keys, values, lengths, factor=factor)
+        return cls(keys, values, lengths)
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -158,29 +155,30 @@ class KVCache(tuple):
         return 0 if self.keys is None else self.keys.shape[2]
 
     def rows(self) -> list[tuple[Tensor, ...]]:
-        """Each row's cache as a tuple of views (K_b [1, S_b, H, Dk], V_b [1, S_b, H, Dv](, L_b [1, H, S_b, S_b]))."""
-        return [_row(self.keys, self.values, self.factor, b, n) for b, n in enumerate(self.lengths)]
+        """Each row's cache as a pair of views (K_b [1, S_b, H, Dk], V_b [1, S_b, H, Dv])."""
+        return [_row(self.keys, self.values, b, n) for b, n in enumerate(self.lengths)]
 
     # -- appending --------------------------------------------------------------------------------------------
 
-    def append(self, k: Tensor, v: Tensor, *, factor: bool = False, name: str = "initial_state"
+    def append(self, k: Tensor, v: Tensor, *, kernel: bool = False, name: str = "initial_state"
                ) -> tuple[KVCache, tuple[int, ...]]:
         """The cache with k [B, T, H, Dk], v [B, T, H, Dv] appended to every row (row b's at positions
         lengths[b] ..), and where each row's new tokens start (the old lengths). Written in place where this
-        cache owns its buffers and they have room; else into new buffers (GROWTH times larger). factor=True
-        keeps room for kernel regression's factor and solved values, whose new rows the caller fills (the
-        returned cache's views of them read what it writes). k and v are not checked here (the op has)."""
+        cache owns its buffers and they have room; else into new buffers (GROWTH times larger). kernel=True
+        keeps room for kernel regression's inverse factor and solved values, whose new rows the caller fills
+        (zeros where this cache had none: the caller fills the old rows too). k and v are not checked here (the
+        op has)."""
         B, T, H, Dk = k.shape
         Dv = v.shape[-1]
         if self.keys is None:  # empty: these tokens are the cache (no copy until the next append)
             store = None
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
             fac = sol = None
-            if factor:
+            if kernel:
                 fac = k.new_zeros(B, H, T, T, dtype=torch.float64)
                 sol = k.new_zeros(B, H, T, Dv, dtype=torch.float64)
                 store = _Store()
-            # the factor buffers are this cache's own; the keys and values are the caller's, copied on append
+            # the kernel buffers are this cache's own; the keys and values are the caller's, copied on append
             return KVCache(keys, values, (T,) * B, fac, sol, store=store, mark=-1), (0,) * B
         if self.batch_size != B:
             raise ValueError(f"{name} holds {self.batch_size} rows, k has B = {B}")
@@ -193,23 +191,23 @@ class KVCache(tuple):
         need = max(ends)
         grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
         tracked = grad or self.keys.requires_grad or self.values.requires_grad
-        fac, sol = self.factor, self.solved
-        if factor and fac is None:
+        fac, sol = self.inverse, self.solved
+        if kernel and fac is None:
             fac = self.keys.new_zeros(B, H, self.capacity, self.capacity, dtype=torch.float64)
-        if factor and sol is None:
+        if kernel and sol is None:
             sol = self.keys.new_zeros(B, H, self.capacity, Dv, dtype=torch.float64)
         in_place = (self._mark == self._store.writes and need <= self.capacity and not tracked
                     and self.keys.dtype == k.dtype and self.values.dtype == v.dtype and self.keys.device == k.device
                     and not (self.keys.is_inference() and not torch.is_inference_mode_enabled()))
         if tracked:  # autograd: new tensors, nothing saved for backward is written
             keys, values = _put(self.keys, k, starts, need), _put(self.values, v, starts, need)
-            if factor:
+            if kernel:
                 fac, sol = _resize(fac, need, 2), _resize(sol, need, 1)
-            return KVCache(keys, values, ends, fac, sol, mark=-1 if not factor else 0), starts
+            return KVCache(keys, values, ends, fac, sol, mark=-1 if not kernel else 0), starts
         if not in_place:
             cap = max(need, math.ceil(GROWTH * self.capacity), MIN_CAPACITY)
             keys, values = _grown(self.keys, self.size, cap, k.dtype), _grown(self.values, self.size, cap, v.dtype)
-            if factor:
+            if kernel:
                 fac, sol = _grown(fac, self.size, cap, dims=2), _grown(sol, self.size, cap)
             store = _Store()
         else:
@@ -226,9 +224,9 @@ class KVCache(tuple):
         returns as views of the same memory keep sharing it (and its writes) with this cache."""
         if self.keys is None:
             return self
-        old = (self.keys, self.values, self.factor, self.solved)
+        old = (self.keys, self.values, self.inverse, self.solved)
         bufs = [None if t is None else fn(t) for t in old]
-        for i in (2, 3):  # kernel regression's factor and solved values stay in float64 whatever the input's dtype
+        for i in (2, 3):  # kernel regression's inverse and solved values stay in float64 whatever the input's dtype
             if bufs[i] is not None and bufs[i].dtype != old[i].dtype:
                 bufs[i] = old[i].to(bufs[i].device)
         lengths = self.lengths if index is None else tuple(self.lengths[i] for i in index.tolist())
@@ -237,7 +235,7 @@ class KVCache(tuple):
         if all(shared or t is None for shared, t in zip(shares, bufs)) and not self.keys.requires_grad:
             return KVCache(*bufs[:2], lengths, *bufs[2:], store=self._store, mark=self._mark)
         if any(shares) and not all(shared or t is None for shared, t in zip(shares, bufs)):
-            # some buffers moved, some did not (a dtype move leaves the float64 factor): copy the ones left behind,
+            # some buffers moved, some did not (a dtype move leaves the float64 inverse): copy the ones left behind,
             # so that the new cache writes in place into nothing this one reads
             bufs = [t.clone() if shared else t for t, shared in zip(bufs, shares)]
             shares = [False] * len(bufs)
@@ -245,8 +243,8 @@ class KVCache(tuple):
 
     def __reduce__(self):
         S = self.size
-        filled = [None if t is None else (t[:, :, :S, :S] if t is self.factor else t[:, :, :S]).clone()
-                  for t in (self.keys, self.values, self.factor, self.solved)]
+        filled = [None if t is None else (t[:, :, :S, :S] if t is self.inverse else t[:, :, :S]).clone()
+                  for t in (self.keys, self.values, self.inverse, self.solved)]
         return _rebuild_kv_cache, (*filled, self.lengths)
 
     def __repr__(self) -> str:
@@ -254,7 +252,7 @@ class KVCache(tuple):
             return "KVCache(empty)"
         B, H, cap, Dk = self.keys.shape
         return (f"KVCache(rows {B}, heads {H}, Dk {Dk}, Dv {self.values.shape[-1]}, lengths {list(self.lengths)}, "
-                f"capacity {cap}, {self.keys.dtype}{', with factor' if self.factor is not None else ''})")
+                f"capacity {cap}, {self.keys.dtype}{', with inverse factor' if self.inverse is not None else ''})")
 
     # a tuple's equality and hash would compare the views' tensors; a cache is one object
     __eq__ = object.__eq__
@@ -262,29 +260,27 @@ class KVCache(tuple):
     __hash__ = object.__hash__
 
 
-def _rebuild_kv_cache(keys: Tensor | None, values: Tensor | None, factor: Tensor | None, solved: Tensor | None,
+def _rebuild_kv_cache(keys: Tensor | None, values: Tensor | None, inverse: Tensor | None, solved: Tensor | None,
                       lengths: tuple[int, ...]) -> KVCache:
     """What torch.load (weights_only=True too) rebuilds a saved KVCache with: the filled part, checked."""
-    for name, t in (("keys", keys), ("values", values), ("factor", factor), ("solved", solved)):
+    for name, t in (("keys", keys), ("values", values), ("inverse", inverse), ("solved", solved)):
         if t is not None and not all_finite(t):
             raise ValueError(f"a saved KVCache's {name} have non-finite values")
-    return KVCache(keys, values, tuple(lengths), factor, solved)
+    return KVCache(keys, values, tuple(lengths), inverse, solved)
 
 
-def _views(keys: Tensor | None, values: Tensor | None, factor: Tensor | None, lengths: tuple[int, ...]) -> tuple:
-    """The tuple a KVCache is: (K, V(, L)) over the filled prefix, or one such tuple per row when ragged."""
+def _views(keys: Tensor | None, values: Tensor | None, lengths: tuple[int, ...]) -> tuple:
+    """The tuple a KVCache is: (K, V) over the filled prefix, or one such pair per row when ragged."""
     if keys is None:
         return ()
     if len(set(lengths)) > 1:
-        return tuple(_row(keys, values, factor, b, n) for b, n in enumerate(lengths))
+        return tuple(_row(keys, values, b, n) for b, n in enumerate(lengths))
     S = lengths[0] if lengths else 0
-    out = (keys[:, :, :S].transpose(1, 2), values[:, :, :S].transpose(1, 2))
-    return out if factor is None else (*out, factor[:, :, :S, :S])
+    return keys[:, :, :S].transpose(1, 2), values[:, :, :S].transpose(1, 2)
 
 
-def _row(keys: Tensor, values: Tensor, factor: Tensor | None, b: int, n: int) -> tuple[Tensor, ...]:
-    out = (keys[b:b + 1, :, :n].transpose(1, 2), values[b:b + 1, :, :n].transpose(1, 2))
-    return out if factor is None else (*out, factor[b:b + 1, :, :n, :n])
+def _row(keys: Tensor, values: Tensor, b: int, n: int) -> tuple[Tensor, Tensor]:
+    return keys[b:b + 1, :, :n].transpose(1, 2), values[b:b + 1, :, :n].transpose(1, 2)
 
 
 def _write(buf: Tensor, x: Tensor, starts: tuple[int, ...]) -> None:
