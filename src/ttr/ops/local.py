@@ -201,6 +201,8 @@ class _Moments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w: Tensor, psi: Tensor) -> Tensor:
         ctx.save_for_backward(w, psi)
+        if w.shape[-2] == 1:  # one query (decoding): a weighted Gram matrix, psi^T diag(w) psi, no [Tk, p * p] tiles
+            return ((psi * w.transpose(-1, -2)).transpose(-1, -2) @ psi).flatten(-2).unsqueeze(-2)
         return sum(w[..., i:i + BLOCK] @ _outer(psi[..., i:i + BLOCK, :]) for i in range(0, psi.shape[-2], BLOCK))
 
     @staticmethod
