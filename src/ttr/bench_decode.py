@@ -44,9 +44,10 @@ PLAIN = "plain_attention"
 FIXED_STATE = ("gated_deltanet", "gla", "mesanet")
 CACHES = ("softmax_attention", "local_linear", "intention")
 MEMORIES = FIXED_STATE + CACHES
-# per-token cost grows with the context by design: O(t D^2) for local linear attention, O(t^2) (and a t x t
-# factor in memory, 16 heads x 8 bytes x t^2: 0.5 GB at 2k) for intention; measured only up to these by default
-MAX_CONTEXT = {"local_linear": 4096, "intention": 2048}
+# per-token cost grows with the context by design: O(t D^2) for local linear attention (measured at every
+# context), O(t^2) for intention, whose cache holds a t x t matrix per head (16 heads x 8 bytes x t^2: 0.5 GB at
+# 2k, and 1.5^2 that in capacity) and factorizes the context's keys once, O(t^3): measured only up to this
+MAX_CONTEXT = {"intention": 2048}
 TARGET_S = 0.4  # a timed block lasts about this long (steps adapt to the system's speed, within [2, steps])
 
 

@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "mesanet, softmax_attention, local_linear, intention)")
     p.add_argument("--contexts", type=_ints, default="1024,2048,4096,8192,16384", help="context lengths")
     p.add_argument("--max-context", default="", help="name=N,...: measure a memory only up to context N "
-                   "(defaults: local_linear=4096, intention=2048)")
+                   "(default: intention=2048)")
     p.add_argument("--d-model", type=_at_least(1), default=1024, help="model width")
     p.add_argument("--heads", type=_at_least(1), default=16, help="heads")
     p.add_argument("--batch", type=_at_least(1), default=1, help="rows decoded at once")
