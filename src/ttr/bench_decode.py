@@ -48,7 +48,7 @@ MEMORIES = FIXED_STATE + CACHES
 # context), O(t^2) for intention, whose cache holds a t x t matrix per head (16 heads x 8 bytes x t^2: 0.5 GB at
 # 2k, and 1.5^2 that in capacity) and factorizes the context's keys once, O(t^3): measured only up to this
 MAX_CONTEXT = {"intention": 2048}
-TARGET_S = 0.4  # a timed block lasts about this long (steps adapt to the system's speed, within [2, steps])
+TARGET_S = 0.25  # a timed block lasts about this long (steps adapt to the system's speed, within [2, steps])
 
 
 @dataclass
@@ -60,7 +60,7 @@ class DecodeConfig:
     batch: int = 1
     layers: int = 1
     steps: int = 32           # timed single-token steps per repeat, at most
-    repeats: int = 5
+    repeats: int = 7
     threads: int | None = None  # torch's CPU threads (None: as torch has them)
     max_context: dict[str, int] = field(default_factory=lambda: dict(MAX_CONTEXT))
     seed: int = 0
@@ -76,7 +76,7 @@ class DecodeRow:
     median_ms: float
     max_ms: float
     tokens_per_s: float    # batch / median
-    ratio_median: float    # median over the plain layer's median at this context
+    ratio_median: float    # median over repeats of (this repeat / the plain layer's in the same repeat)
     ratio_min: float       # min over the plain layer's min
     steps: int
     repeats: int
@@ -261,9 +261,11 @@ def run(cfg: DecodeConfig, progress: Callable[[str], None] | None = None) -> lis
             plain = times[PLAIN]
             for s in systems:
                 t = times[s.name]
+                # the ratio of each repeat's two measurements, taken moments apart: a shared machine's slow spells
+                # (which move a whole repeat) cancel in it
+                paired = statistics.median(a / b for a, b in zip(t, plain))
                 rows.append(DecodeRow(s.name, context, min(t), statistics.median(t), max(t),
-                                      cfg.batch * 1e3 / statistics.median(t),
-                                      statistics.median(t) / statistics.median(plain), min(t) / min(plain),
+                                      cfg.batch * 1e3 / statistics.median(t), paired, min(t) / min(plain),
                                       steps[s.name], cfg.repeats))
             save(cfg, rows)
     if cfg.plot and rows:
@@ -306,7 +308,8 @@ def save(cfg: DecodeConfig, rows: list[DecodeRow]) -> Path:
 
 
 def table(rows: list[DecodeRow], width: int = 80) -> list[str]:
-    """ms per token (median) and the ratio to the plain layer, one line per system, one column per context."""
+    """ms per token (median) and the ratio to the plain layer (median of the repeats' paired ratios), one line
+    per system, one column per context."""
     contexts = sorted({r.context for r in rows})
     systems = list(dict.fromkeys(r.system for r in rows))
     at = {(r.system, r.context): r for r in rows}

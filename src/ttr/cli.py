@@ -459,7 +459,8 @@ def cmd_decode_bench(args: argparse.Namespace) -> None:
     for line in bench_decode.table(rows):
         console.print(line, highlight=False, soft_wrap=True)
     console.print("x: over the plain attention layer (qkv and output projections, preallocated KV cache, SDPA) at "
-                  f"the same context. Saved {Path(cfg.out) / 'decode.json'}, decode.csv, decode.png")
+                  "the same context, the median of each repeat's ratio (the two measured moments apart). Saved "
+                  f"{Path(cfg.out) / 'decode.json'}, decode.csv, decode.png")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -570,8 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_at_least(1), default=1, help="rows decoded at once")
     p.add_argument("--layers", type=_at_least(1), default=1, help="layers in the stack of each system")
     p.add_argument("--steps", type=_at_least(2), default=32, help="timed steps per repeat, at most (fewer for "
-                   "slow systems: about 0.4 s each)")
-    p.add_argument("--repeats", type=_at_least(1), default=5, help="repeats (min, median, max)")
+                   "slow systems: about 0.25 s each)")
+    p.add_argument("--repeats", type=_at_least(1), default=7, help="repeats (min, median, max)")
     p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/decode_bench", help="output folder (decode.json, .csv, .png)")
