@@ -88,7 +88,8 @@ class StepSize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.proj(x)
-        y = self.scale * (torch.sigmoid(z) if self.act == "sigmoid" else F.softplus(z))
+        y = torch.sigmoid(z) if self.act == "sigmoid" else F.softplus(z)
+        y = y if self.scale == 1.0 else self.scale * y  # one op less per decoded token where it changes nothing
         y = y.clamp_min(self.floor) if self.floor else y
         shape = (self.n_heads,) if self.n_steps == 1 else (self.n_heads, self.n_steps)
         return y.view(*x.shape[:2], *shape)

@@ -199,7 +199,8 @@ def mesa(
     unit = isinstance(lamb, numbers.Real) and not isinstance(lamb, bool) and float(lamb) == 1.0
     root = None if unit else _ridge(lamb, H, Dk, q.device).sqrt()       # Lambda^1/2: [H, Dk]
     if root is None:
-        q, k, v = q.to(dt) * scale_or(scale, 1.0), k.to(dt), v.to(dt)
+        q_scale = scale_or(scale, 1.0)
+        q, k, v = (q.to(dt) if q_scale == 1.0 else q.to(dt) * q_scale), k.to(dt), v.to(dt)
     else:
         q = q.to(dt) * (scale_or(scale, 1.0) / root.to(dt))
         k, v = k.to(dt) / root.to(dt), v.to(dt)
