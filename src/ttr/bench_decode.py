@@ -17,7 +17,8 @@ The context is built as a prefill leaves it, without paying for what decoding do
 - the plain layer's cache is its own projections of the same tokens.
 Every repeat restarts each system from its context state with one untimed step (where a cache is copied into
 preallocated buffers) and then times `steps` single-token steps; the systems are interleaved and their order
-rotates from repeat to repeat, so that a slow spell of a shared machine falls on all of them.
+rotates from repeat to repeat, so that a slow spell of a shared machine falls on all of them, and the ratio to
+the plain layer is the median over repeats of the ratio within each repeat (the two measured moments apart).
 """
 
 from __future__ import annotations
@@ -345,6 +346,7 @@ def plot(rows: list[DecodeRow], path: Path, cfg: DecodeConfig) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker as ticker
     import numpy as np
 
     systems = list(dict.fromkeys(r.system for r in rows))
@@ -363,6 +365,9 @@ def plot(rows: list[DecodeRow], path: Path, cfg: DecodeConfig) -> Path:
             ax.fill_between(xs, [r.min_ms for r in rs], [r.max_ms for r in rs], color=colors[s], alpha=0.15)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        contexts = sorted({r.context for r in rows})
+        ax.set_xticks(contexts, [_k(c) for c in contexts])
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("ms per token (median; band: min-max)")
         ax.set_title(title, fontsize=10)
@@ -370,6 +375,10 @@ def plot(rows: list[DecodeRow], path: Path, cfg: DecodeConfig) -> Path:
         per_s = lambda y: cfg.batch * 1e3 / np.maximum(y, 1e-9)  # noqa: E731  (its own inverse)
         right = ax.secondary_yaxis("right", functions=(per_s, per_s))
         right.set_ylabel("tokens/s")
+        for axis in (ax.yaxis, right.yaxis):  # plain numbers on the log axes
+            axis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            axis.set_minor_formatter(ticker.FuncFormatter(
+                lambda y, _: f"{y:g}" if f"{y:.1e}"[0] in "25" else ""))
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"decoding one token: d_model {cfg.d_model}, {cfg.heads} heads, {cfg.layers} layer(s), batch "
                  f"{cfg.batch}, float32, {torch.get_num_threads()} CPU threads", fontsize=10)
