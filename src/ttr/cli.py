@@ -561,11 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode-bench", help="decoding latency per token and tokens/s against the context, for "
                        "each memory next to a plain attention layer; prints a table, saves JSON, CSV and a PNG",
                        **shows_defaults)
-    p.add_argument("--memories", default="all", help="presets, comma-separated (default: gated_deltanet, gla, "
-                   "mesanet, softmax_attention, local_linear, intention)")
+    p.add_argument("--memories", default="all", help="presets, comma-separated; all: gated_deltanet, gla, mesanet, "
+                   "softmax_attention, local_linear, intention")
     p.add_argument("--contexts", type=_ints, default="1024,2048,4096,8192,16384", help="context lengths")
-    p.add_argument("--max-context", default="", help="name=N,...: measure a memory only up to context N "
-                   "(default: intention=2048)")
+    p.add_argument("--max-context", default="", help="name=N,...: measure a memory only up to context N, on top "
+                   "of intention=2048")
     p.add_argument("--d-model", type=_at_least(1), default=1024, help="model width")
     p.add_argument("--heads", type=_at_least(1), default=16, help="heads")
     p.add_argument("--batch", type=_at_least(1), default=1, help="rows decoded at once")
@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_at_least(2), default=32, help="timed steps per repeat, at most (fewer for "
                    "slow systems: about 0.25 s each)")
     p.add_argument("--repeats", type=_at_least(1), default=7, help="repeats (min, median, max)")
-    p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads (None: torch's own)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default="runs/decode_bench", help="output folder (decode.json, .csv, .png)")
     p.set_defaults(func=cmd_decode_bench)
