@@ -378,7 +378,7 @@ def plot(rows: list[DecodeRow], path: Path, cfg: DecodeConfig) -> Path:
         for axis in (ax.yaxis, right.yaxis):  # plain numbers on the log axes
             axis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
             axis.set_minor_formatter(ticker.FuncFormatter(
-                lambda y, _: f"{y:g}" if f"{y:.1e}"[0] in "25" else ""))
+                lambda y, _: f"{y:g}" if f"{y:.1e}"[0] in "235" else ""))
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"decoding one token: d_model {cfg.d_model}, {cfg.heads} heads, {cfg.layers} layer(s), batch "
                  f"{cfg.batch}, float32, {torch.get_num_threads()} CPU threads", fontsize=10)
