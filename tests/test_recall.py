@@ -98,9 +98,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _easy_run(60, checkpoint=path, progress=interrupt)
     model, resumed = _easy_run(60, checkpoint=path)
-    assert resumed["history"] == whole["history"] or all(
-        a["step"] == b["step"] and a["test_accuracy"] == b["test_accuracy"]
-        for a, b in zip(resumed["history"], whole["history"]))
+    assert resumed["history"] == whole["history"]                     # losses, accuracies, learning rates
     for a, b in zip(model.state_dict().values(), model_whole.state_dict().values()):
         assert torch.equal(a, b)
     seen = []

@@ -167,6 +167,8 @@ def cmd_mqar(args: argparse.Namespace) -> None:
     sweep = mqar.SWEEPS[args.preset]
     if args.memories != "all":
         chosen = tuple(args.memories.split(","))
+        if len(set(chosen)) < len(chosen):
+            raise ValueError(f"--memories names a memory twice: {args.memories!r}")
         unknown = [m for m in chosen if m not in PRESETS]
         if unknown:
             raise ValueError(f"--memories: unknown {', '.join(unknown)}; choose among {', '.join(PRESETS)}")
@@ -233,6 +235,8 @@ def cmd_lm(args: argparse.Namespace) -> None:
     memories = None
     if args.memories != "preset":
         memories = tuple(args.memories.split(","))
+        if len(set(memories)) < len(memories):
+            raise ValueError(f"--memories names a memory twice: {args.memories!r}")
         for m in memories:
             unknown = [part for part in m.split("/") if part not in PRESETS]
             if unknown:
@@ -241,12 +245,14 @@ def cmd_lm(args: argparse.Namespace) -> None:
     sweep = lm.overrides(sweep, memories=memories, steps=args.steps, d_model=args.d_model, n_layers=args.layers,
                          n_heads=args.heads, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                          corpus=args.corpus, max_bytes=args.max_bytes)
-    if args.corpus is not None and not Path(args.corpus).exists():
+    if args.corpus is not None and (not args.corpus.strip() or not Path(args.corpus).exists()):
         raise ValueError(f"--corpus {args.corpus!r} does not exist")
     sweep.train_config()  # bad settings fail here, before any process starts
     counts = lm.check_budget(sweep)
     out = Path(args.out)
     size = int(os.environ.get("WORLD_SIZE", "1"))
+    if sweep.batch_size % size:
+        raise ValueError(f"--batch-size {sweep.batch_size} must be a multiple of the number of processes ({size})")
     rank = _start_distributed(args.device) if size > 1 else 0
     if rank == 0:
         _writable(out)

@@ -154,13 +154,14 @@ def evaluate(model: nn.Module, data: Dataset | tuple[Tensor, Tensor], batch_size
 
 
 def train(model: nn.Module, train_set: Dataset | tuple[Tensor, Tensor], test_set: Dataset | tuple[Tensor, Tensor],
-          cfg: TrainConfig, *, checkpoint: Path | None = None,
+          cfg: TrainConfig, *, checkpoint: Path | None = None, run: dict | None = None,
           progress: Callable[[int, dict], None] | None = None) -> dict:
     """Train `model` (token ids [B, T] -> logits [B, T, V]) on train_set and evaluate on test_set (datasets, or
     (inputs, labels) tensors). Returns {"history": [{step, lr, train_loss, test_loss, test_accuracy}], "final": the
     last evaluation, "best_accuracy", "steps": steps taken, "stopped_early", "seconds": time in training steps,
-    evaluations excluded}. progress(step, latest metrics) is called after every step. Under torch.distributed
-    (module docstring) every process calls train with the same arguments."""
+    evaluations excluded}. progress(step, latest metrics) is called after every step. `run` (JSON data: the
+    model's and the data's settings) is saved with the checkpoint, which resumes only a run with the same `run`
+    and cfg. Under torch.distributed (module docstring) every process calls train with the same arguments."""
     device = next(model.parameters()).device
     data, test_set = _dataset(train_set), _dataset(test_set)
     if len(data) == 0:
@@ -176,11 +177,16 @@ def train(model: nn.Module, train_set: Dataset | tuple[Tensor, Tensor], test_set
     state = {"step": 0, "history": [], "done": False, "seconds": 0.0, "stopped_early": False}
     if checkpoint is not None and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        if saved.get("config") != asdict(cfg):
-            raise ValueError(f"checkpoint {str(checkpoint)!r} was written with another training configuration: "
-                             "remove it or train with the same settings")
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        for key, mine, what in (("config", asdict(cfg), "training configuration"), ("run", run, "model or data")):
+            if saved.get(key) != mine:
+                raise ValueError(f"checkpoint {str(checkpoint)!r} was written with another {what}: remove it or "
+                                 "train with the same settings")
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit this model: "
+                             f"{str(exc).splitlines()[0]}") from None
         state = saved["state"]
     if state["done"]:
         return _result(state)
@@ -188,8 +194,8 @@ def train(model: nn.Module, train_set: Dataset | tuple[Tensor, Tensor], test_set
     def save() -> None:
         if checkpoint is not None and rank == 0:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            payload = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "state": state}
+            payload = {"config": asdict(cfg), "run": run, "model": model.state_dict(),
+                       "optimizer": optimizer.state_dict(), "state": state}
             write_atomically(checkpoint, lambda f: torch.save(payload, f))
         if size > 1:
             dist.barrier()  # no process runs ahead of a checkpoint it might be resumed from

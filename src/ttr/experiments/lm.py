@@ -86,6 +86,9 @@ def check_budget(sweep: LMSweep) -> dict[str, int]:
 
 def data(sweep: LMSweep) -> tuple[Windows, Windows, dict]:
     corpus = load_corpus(sweep.corpus, sweep.max_bytes)
+    if len(corpus.val) < sweep.seq_len + 1:
+        raise ValueError(f"the held-out text of corpus {corpus.name!r} holds {len(corpus.val)} bytes, fewer than "
+                         f"seq_len + 1 = {sweep.seq_len + 1}: use a larger corpus or a shorter --seq-len")
     val = Windows(corpus.val[: sweep.val_windows * sweep.seq_len + 1], sweep.seq_len)
     info = {"corpus": corpus.name, "train_bytes": len(corpus.train), "val_bytes": len(val) * sweep.seq_len,
             "train_files": corpus.train_files, "val_files": corpus.val_files}
@@ -109,8 +112,9 @@ def train_one(sweep: LMSweep, memory: str, out: Path, device: str = "cpu", repor
         if report is not None and (step % 5 == 0 or step == sweep.steps):
             report.put((key, step, f"{metrics['loss'] / math.log(2):.3f} bits/byte"))
 
+    identity = {**asdict(sweep), "memories": None, "memory": memory}  # what the checkpoint must come from
     result = train(model, train_set, val_set, sweep.train_config(), checkpoint=out / "checkpoints" / f"{key}.pt",
-                   progress=progress)
+                   run=json.loads(json.dumps(identity)), progress=progress)
     final = result["final"]
     tokens = result["steps"] * sweep.batch_size * sweep.seq_len
     return {"memory": memory, "parameters": model.num_parameters(), "tokens": tokens,

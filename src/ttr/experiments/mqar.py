@@ -131,7 +131,9 @@ def train_one(sweep: Sweep, run: dict, checkpoints: Path | None, device: str = "
     sizes = {"state_floats": model.state_floats(run["seq_len"]),
              "parameters": model.num_parameters()}
     try:
-        result = train(model, train_set, test_set, train_cfg, checkpoint=checkpoint, progress=progress)
+        identity = {**asdict(sweep), "memories": None, "no_conv": None, "lrs": None, **run}
+        result = train(model, train_set, test_set, train_cfg, checkpoint=checkpoint,
+                       run=json.loads(json.dumps(identity)), progress=progress)
     except ValueError as exc:  # the run diverged (its loss, or an op's answer, not finite): a result of the sweep
         return {**run, "accuracy": 0.0, "final_accuracy": 0.0, "steps": 0, "seconds": 0.0, **sizes,
                 "error": str(exc).replace(",", ";")}

@@ -32,10 +32,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int = 0) -> tupl
 def next_token(logits: Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                generator: torch.Generator | None = None) -> Tensor:
     """logits [B, V] -> tokens [B]: the argmax at temperature 0, else a draw from softmax(logits / temperature)
-    restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    restricted to the top_k most likely tokens (tokens tied with the k-th stay, as in Hugging Face) and to the
+    smallest set whose probability reaches top_p."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # from the maximum down: the best token's logit is 0 however small the temperature (no inf - inf)
+    logits = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -49,44 +51,63 @@ def next_token(logits: Tensor, temperature: float = 0.0, top_k: int | None = Non
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _token(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                    eos_token_id: int | list[int] | None, pad_token_id: int, vocab_size: int) -> None:
+    if not _token(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    if not (_number(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+    if top_k is not None and (not _token(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    in_vocab = lambda t: _token(t) and 0 <= t < vocab_size  # noqa: E731
+    if not in_vocab(pad_token_id):
+        raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size}), got {pad_token_id!r}")
+    eos = [eos_token_id] if eos_token_id is None or _token(eos_token_id) else eos_token_id
+    if eos_token_id is not None and not (isinstance(eos, (list, tuple)) and eos and all(map(in_vocab, eos))):
+        raise ValueError(f"eos_token_id must be None, a token id in [0, {vocab_size}) or a list of them, got "
+                         f"{eos_token_id!r}")
 
 
 @torch.no_grad()
 def generate(model: LanguageModel, input_ids: Tensor, attention_mask: Tensor | None = None, *,
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id: int | None = None, pad_token_id: int = 0,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int = 0,
              generator: torch.Generator | None = None) -> Tensor:
     """Continue input_ids [B, T] (left-padded, with its attention_mask, for prompts of different lengths) by up
     to max_new_tokens tokens. Returns [B, T + n]: the prompts and what each row generated; a row that produced
-    eos_token_id is padded with pad_token_id after it, and generation stops once every row has."""
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    eos_token_id (or one of a list of them) is padded with pad_token_id after it, and generation stops once
+    every row has."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id, model.config.vocab_size)
     if attention_mask is not None and attention_mask.shape == input_ids.shape and not bool(
             attention_mask.bool()[:, -1].all()):
         raise ValueError("attention_mask has padding in the last column: pad prompts on the left (pad_prompts)")
+    eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).reshape(-1)
     was_training = model.training
     model.eval()
-    cache = model.new_cache()
-    logits = model(input_ids, cache, attention_mask)[:, -1]
-    out = [input_ids]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for i in range(max_new_tokens):
-        token = next_token(logits, temperature, top_k, top_p, generator)
-        token = token.masked_fill(done, pad_token_id)
-        out.append(token[:, None])
-        if eos_token_id is not None:
-            done |= token == eos_token_id
-            if bool(done.all()):
-                break
-        if i + 1 < max_new_tokens:
-            logits = model(token[:, None], cache)[:, -1]
-    model.train(was_training)
+    try:
+        cache = model.new_cache()
+        logits = model(input_ids, cache, attention_mask)[:, -1]
+        out = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            token = next_token(logits, temperature, top_k, top_p, generator).masked_fill(done, pad_token_id)
+            out.append(token[:, None])
+            if eos is not None:
+                done |= torch.isin(token, eos)
+                if bool(done.all()):
+                    break
+            if i + 1 < max_new_tokens:
+                logits = model(token[:, None], cache)[:, -1]
+    finally:
+        model.train(was_training)
     return torch.cat(out, dim=1)

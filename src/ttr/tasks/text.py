@@ -3,7 +3,7 @@
 The default corpus exists on every machine without a network: the Python standard library's own sources (its
 .py files, sorted by path). A user's text file or folder works the same way. Each file is held out (validation)
 or trained on as a whole, chosen by a hash of its path, so no file is split across the two; a single file is
-split at 95 % of its bytes. Files are joined with a NUL byte between them (a document boundary that text never
+split at 95 % of its bytes, and a folder of few files holds out at least one. Files are joined with a NUL byte between them (a document boundary that text never
 holds), and the model reads bytes: vocab_size 256, one token per byte, so the loss in bits per token is bits per
 byte.
 """
@@ -38,9 +38,9 @@ class Corpus:
     val_files: int
 
 
-def _held_out(relative: str) -> bool:
-    digest = hashlib.sha256(relative.encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2 ** 64 < HELD_OUT
+def _share(relative: str) -> float:
+    """A file's place in [0, 1), from its path alone: the files below HELD_OUT are held out."""
+    return int.from_bytes(hashlib.sha256(relative.encode()).digest()[:8], "little") / 2 ** 64
 
 
 def _files(root: Path) -> list[Path]:
@@ -56,33 +56,44 @@ def _files(root: Path) -> list[Path]:
 
 
 def load_corpus(path: str | Path | None = None, max_bytes: int | None = None) -> Corpus:
-    """The corpus at `path` (a text file or a folder; None: the Python standard library's sources), at most
-    max_bytes bytes read (files in sorted order, whole)."""
+    """The corpus at `path` (a text file or a folder; None: the Python standard library's sources). A folder's
+    files are read in sorted order until max_bytes is reached (the last one whole); a file's first max_bytes.
+    A folder of few files holds out at least one (the one first in hash order) and trains on the rest."""
     root = stdlib_path() if path is None else Path(path)
-    if not root.exists():
-        raise ValueError(f"corpus path {str(root)!r} does not exist")
+    if not str(path if path is not None else root).strip() or not root.exists():
+        raise ValueError(f"corpus path {str(path)!r} does not exist")
+    documents: list[tuple[str, bytes]] = []
     if root.is_file():
-        data = root.read_bytes()[:max_bytes]
-        if SEPARATOR in data:
+        documents.append((root.name, root.read_bytes()[:max_bytes]))
+        if SEPARATOR in documents[0][1]:
             raise ValueError(f"corpus file {str(root)!r} holds NUL bytes: not a text file")
-        cut = int(len(data) * (1 - HELD_OUT))
-        train, val, files = data[:cut], data[cut:], (1, 1)
     else:
-        parts: dict[bool, list[bytes]] = {False: [], True: []}
         read = 0
         for file in _files(root):
             try:
                 data = file.read_bytes()
             except OSError:
                 continue  # unreadable: not part of the corpus
-            if not data or SEPARATOR in data:
-                continue
-            parts[_held_out(str(file.relative_to(root)))].append(data)
-            read += len(data)
-            if max_bytes is not None and read >= max_bytes:
-                break
-        train, val = (bytes([SEPARATOR]).join(parts[held]) for held in (False, True))
-        files = (len(parts[False]), len(parts[True]))
+            if data and SEPARATOR not in data:
+                documents.append((str(file.relative_to(root)), data))
+                read += len(data)
+                if max_bytes is not None and read >= max_bytes:
+                    break
+    if len(documents) == 1:  # one document: its last HELD_OUT of bytes is held out
+        data = documents[0][1]
+        cut = int(len(data) * (1 - HELD_OUT))
+        train, val, files = data[:cut], data[cut:], (1, 1)
+    elif not documents:
+        raise ValueError(f"corpus {str(root)!r} holds no text files")
+    else:
+        shares = [_share(name) for name, _ in documents]
+        held = [x < HELD_OUT for x in shares]
+        if not any(held):
+            held[shares.index(min(shares))] = True
+        sep = bytes([SEPARATOR])
+        train = sep.join(d for (_, d), h in zip(documents, held) if not h)
+        val = sep.join(d for (_, d), h in zip(documents, held) if h)
+        files = (held.count(False), held.count(True))
     if min(len(train), len(val)) < 2:
         raise ValueError(f"corpus {str(root)!r} is too small to split into training and held-out text "
                          f"({len(train)} and {len(val)} bytes)")
