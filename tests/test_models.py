@@ -273,19 +273,22 @@ def test_training_resumes_where_it_stopped(corpus_dir: Path, tmp_path: Path):
         assert torch.equal(a, b)
 
 
+class _StopAtStep5:
+    """A run's progress report that interrupts it at step 5 (its last checkpoint is step 4's)."""
+
+    def put(self, report):
+        if report[1] == 5:
+            raise KeyboardInterrupt
+
+
 def test_a_checkpoint_resumes_only_its_own_run(corpus_dir: Path, tmp_path: Path):
     """A run interrupted, then restarted with other data or model settings, is refused (it would have reported
     the first run's numbers as the second's)."""
     sweep = _small_sweep(corpus_dir)
 
-    class Stop:
-        def put(self, report):
-            if report[1] == 5:
-                raise KeyboardInterrupt
-
     threads = torch.get_num_threads()
     with pytest.raises(KeyboardInterrupt):
-        lm.train_one(sweep, "gated_deltanet", tmp_path, "cpu", Stop())
+        lm.train_one(sweep, "gated_deltanet", tmp_path, "cpu", _StopAtStep5())
     for change in ({"seq_len": 16}, {"d_model": 48}, {"max_bytes": 5000}):
         with pytest.raises(ValueError, match="another model or data"):
             lm.train_one(lm.overrides(sweep, **change), "gated_deltanet", tmp_path, "cpu")
@@ -416,14 +419,9 @@ def test_two_processes_reach_the_weights_of_one_and_resume_across_process_counts
     # interrupted at step 5 in this process (checkpoint of step 4), resumed by two processes
     sweep = _small_sweep(corpus_dir)
 
-    class Stop:
-        def put(self, report):
-            if report[1] == 5:
-                raise KeyboardInterrupt
-
     threads = torch.get_num_threads()
     with pytest.raises(KeyboardInterrupt):
-        lm.train_one(sweep, "gated_deltanet", tmp_path / "resumed", "cpu", Stop())
+        lm.train_one(sweep, "gated_deltanet", tmp_path / "resumed", "cpu", _StopAtStep5())
     torch.set_num_threads(threads)
     assert torch.load(tmp_path / "resumed" / "checkpoints" / "gated_deltanet.pt", weights_only=True)["state"][
         "step"] == 4
