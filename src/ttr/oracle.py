@@ -106,21 +106,43 @@ def _start_decay(g: Tensor | None, B: int, T: int, H: int) -> Tensor:
     return torch.exp(g.cumsum(1))
 
 
+def _bonus_weights(g: Tensor | None, u: Tensor, B: int, T: int, H: int) -> tuple[Tensor, Tensor]:
+    """RWKV-6's weights, per key channel: gamma_i^(t) = alpha_{i+1} ... alpha_{t-1} for i < t (the gate of t not
+    yet applied) and u for i = t; a carried state survives to t as alpha_1 ... alpha_{t-1}. Returns (gamma
+    [B, H, T, T, D], start [B, T, H, D])."""
+    D = u.shape[-1]
+    g = torch.zeros(B, T, H, D, dtype=torch.float64) if g is None else (
+        g if g.dim() == 4 else g.unsqueeze(-1)).expand(B, T, H, D)
+    G = g.cumsum(1)
+    read = G - g                                                          # G_{t-1}: what t has seen decay
+    diff = read.transpose(1, 2)[:, :, :, None, :] - G.transpose(1, 2)[:, :, None, :, :]
+    earlier = torch.ones(T, T, dtype=torch.bool).tril(-1)[:, :, None]
+    gamma = torch.exp(torch.where(earlier, diff, torch.full_like(diff, -torch.inf)))
+    gamma = gamma + torch.eye(T, dtype=torch.float64)[:, :, None] * u[None, :, None, None, :]
+    return gamma, torch.exp(read)
+
+
 def parametric(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, optimizer: Optimizer,
                feature_map: str | Callable[[Tensor], Tensor] | None = None, scale: float | None = None,
-               initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               initial_state: Tensor | None = None, bonus: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Memory m(k) = M phi(k) fitted at every t; y_t = M_t (scale phi(q_t)).
 
     Returns (y [B, T, H, Dv], final state M_T^T [B, H, D_phi, Dv]), float64. `initial_state`, as the
     ops carry it, is the gradient at zero of earlier associations; it decays like any association.
+    bonus u [H, D_phi] (RWKV-6): association t weighs u at t, and the earlier ones are not yet decayed by
+    the gate of t (_bonus_weights). The final state is the memory after the last token's update, as the ops
+    carry it: the weights that a next token would read before its own gate.
     """
-    q, k, v, g, initial_state = _float64(q, k, v, g, initial_state)
+    q, k, v, g, initial_state, bonus = _float64(q, k, v, g, initial_state, bonus)
     phi = get_feature_map(feature_map)
     B, T, H, Dk = q.shape
     scale = Dk ** -0.5 if scale is None else scale
     X_all, Q_all = phi(k), phi(q) * scale
-    gamma = gamma_matrix(g, T, batch=(B, H))
-    start = _start_decay(g, B, T, H)
+    if bonus is None:
+        gamma = gamma_matrix(g, T, batch=(B, H))
+        start = _start_decay(g, B, T, H)
+    else:
+        gamma, start = _bonus_weights(g, bonus, B, T, H)
     ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
     final = torch.zeros(B, H, X_all.shape[-1], v.shape[-1], dtype=torch.float64)
     for b in range(B):
@@ -135,6 +157,9 @@ def parametric(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, opti
                 row.append(M @ Q_all[b, t, h])
             ys[b, :, h] = torch.stack(row)
             final[b, h] = M.T
+    if bonus is not None:  # what a next token reads before its own gate: the weights of the memory without u at T
+        final = parametric(q, k, v, g, optimizer=optimizer, feature_map=feature_map, scale=scale,
+                           initial_state=initial_state)[1]
     return ys, final
 
 

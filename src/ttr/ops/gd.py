@@ -15,6 +15,12 @@ The state is S_t = M_t^T = sum_i gamma_i^(t) phi(k_i) v_i^T  [B, H, Dk, Dv]:
 normalize=True answers the locally constant fit with weights phi(q)^T (gamma_i phi(k_i)) instead
 (Katharopoulos et al.): o_t = S_t^T phi(q_t) / (z_t^T phi(q_t)), z_t = sum_i gamma_i^(t) phi(k_i). The
 normalizer z rides along as one more value column, so the state is then [B, H, Dk, Dv + 1].
+
+A bonus u [H, Dk] (RWKV-6) gives the newest association its own weight per key channel: the regression at t
+weighs association t by u and the earlier ones i < t by alpha_{i+1} ... alpha_{t-1} (the current gate has not
+yet decayed them), so the answer reads the state before this token's update:
+    o_t = (S_{t-1} + diag(u) phi(k_t) v_t^T)^T (scale phi(q_t)),   S_t = alpha_t S_{t-1} + phi(k_t) v_t^T.
+The state, and so everything carried between calls, is the same as without u.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ import functools
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import (check_log_gate, check_mode, check_qkv, check_state, compute_dtype, finite_answer, log_gate_as,
                        scale_or, vouch)
 from ..features import get_feature_map
-from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
+from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
 
 
@@ -41,13 +48,15 @@ def linear_attention(
     feature_map: str | Callable[[Tensor], Tensor] | None = None,
     normalize: bool = False,
     scale: float | None = None,
+    bonus: Tensor | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Linear attention as one step of batch GD. q, k: [B, T, H, Dk], v: [B, T, H, Dv].
+    """Linear attention as one step of batch GD. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; bonus u [H, D_phi]: the
+    newest association's weight (RWKV-6; module docstring).
 
     Returns (o [B, T, H, Dv] in the input dtype, final state [B, H, D_phi, Dv(+1)] in float32/64 or None).
     `scale` defaults to Dk^-1/2 (Dk before the feature map), as in fla. Modes: "chunk" (training),
@@ -75,11 +84,13 @@ def linear_attention(
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     rows = B if cu is None else cu.numel() - 1
     check_state("initial_state", initial_state, (rows, H, Df, v.shape[-1]))
+    u = _check_bonus(bonus, H, Df, normalize, dt)
     # g as [B, T, H, 1 or Dk]: one broadcasting rule serves scalar and vector gates.
     g = log_gate_as(g, dt)
     g = None if g is None else (g.unsqueeze(-1) if kind == "scalar" else g)
     s0 = None if initial_state is None else initial_state.to(dt)
-    core = _recurrent if mode == "recurrent" else functools.partial(_chunked, C=chunk_size, vector=kind == "vector")
+    core = (functools.partial(_recurrent, u=u) if mode == "recurrent"
+            else functools.partial(_chunked, C=chunk_size, vector=kind == "vector", u=u))
     if cu is None:
         o, state = core(q, k, v, g, s0)
     else:  # zero features and gates outside the sequences: no association, no decay
@@ -98,42 +109,69 @@ def linear_attention(
     return finite_answer("linear_attention", o.to(out_dtype)), (state if output_final_state else None)
 
 
-def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None) -> tuple[Tensor, Tensor]:
+def _check_bonus(bonus: Tensor | None, H: int, Df: int, normalize: bool, dt: torch.dtype) -> Tensor | None:
+    if bonus is None:
+        return None
+    if not isinstance(bonus, Tensor) or tuple(bonus.shape) != (H, Df) or not bonus.is_floating_point():
+        raise ValueError(f"bonus must be a floating-point tensor [H, D_phi] = [{H}, {Df}], got "
+                         f"{list(bonus.shape) if isinstance(bonus, Tensor) else type(bonus).__name__}")
+    if normalize:
+        raise ValueError("bonus (RWKV-6's weight of the newest association) is for the unnormalized memory: "
+                         "pass normalize=False")
+    if not bool(torch.isfinite(bonus).all()):
+        raise ValueError("bonus holds non-finite values")
+    return bonus.to(dt)
+
+
+def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
+               u: Tensor | None = None) -> tuple[Tensor, Tensor]:
     B, T, H, Dk = k.shape
     state = q.new_zeros(B, H, Dk, v.shape[-1]) if s0 is None else s0
     outs = []
     for t in range(T):
+        if u is not None:  # read before this token's update, the newest association weighted by u
+            newest = (q[:, t] * u * k[:, t]).sum(-1, keepdim=True) * v[:, t]
+            outs.append((q[:, t, :, None, :] @ state)[..., 0, :] + newest)
         if g is not None:
             state = state * torch.exp(g[:, t]).unsqueeze(-1)
         state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
-        outs.append((q[:, t, :, None, :] @ state)[..., 0, :])
+        if u is None:
+            outs.append((q[:, t, :, None, :] @ state)[..., 0, :])
     return torch.stack(outs, dim=1), state
 
 
 def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None, C: int,
-             vector: bool) -> tuple[Tensor, Tensor]:
+             vector: bool, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Chunkwise form: within a chunk a masked (decayed) attention, across chunks the state.
 
     With G the within-chunk cumulative log-gate, token i of a chunk sees
         the chunk's start state decayed by exp(G_i)   and   token j <= i decayed by exp(G_i - G_j).
-    Every exponent formed is <= 0, so nothing overflows however strong the decay.
+    Every exponent formed is <= 0, so nothing overflows however strong the decay. With a bonus u, token i reads
+    before its own gate: exp(G_{i-1}) and exp(G_{i-1} - G_j) for j < i, and u for j = i.
     """
     T = q.shape[1]
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
     B, H, N = qc.shape[:3]
+    # j <= i, or j < i with the diagonal (the newest association, weighted by u) added on its own
+    mask = causal_mask(C, q.device) if u is None else causal_mask(C, q.device).tril(-1)
+    diagonal = (qc * kc).sum(-1) if u is None else (qc * u[:, None, None, :] * kc).sum(-1)
     if g is None:
-        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~causal_mask(C, q.device), 0.0)
+        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)
         q_in, k_in, chunk_decay = qc, kc, None
     else:
         G = to_chunks(g, C).cumsum(-2)  # [B, H, N, C, 1 or Dk]
+        # the decay a query has seen: up to i, or up to i - 1 (the same floats as G_{i-1}: exp(G_{i-1} - G_{i-1}) = 1)
+        G_read = G if u is None else F.pad(G[..., :-1, :], (0, 0, 1, 0))
         if vector:
-            scores = _vector_gate_scores(qc, kc, G)
+            scores = _vector_gate_scores(qc, kc, G, G_read, diagonal)
         else:
-            scores = (qc @ kc.transpose(-1, -2)) * decay_mask(G[..., 0])
+            scores = (qc @ kc.transpose(-1, -2)) * masked_exp(G_read[..., :, None, 0] - G[..., None, :, 0], mask)
         G_last = G[..., -1:, :]
-        q_in = qc * torch.exp(G)             # start state -> token i
+        q_in = qc * torch.exp(G_read)        # start state -> token i
         k_in = kc * torch.exp(G_last - G)    # token j -> end of chunk
         chunk_decay = torch.exp(G_last).transpose(-1, -2)  # [B, H, N, 1 or Dk, 1]: rows of the state
+    if u is not None and not (g is not None and vector):
+        scores = scores + torch.diag_embed(diagonal)
     o = scores @ vc
     updates = k_in.transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
     state = q.new_zeros(B, H, kc.shape[-1], vc.shape[-1]) if s0 is None else s0
@@ -147,22 +185,23 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | Non
     return from_chunks(o, T), state
 
 
-def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor) -> Tensor:
-    """A_ij = sum_d q_id k_jd exp(G_id - G_jd) for j <= i within a chunk of C = 2^n tokens, without overflow.
+def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Tensor) -> Tensor:
+    """A_ij = sum_d q_id k_jd exp(R_id - G_jd) for j < i, and `diagonal` for j = i, within a chunk of C = 2^n
+    tokens, without overflow. R is G, or G_{i-1} (RWKV-6's bonus: the query has not yet decayed by its gate).
 
     Built bottom-up by halving: a block [[L, 0], [X, R]] of 2h tokens has its cross part X (right half
     attending to left half) factor through the left half's last token m:
-        exp(G_i - G_j) = exp(G_i - G_m) exp(G_m - G_j),   both <= 1,
+        exp(R_i - G_j) = exp(R_i - G_m) exp(G_m - G_j),   both <= 1 (R_i is G_i or G_{i-1}, i - 1 >= m),
     so X is one matrix product, and no C x C x D tensor is ever formed.
     """
     *lead, C, D = q.shape
-    blocks = (q * k).sum(-1)[..., None, None]  # [..., C, 1, 1]: j = i, no decay
+    blocks = diagonal[..., None, None]  # [..., C, 1, 1]: j = i
     h = 1
     while h < C:
         nb = C // (2 * h)
-        qb, kb, Gb = (x.reshape(*lead, nb, 2, h, D) for x in (q, k, G))
+        qb, kb, Gb, Rb = (x.reshape(*lead, nb, 2, h, D) for x in (q, k, G, R))
         G_m = Gb[..., 0, h - 1:, :]
-        q_right = qb[..., 1, :, :] * torch.exp(Gb[..., 1, :, :] - G_m)
+        q_right = qb[..., 1, :, :] * torch.exp(Rb[..., 1, :, :] - G_m)
         k_left = kb[..., 0, :, :] * torch.exp(G_m - Gb[..., 0, :, :])
         cross = q_right @ k_left.transpose(-1, -2)  # [..., nb, h, h]
         left, right = blocks.reshape(*lead, nb, 2, h, h).unbind(-3)
