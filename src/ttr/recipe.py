@@ -266,6 +266,19 @@ class Preset:
     recipe: Recipe
     citation: str
     parameterization: str
+    # the published parameterization of the per-token inputs where it is more than the weights ingredient's default
+    # module (ttr.layers.gates.GATES): None, the default; "hgrn2", HGRN-2's forget gate with the key tied to it
+    gate: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate is not None and not isinstance(self.recipe.weights, PRESET_GATES.get(self.gate, ())):
+            raise ValueError(f"gate must be None or one of {sorted(PRESET_GATES)} with its weights "
+                             f"({', '.join(f'{k}: {v.__name__}' for k, v in PRESET_GATES.items())}), got {self.gate!r} "
+                             f"with {self.recipe.weights!r}")
+
+
+# the presets' own gate parameterizations (Preset.gate) and the weights ingredient each one parameterizes
+PRESET_GATES: dict[str, type] = {"hgrn2": VectorGate}
 
 
 _PRESET_LIST = [
@@ -282,6 +295,14 @@ _PRESET_LIST = [
            "Dao & Gu, 2024", "g = -exp(A_log) softplus(W x + dt_bias), scalar per head"),
     Preset("gla", "Gated Linear Attention", Recipe(VectorGate(), Linear(), BatchGD()),
            "Yang et al., 2024", "g = logsigmoid(W2 W1 x + b) / 16, rank-16, per key channel"),
+    Preset("hgrn2", "HGRN-2", Recipe(VectorGate(), Linear(), BatchGD()),
+           "Qin et al., 2024", "GLA's vector gate with the key tied to it: f = lb + (1 - lb) sigmoid(W_f x) per key "
+           "channel, g = log f, k = 1 - f, q = silu(W_q x) (the output gate acting as query), v = W_i x; the lower "
+           "bound lb grows with depth (0 in the first layer). Deviations from fla's HGRN2: lb is a learned per-layer, "
+           "per-channel sigmoid(w) started at HGRN's init value layer_idx / n_layers, not one model-level "
+           "softmax-cumsum (so depth order is not enforced in training); TTRLayer's short convolution (fla's "
+           "default has none; conv_size=0), per-head RMSNorm and SiLU output gate (fla: one RMSNorm over all heads, "
+           "no output gate)", gate="hgrn2"),
     Preset("deltanet", "DeltaNet", Recipe(Uniform(), Linear("l2"), OnlineSGD()),
            "Schlag et al., 2021; Yang et al., 2024", "beta = sigmoid(W x), L2-normalized q and k"),
     Preset("gated_deltanet", "Gated DeltaNet", Recipe(ScalarGate(), Linear("l2"), OnlineSGD()),

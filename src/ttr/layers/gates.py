@@ -56,6 +56,52 @@ class GLAGate(nn.Module):
         return g.view(*x.shape[:2], self.n_heads, self.head_dim)
 
 
+class HGRN2Gate(nn.Module):
+    """HGRN-2 (Qin et al., 2024): GLA's per-key-channel forget gate with the key tied to it.
+
+    It maps the layer's query projection and the forget gate's pre-activation z (which TTRLayer makes in the key's
+    place, so the short convolution and the key heads of GQA apply to it) to the op's q, k and log-gate g:
+
+        f = lb + (1 - lb) sigmoid(z),   g = log f,   k = 1 - f,   q = silu(q)
+
+    (fla's HGRN2Attention; the query is HGRN's output gate). The lower bound lb grows with depth so that deeper
+    layers forget slower; HGRN learns one model-level parameter P [n_layers, d] and takes lb = cumsum(softmax(P,
+    over layers)) minus its first row, so lb = 0 in the first layer and layer_idx / n_layers at initialization.
+    Here each layer learns its own lb = sigmoid(w) per key channel, w starting at logit(layer_idx / n_layers) (a
+    documented deviation: the layer stays self-contained, and depth order is not enforced during training); the
+    first layer, or a layer not told its depth, has no bound.
+    """
+
+    tied_key = True
+
+    def __init__(self, n_heads: int, head_dim: int, layer_idx: int | None = None, n_layers: int | None = None) -> None:
+        super().__init__()
+        if (layer_idx is None) != (n_layers is None):
+            raise ValueError(f"pass both layer_idx and n_layers or neither, got {layer_idx!r} and {n_layers!r}")
+        if layer_idx is not None and not (isinstance(layer_idx, int) and isinstance(n_layers, int)
+                                          and 0 <= layer_idx < n_layers):
+            raise ValueError(f"layer_idx must be an int in [0, n_layers), got {layer_idx!r} with n_layers {n_layers!r}")
+        self.layer_idx, self.n_layers = layer_idx, n_layers
+        if layer_idx:  # layer 0 (or unknown depth): lb = 0, no parameter
+            self.bound_logit = nn.Parameter(torch.full((n_heads, head_dim), math.log(layer_idx / (n_layers - layer_idx))))
+
+    def lower_bound(self) -> Tensor | None:
+        """lb [H, Dk] (None: no bound)."""
+        return torch.sigmoid(self.bound_logit) if hasattr(self, "bound_logit") else None
+
+    def forward(self, q: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, T, H, Dk], z [B, T, H, Dk] -> (silu(q), k = 1 - f, g = log f), k and g in z's shape."""
+        g = F.logsigmoid(z)
+        if hasattr(self, "bound_logit"):  # log(lb + (1 - lb) sigmoid(z)) with lb = sigmoid(w), in log space
+            w = self.bound_logit.to(z.dtype)
+            g = torch.logaddexp(F.logsigmoid(w), F.logsigmoid(-w) + g)
+        return F.silu(q), -torch.expm1(g), g
+
+
+# the presets' own gate modules (Preset.gate), by name
+GATES = {"hgrn2": HGRN2Gate}
+
+
 # Mamba-2's initial dt range: exp(-A dt) with A in [1, 16] forgets within about 1 / (A dt) tokens at
 # initialization, 1 to 1000 tokens here
 DT_RANGE = (1e-3, 0.1)
@@ -104,12 +150,23 @@ TITANS_THETA_PER_BATCH = 0.25
 
 
 def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int,
-                dt_range: tuple[float, float] = DT_RANGE) -> nn.ModuleDict:
-    """One module per input the recipe's op takes (recipe.inputs), keyed by the op's argument names."""
+                dt_range: tuple[float, float] = DT_RANGE, *, gate: str | None = None, num_kv_heads: int | None = None,
+                layer_idx: int | None = None, n_layers: int | None = None) -> nn.ModuleDict:
+    """One module per input the recipe's op takes (recipe.inputs), keyed by the op's argument names. `gate` names a
+    preset's own gate parameterization (GATES; None: the weights ingredient's default module); a gate module with
+    `tied_key` also makes the key (and the query's activation) from the key projection: TTRLayer calls it as
+    gate(q, z) -> (q, k, g), z at the num_kv_heads key heads (default n_heads). layer_idx and n_layers tell a depth-dependent gate (HGRN-2) its depth."""
     n_steps = recipe.steps_per_token
     b = getattr(recipe.optimizer, "batch_size", 1)
+    if gate is not None:
+        if gate not in GATES:
+            raise ValueError(f"unknown gate {gate!r}; known: {', '.join(GATES)}")
+        if not isinstance(recipe.weights, VectorGate) or "g" not in recipe.inputs or n_steps != 1:
+            raise ValueError(f"gate {gate!r} parameterizes a per-key-channel gate of one key per token, got "
+                             f"{recipe.describe()}")
     makers = {
-        "g": lambda: make_gate(recipe.weights, d_model, n_heads, head_dim, dt_range),
+        "g": lambda: (make_gate(recipe.weights, d_model, n_heads, head_dim, dt_range) if gate is None
+                      else GATES[gate](num_kv_heads or n_heads, head_dim, layer_idx, n_layers)),
         # DeltaProduct lets beta reach 2 (negative eigenvalues of the transition), DeltaNet keeps it below 1
         "beta": lambda: StepSize(d_model, n_heads, "sigmoid", n_steps, scale=2.0 if n_steps > 1 else 1.0),
         "delta": lambda: StepSize(d_model, n_heads, "softplus"),

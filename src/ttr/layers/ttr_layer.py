@@ -44,19 +44,25 @@ class TTRLayer(nn.Module):
     n_heads query heads of head_dim (default d_model / n_heads); num_kv_heads key and value heads (default
     n_heads; a divisor of n_heads: GQA, 1: MQA); value heads of expand_v * head_dim; conv_silu applies SiLU
     after the short convolution; dt_range is the initial dt of scalar (Mamba-2) gates, log-uniform (Mamba-2's
-    (1e-3, 0.1) by default; a smaller range remembers longer at initialization).
+    (1e-3, 0.1) by default; a smaller range remembers longer at initialization). A preset that names its own gate
+    parameterization (Preset.gate) gets it; where that gate ties the key to it (HGRN-2: k = 1 - f), the key
+    projection makes the gate's pre-activation instead (through the short convolution, at the key heads).
+    layer_idx and n_layers (0 <= layer_idx < n_layers) tell a depth-dependent gate its depth (HGRN-2's lower bound;
+    the LanguageModel passes them); other memories ignore them.
     """
 
     def __init__(self, d_model: int, n_heads: int, memory: Recipe | Preset | str, *, head_dim: int | None = None,
                  num_kv_heads: int | None = None, expand_v: float = 1.0, conv_size: int = 4, conv_silu: bool = False,
                  output_gate: bool = True, norm: bool = True, chunk_size: int = 64, mode: str = "chunk",
-                 dt_range: tuple[float, float] = DT_RANGE) -> None:
+                 dt_range: tuple[float, float] = DT_RANGE, layer_idx: int | None = None,
+                 n_layers: int | None = None) -> None:
         super().__init__()
         self.d_model, self.n_heads = _positive_int("d_model", d_model), _positive_int("n_heads", n_heads)
         if isinstance(memory, str):
-            memory = get_preset(memory).recipe
-        elif isinstance(memory, Preset):
-            memory = memory.recipe
+            memory = get_preset(memory)
+        gate = None
+        if isinstance(memory, Preset):
+            memory, gate = memory.recipe, memory.gate
         elif not isinstance(memory, Recipe):
             raise ValueError(f"memory must be a preset name, a Preset or a Recipe, got {type(memory).__name__} "
                              f"{memory!r}")
@@ -82,7 +88,10 @@ class TTRLayer(nn.Module):
         self.conv_silu = conv_silu
         if not (isinstance(dt_range, (tuple, list)) and len(dt_range) == 2 and 0 < dt_range[0] <= dt_range[1]):
             raise ValueError(f"dt_range must be (dt_min, dt_max) with 0 < dt_min <= dt_max, got {dt_range!r}")
-        self.inputs = make_inputs(memory, d_model, n_heads, Dk, tuple(dt_range))
+        self.inputs = make_inputs(memory, d_model, n_heads, Dk, tuple(dt_range), gate=gate, num_kv_heads=Hkv,
+                                  layer_idx=layer_idx, n_layers=n_layers)
+        # a gate that makes the key (HGRN-2): called on the query and the key projection, not on x
+        self.tied = next((name for name, m in self.inputs.items() if getattr(m, "tied_key", False)), None)
         if isinstance(memory.regressor, MLP):  # the MLP memory's starting weights are learned
             hidden = memory.regressor.expansion * Dk
             self.W1 = nn.Parameter(torch.randn(n_heads, hidden, Dk) * Dk ** -0.5)
@@ -98,7 +107,7 @@ class TTRLayer(nn.Module):
         self.takes_chunk_size = "chunk_size" in inspect.signature(self.op.func).parameters
         self.chunk_size, self.mode = chunk_size, mode
         # what a state must come from: this memory, these heads and this convolution
-        self.kind = (f"{self.op.func.__name__}: {memory.describe()}; heads {H} (kv {Hkv}) of {Dk} x {Dv}, "
+        self.kind = (f"{self.op.func.__name__}: {memory.describe()}{f' | {gate} gate' if gate else ''}; heads {H} (kv {Hkv}) of {Dk} x {Dv}, "
                      f"conv {conv_size if conv_size > 0 else 'none'}")
 
     def forward(self, x: Tensor, state: LayerState | None = None, *, attention_mask: Tensor | None = None,
@@ -145,9 +154,13 @@ class TTRLayer(nn.Module):
         q, k, v = qkv.split(self.widths, dim=-1)
         q = q.view(B, T, H, Dk)
         k, v = (t.view(B, T, Hkv, n, d) if n > 1 else t.view(B, T, Hkv, d) for t, d in ((k, Dk), (v, Dv)))
+        inputs = {name: module(x) for name, module in self.inputs.items() if name != self.tied}
+        if self.tied is not None:  # the key projection made the gate's pre-activation; the gate makes q, k and g
+            q, k, inputs[self.tied] = self.inputs[self.tied](q, k)
         if Hkv != H:  # each group of H / Hkv query heads reads its own memory of the shared keys and values
             k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
-        inputs = {name: module(x) for name, module in self.inputs.items()}
+            if self.tied is not None:
+                inputs[self.tied] = inputs[self.tied].repeat_interleave(H // Hkv, dim=2)
         memory = state.memory
         if memory is None and hasattr(self, "W1"):
             memory = (self.W1.expand(rows, -1, -1, -1), self.W2.expand(rows, -1, -1, -1))

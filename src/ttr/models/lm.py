@@ -136,12 +136,13 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LMConfig, memory: Memory) -> None:
+    def __init__(self, cfg: LMConfig, memory: Memory, layer_idx: int = 0) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        # the layer's depth: HGRN-2's forget gates get lower bounds that grow with it
         self.layer = TTRLayer(cfg.d_model, cfg.n_heads, memory, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
                               expand_v=cfg.expand_v, conv_size=cfg.conv_size, chunk_size=cfg.chunk_size,
-                              dt_range=cfg.dt_range)
+                              dt_range=cfg.dt_range, layer_idx=layer_idx, n_layers=cfg.n_layers)
         if cfg.mlp_hidden:
             self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
             self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
@@ -192,7 +193,7 @@ class LanguageModel(nn.Module):
             raise ValueError(f"config must be an LMConfig, got {type(config).__name__}")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, m) for m in config.layer_memories())
+        self.blocks = nn.ModuleList(Block(config, m, i) for i, m in enumerate(config.layer_memories()))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
