@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lm)
 
     p = sub.add_parser("reproduce", help="regress, capacity and mqar --preset quick into one folder, and "
-                       "report.md with every table, plot and claim (about 15 minutes on 2 cores)", **shows_defaults)
+                       "report.md with every table, plot and claim (about 8 minutes on 2 cores)", **shows_defaults)
     p.add_argument("--jobs", type=_at_least(1), default=2, help="MQAR runs trained at once, one CPU thread each")
     p.add_argument("--out", default="runs/reproduce", help="output folder; rerunning continues what it holds")
     p.set_defaults(func=cmd_reproduce)
