@@ -155,7 +155,8 @@ def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int,
     """One module per input the recipe's op takes (recipe.inputs), keyed by the op's argument names. `gate` names a
     preset's own gate parameterization (GATES; None: the weights ingredient's default module); a gate module with
     `tied_key` also makes the key (and the query's activation) from the key projection: TTRLayer calls it as
-    gate(q, z) -> (q, k, g), z at the num_kv_heads key heads (default n_heads). layer_idx and n_layers tell a depth-dependent gate (HGRN-2) its depth."""
+    gate(q, z) -> (q, k, g), z at the num_kv_heads key heads (default n_heads). layer_idx and n_layers tell a
+    depth-dependent gate (HGRN-2) its depth."""
     n_steps = recipe.steps_per_token
     b = getattr(recipe.optimizer, "batch_size", 1)
     if gate is not None:

@@ -107,7 +107,8 @@ class TTRLayer(nn.Module):
         self.takes_chunk_size = "chunk_size" in inspect.signature(self.op.func).parameters
         self.chunk_size, self.mode = chunk_size, mode
         # what a state must come from: this memory, these heads and this convolution
-        self.kind = (f"{self.op.func.__name__}: {memory.describe()}{f' | {gate} gate' if gate else ''}; heads {H} (kv {Hkv}) of {Dk} x {Dv}, "
+        own_gate = f" | {gate} gate" if gate else ""
+        self.kind = (f"{self.op.func.__name__}: {memory.describe()}{own_gate}; heads {H} (kv {Hkv}) of {Dk} x {Dv}, "
                      f"conv {conv_size if conv_size > 0 else 'none'}")
 
     def forward(self, x: Tensor, state: LayerState | None = None, *, attention_mask: Tensor | None = None,

@@ -3,9 +3,9 @@
 The default corpus exists on every machine without a network: the Python standard library's own sources (its
 .py files, sorted by path). A user's text file or folder works the same way. Each file is held out (validation)
 or trained on as a whole, chosen by a hash of its path, so no file is split across the two; a single file is
-split at 95 % of its bytes, and a folder of few files holds out at least one. Files are joined with a NUL byte between them (a document boundary that text never
-holds), and the model reads bytes: vocab_size 256, one token per byte, so the loss in bits per token is bits per
-byte.
+split at 95 % of its bytes, and a folder of few files holds out at least one. Files are joined with a NUL byte
+between them (a document boundary that text never holds), and the model reads bytes: vocab_size 256, one token
+per byte, so the loss in bits per token is bits per byte.
 """
 
 from __future__ import annotations
