@@ -10,6 +10,23 @@ import torch
 from torch import Tensor
 
 
+def is_int(x: object, low: int | None = None) -> bool:
+    """x is an int (a bool is not), and at least `low` if given."""
+    return isinstance(x, int) and not isinstance(x, bool) and (low is None or x >= low)
+
+
+def is_number(x: object) -> bool:
+    """x is a finite real number (a bool is not)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_positive_ints(config: object, names: tuple[str, ...]) -> None:
+    """A config's fields `names` are positive ints, else a ValueError naming the first that is not."""
+    for name in names:
+        if not is_int(getattr(config, name), 1):
+            raise ValueError(f"{name} must be a positive int, got {getattr(config, name)!r}")
+
+
 def _shape(x: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in x.shape) + "]"
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_positive_ints, is_number
 from ._files import write_atomically
 
 IGNORE = -100  # the label of a position that is not scored (torch's cross_entropy ignore_index)
@@ -51,15 +52,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("steps", "batch_size", "eval_every"))
         for name, lo, hi in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf), ("warmup", 0.0, 1.0),
                              ("min_lr", 0.0, 1.0), ("grad_clip", 0.0, math.inf)):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
-                    and math.isfinite(value)):
+            if not (is_number(value) and lo <= value <= hi):
                 raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from .._checks import check_positive_ints
 from .._files import write_atomically
 
 MEMORIES = ("linear_attention", "gated_linear_attention", "delta_rule", "delta_rule_3_passes", "mesa",
@@ -46,10 +47,7 @@ class CapacityConfig:
     out: str = "runs/capacity"
 
     def __post_init__(self) -> None:
-        for name in ("dim", "trials"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("dim", "trials"))
 
     def pair_counts(self) -> list[int]:
         """N from 1 to 4d: every integer up to 4, then steps of d / 4."""

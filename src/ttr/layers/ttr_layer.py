@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..ops import MiniBatchState
 from ..ops.kv_cache import KVCache
 from ..ops._varlen import check_cu_seqlens
@@ -31,7 +32,7 @@ NORM_EPS = 1e-5
 
 
 def _positive_int(name: str, x: object) -> int:
-    if not isinstance(x, int) or isinstance(x, bool) or x < 1:
+    if not is_int(x, 1):
         raise ValueError(f"{name} must be a positive int, got {x!r}")
     return x
 

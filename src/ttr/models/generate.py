@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._checks import is_int, is_number
 from .lm import LanguageModel
 
 
@@ -51,28 +52,20 @@ def next_token(logits: Tensor, temperature: float = 0.0, top_k: int | None = Non
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _token(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
                     eos_token_id: int | list[int] | None, pad_token_id: int, vocab_size: int) -> None:
-    if not _token(max_new_tokens) or max_new_tokens < 0:
+    if not is_int(max_new_tokens, 0):
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if not (_number(temperature) and temperature >= 0):
+    if not (is_number(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (not _token(top_k) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    in_vocab = lambda t: _token(t) and 0 <= t < vocab_size  # noqa: E731
+    in_vocab = lambda t: is_int(t) and 0 <= t < vocab_size  # noqa: E731
     if not in_vocab(pad_token_id):
         raise ValueError(f"pad_token_id must be a token id in [0, {vocab_size}), got {pad_token_id!r}")
-    eos = [eos_token_id] if eos_token_id is None or _token(eos_token_id) else eos_token_id
+    eos = [eos_token_id] if eos_token_id is None or is_int(eos_token_id) else eos_token_id
     if eos_token_id is not None and not (isinstance(eos, (list, tuple)) and eos and all(map(in_vocab, eos))):
         raise ValueError(f"eos_token_id must be None, a token id in [0, {vocab_size}) or a list of them, got "
                          f"{eos_token_id!r}")

@@ -21,16 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_positive_ints, is_int, is_number
 from ..layers import LayerState, TTRLayer
 from ..ops import MiniBatchState
 from ..layers.gates import DT_RANGE
 from ..recipe import PRESETS, Recipe
 
 Memory = str | Recipe
-
-
-def _count(x: object, low: int) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
 
 
 def _swiglu_width(d_model: int) -> int:
@@ -61,25 +58,22 @@ class LMConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size"):
-            if not _count(getattr(self, name), 1):
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        check_positive_ints(self, ("vocab_size", "d_model", "n_layers", "n_heads", "chunk_size"))
         for name in ("head_dim", "num_kv_heads"):
-            if getattr(self, name) is not None and not _count(getattr(self, name), 1):
+            if getattr(self, name) is not None and not is_int(getattr(self, name), 1):
                 raise ValueError(f"{name} must be None or a positive int, got {getattr(self, name)!r}")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"n_heads = {self.n_heads} does not divide d_model = {self.d_model}; pass head_dim")
-        if self.mlp_width is not None and not _count(self.mlp_width, 0):
+        if self.mlp_width is not None and not is_int(self.mlp_width, 0):
             raise ValueError(f"mlp_width must be None (8/3 d_model), 0 (no MLP) or a positive int, got "
                              f"{self.mlp_width!r}")
-        if not _count(self.conv_size, 0):
+        if not is_int(self.conv_size, 0):
             raise ValueError(f"conv_size must be an int >= 0 (0: no short convolution), got {self.conv_size!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         for name in ("norm_eps", "init_std", "expand_v"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and value > 0):
+            if not (is_number(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if not (isinstance(self.dt_range, (tuple, list)) and len(self.dt_range) == 2):
             raise ValueError(f"dt_range must be a pair (dt_min, dt_max), got {self.dt_range!r}")

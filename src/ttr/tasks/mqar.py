@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._checks import check_positive_ints
 from ..train import IGNORE  # the label of positions that are not queries
 
 
@@ -30,10 +31,7 @@ class MQARConfig:
     random_filler: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "num_kv_pairs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("vocab_size", "seq_len", "num_kv_pairs"))
         if self.seq_len % 2:
             raise ValueError(f"seq_len must be even (pairs, then queries at even offsets), got {self.seq_len}")
         if 4 * self.num_kv_pairs > self.seq_len:
