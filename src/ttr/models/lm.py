@@ -228,9 +228,11 @@ class LanguageModel(nn.Module):
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be an integer tensor [B, T], got "
                              f"{_describe(input_ids)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, vocab_size = {self.config.vocab_size}), got values in "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if input_ids.numel():  # one pass over the ids, one read back (every decoding step comes here)
+            low, high = (int(x) for x in torch.aminmax(input_ids))
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, vocab_size = {self.config.vocab_size}), got values in "
+                                 f"[{low}, {high}]")
         if cache is not None and (not isinstance(cache, ModelCache) or len(cache.states) != len(self.blocks)):
             raise ValueError(f"cache must be the ModelCache of this model's {len(self.blocks)} layers "
                              "(model.new_cache()), got " + _describe(cache))
