@@ -123,11 +123,13 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]
     return B, T, H, Dk, v.shape[-1]
 
 
-def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int, scalar_for: str | None = None) -> str | None:
-    """A log-gate g <= 0 is [B, T, H] (scalar per head) or [B, T, H, Dk] (per key channel); an op that
-    takes only scalar gates names itself in `scalar_for`.
+def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int, scalar_for: str | None = None,
+                   Dv: int | None = None) -> str | None:
+    """A log-gate g <= 0 is [B, T, H] (scalar per head) or [B, T, H, Dk] (per key channel), or, for an op that
+    passes its value width Dv, [B, T, H, Dk, Dv] (per state entry); an op that takes only scalar gates names
+    itself in `scalar_for`.
 
-    Returns "scalar", "vector" or None.
+    Returns "scalar", "vector", "entry" or None.
     """
     if g is None:
         return None
@@ -139,8 +141,11 @@ def check_log_gate(g: Tensor | None, B: int, T: int, H: int, Dk: int, scalar_for
         kind = "scalar"
     elif tuple(g.shape) == (B, T, H, Dk):
         kind = "vector"
+    elif Dv is not None and tuple(g.shape) == (B, T, H, Dk, Dv):
+        kind = "entry"
     else:
-        raise ValueError(f"g must be [B, T, H] = [{B}, {T}, {H}] or [B, T, H, Dk] = [{B}, {T}, {H}, {Dk}], "
+        entry = "" if Dv is None else f" or [B, T, H, Dk, Dv] = [{B}, {T}, {H}, {Dk}, {Dv}]"
+        raise ValueError(f"g must be [B, T, H] = [{B}, {T}, {H}] or [B, T, H, Dk] = [{B}, {T}, {H}, {Dk}]{entry}, "
                          f"got {_shape(g)}")
     lo, hi = _bounds("g", g)  # one pass: nan and inf show in the bounds
     if not (math.isfinite(lo) and math.isfinite(hi)):

@@ -27,7 +27,8 @@ from .weights import gamma_matrix
 @dataclass
 class Problem:
     """One regression problem: regressors X [n, p] (e.g. phi(k_i)), targets Y [n, Dv], weights gamma
-    [n, 1] (a weight per association) or [n, p] (per regressor channel, as a vector gate gives)."""
+    [n, 1] (a weight per association), [n, p] (per regressor channel, as a vector gate gives) or [n, p, Dv] (per
+    entry of M^T, as Mamba's gate gives)."""
 
     X: Tensor
     Y: Tensor
@@ -67,7 +68,8 @@ class BatchGD:
             M_i = M.expand(n, dv, p) + torch.zeros(n, dv, p, dtype=M.dtype, requires_grad=True)
             (grads,) = torch.autograd.grad(problem.losses(M_i).sum(), M_i, create_graph=_keep_graph(
                 problem.X, problem.Y, problem.gamma, problem.prior_grad, M))
-            direction = (problem.gamma[:, None, :] * grads).sum(0)
+            gamma = problem.gamma[:, None, :] if problem.gamma.dim() == 2 else problem.gamma.transpose(1, 2)
+            direction = (gamma * grads).sum(0)
             if step == 0 and problem.prior_grad is not None:
                 direction = direction + problem.prior_grad
             M = M - self.lr * direction
@@ -99,10 +101,10 @@ def _float64(*xs: Tensor | None) -> list[Tensor | None]:
 
 
 def _start_decay(g: Tensor | None, B: int, T: int, H: int) -> Tensor:
-    """exp(G_t): how much of a carried state survives to time t. [B, T, H, 1 or Dk]."""
+    """exp(G_t): how much of a carried state survives to time t. [B, T, H, 1 or Dk], or [B, T, H, Dk, Dv]."""
     if g is None:
         return torch.ones(B, T, H, 1, dtype=torch.float64)
-    g = g if g.dim() == 4 else g.unsqueeze(-1)
+    g = g.unsqueeze(-1) if g.dim() == 3 else g
     return torch.exp(g.cumsum(1))
 
 
@@ -122,41 +124,63 @@ def _bonus_weights(g: Tensor | None, u: Tensor, B: int, T: int, H: int) -> tuple
     return gamma, torch.exp(read)
 
 
+def _complex_weights(g: Tensor | None, angle: Tensor, B: int, T: int, H: int) -> tuple[Tensor, Tensor]:
+    """A complex gate's weights, per key channel: gamma_i^(t) = exp(G_t - G_i + i (Theta_t - Theta_i)) for i <= t,
+    and exp(G_t + i Theta_t) for a carried state. Returns (gamma [B, H, T, T, D], start [B, T, H, D]), complex."""
+    D = angle.shape[-1]
+    g = torch.zeros_like(angle) if g is None else (g if g.dim() == 4 else g.unsqueeze(-1)).expand(B, T, H, D)
+    log_alpha = torch.complex(g, angle).cumsum(1)                      # G_t + i Theta_t
+    A = log_alpha.transpose(1, 2)
+    diff = A[:, :, :, None, :] - A[:, :, None, :, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[:, :, None]
+    return torch.where(causal, torch.exp(torch.where(causal, diff, 0)), 0), torch.exp(log_alpha)
+
+
 def parametric(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, optimizer: Optimizer,
                feature_map: str | Callable[[Tensor], Tensor] | None = None, scale: float | None = None,
-               initial_state: Tensor | None = None, bonus: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Memory m(k) = M phi(k) fitted at every t; y_t = M_t (scale phi(q_t)).
+               initial_state: Tensor | None = None, bonus: Tensor | None = None,
+               angle: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Memory m(k) = M phi(k) fitted at every t; y_t = M_t (scale phi(q_t)). g: a log-gate [B, T, H], [B, T, H, D_phi]
+    or, per entry of the state (Mamba), [B, T, H, D_phi, Dv].
 
     Returns (y [B, T, H, Dv], final state M_T^T [B, H, D_phi, Dv]), float64. `initial_state`, as the
     ops carry it, is the gradient at zero of earlier associations; it decays like any association.
     bonus u [H, D_phi] (RWKV-6): association t weighs u at t, and the earlier ones are not yet decayed by
     the gate of t (_bonus_weights). The final state is the memory after the last token's update, as the ops
     carry it: the weights that a next token would read before its own gate.
+    angle [B, T, H, D_phi] (GateLoop, LRU): complex weights (_complex_weights), so one step of batch GD gives a
+    complex M_t; the answer is its real part, Re(M_t) (scale phi(q_t)), and the state is [Re M_T^T; Im M_T^T]
+    [B, H, 2 D_phi, Dv], as is a carried one.
     """
-    q, k, v, g, initial_state, bonus = _float64(q, k, v, g, initial_state, bonus)
+    q, k, v, g, initial_state, bonus, angle = _float64(q, k, v, g, initial_state, bonus, angle)
     phi = get_feature_map(feature_map)
     B, T, H, Dk = q.shape
     scale = Dk ** -0.5 if scale is None else scale
     X_all, Q_all = phi(k), phi(q) * scale
-    if bonus is None:
+    if angle is not None:
+        gamma, start = _complex_weights(g, angle, B, T, H)
+        if initial_state is not None:  # the carried complex state from its real and imaginary rows
+            initial_state = torch.complex(*initial_state.chunk(2, dim=-2))
+    elif bonus is None:
         gamma = gamma_matrix(g, T, batch=(B, H))
         start = _start_decay(g, B, T, H)
     else:
         gamma, start = _bonus_weights(g, bonus, B, T, H)
     ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
-    final = torch.zeros(B, H, X_all.shape[-1], v.shape[-1], dtype=torch.float64)
+    final = torch.zeros(B, H, X_all.shape[-1] * (1 if angle is None else 2), v.shape[-1], dtype=torch.float64)
     for b in range(B):
         for h in range(H):
             row = []
             for t in range(T):
                 prior = None
                 if initial_state is not None:
-                    prior = -(start[b, t, h][:, None] * initial_state[b, h]).T
+                    carried = start[b, t, h]
+                    prior = -((carried[:, None] if carried.dim() == 1 else carried) * initial_state[b, h]).T
                 problem = Problem(X_all[b, : t + 1, h], v[b, : t + 1, h], gamma[b, h, t, : t + 1], prior)
                 M = optimizer.fit(problem)
-                row.append(M @ Q_all[b, t, h])
+                row.append((M @ Q_all[b, t, h].to(M.dtype)).real)
             ys[b, :, h] = torch.stack(row)
-            final[b, h] = M.T
+            final[b, h] = M.T if angle is None else torch.cat([M.real.T, M.imag.T])
     if bonus is not None:  # what a next token reads before its own gate: the weights of the memory without u at T
         final = parametric(q, k, v, g, optimizer=optimizer, feature_map=feature_map, scale=scale,
                            initial_state=initial_state)[1]
@@ -436,3 +460,4 @@ def kernel_regression(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, ridge: fl
                 alpha = torch.linalg.solve(gram + ridge * torch.eye(len(K), dtype=torch.float64), V)
                 ys[b, t, h] = alpha.T @ torch.stack([kern(a, q[b, t, h]) for a in K])
     return ys
+

@@ -74,10 +74,10 @@ def constant_log_gate(decay: float, shape: tuple[int, ...], **like) -> Tensor:
 
 def gamma_matrix(g: Tensor | None, T: int, *, batch: tuple[int, int] = (1, 1), dtype=torch.float64,
                  device=None) -> Tensor:
-    """All weights at once: gamma[b, h, t, i, c] = exp(G_t - G_i) for i <= t, else 0.
+    """All weights at once: gamma[b, h, t, i, ...] = exp(G_t - G_i) for i <= t, else 0.
 
-    g is None (uniform), [B, T, H] or [B, T, H, Dk]; the last axis c has size 1 or Dk.
-    This is the literal form the oracle uses: quadratic in T, for references only.
+    g is None (uniform), [B, T, H], [B, T, H, Dk] or [B, T, H, Dk, Dv] (per state entry); the trailing axes are
+    1, Dk, or Dk and Dv. This is the literal form the oracle uses: quadratic in T, for references only.
     """
     if g is None:
         B, H = batch
@@ -86,7 +86,7 @@ def gamma_matrix(g: Tensor | None, T: int, *, batch: tuple[int, int] = (1, 1), d
     g = g.to(dtype)
     if g.dim() == 3:
         g = g.unsqueeze(-1)
-    G = g.cumsum(1).transpose(1, 2)  # [B, H, T, C]
-    diff = G[:, :, :, None, :] - G[:, :, None, :, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=g.device).tril()[:, :, None]
+    G = g.cumsum(1).movedim(1, 2)  # [B, H, T, ...]
+    diff = G[:, :, :, None] - G[:, :, None]
+    causal = torch.ones(T, T, dtype=torch.bool, device=g.device).tril().view(T, T, *[1] * (G.dim() - 3))
     return torch.exp(torch.where(causal, diff, torch.full_like(diff, -math.inf)))

@@ -21,6 +21,14 @@ weighs association t by u and the earlier ones i < t by alpha_{i+1} ... alpha_{t
 yet decayed them), so the answer reads the state before this token's update:
     o_t = (S_{t-1} + diag(u) phi(k_t) v_t^T)^T (scale phi(q_t)),   S_t = alpha_t S_{t-1} + phi(k_t) v_t^T.
 The state, and so everything carried between calls, is the same as without u.
+
+An angle theta [B, T, H, Dk] makes the gate complex (GateLoop, LRU): alpha_t = exp(g_t + i theta_t) per key channel,
+so each channel's memory decays and rotates, gamma_i^(t) = exp(G_t - G_i + i (Theta_t - Theta_i)) with Theta the
+cumulative angle, and the answer is the real part: o_t = Re(S_t^T (scale phi(q_t))) with S_t complex. The state
+holds Re S_t over Im S_t, [B, H, 2 D_phi, Dv]. The rotation is absorbed into q and k exactly:
+    Re(q^T e^(i(Theta_t - Theta_j)) k) = [q cos Theta_t, -q sin Theta_t] . [k cos Theta_j, -k sin Theta_j],
+so the chunk form is the real vector-gated one on 2 D_phi channels, in the frame of each chunk's start (angles
+turned since then, small), and the carried state turns by the chunk's total angle between chunks.
 """
 
 from __future__ import annotations
@@ -32,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import (check_log_gate, check_mode, check_qkv, check_state, compute_dtype, finite_answer, log_gate_as,
-                       scale_or, vouch)
+from .._checks import (all_finite, check_log_gate, check_mode, check_qkv, check_state, compute_dtype, finite_answer,
+                       log_gate_as, scale_or, vouch)
 from ..features import get_feature_map
 from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
@@ -49,6 +57,7 @@ def linear_attention(
     normalize: bool = False,
     scale: float | None = None,
     bonus: Tensor | None = None,
+    angle: Tensor | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
@@ -56,9 +65,11 @@ def linear_attention(
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Linear attention as one step of batch GD. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; bonus u [H, D_phi]: the
-    newest association's weight (RWKV-6; module docstring).
+    newest association's weight (RWKV-6); angle [B, T, H, D_phi]: the complex gate's rotation per key channel
+    (GateLoop, LRU; module docstring).
 
-    Returns (o [B, T, H, Dv] in the input dtype, final state [B, H, D_phi, Dv(+1)] in float32/64 or None).
+    Returns (o [B, T, H, Dv] in the input dtype, final state [B, H, D_phi, Dv(+1)] in float32/64 or None; with an
+    angle [B, H, 2 D_phi, Dv], the real over the imaginary part).
     `scale` defaults to Dk^-1/2 (Dk before the feature map), as in fla. Modes: "chunk" (training),
     "recurrent" (token by token, the decoding path). cu_seqlens [N + 1] (with B = 1) packs N sequences:
     states start afresh at each boundary, initial and final states are [N, H, D_phi, Dv(+1)].
@@ -77,24 +88,34 @@ def linear_attention(
             raise ValueError(f"normalize=True needs non-negative features phi(q), phi(k) (weights phi(q)^T phi(k) "
                              f">= 0); feature map {phi.name!r} gave a value of {low:.4g}")
     Df = k.shape[-1]
-    kind = check_log_gate(g, B, T, H, Df)
+    kind = check_log_gate(g, B, T, H, Df, Dv=Dv)
+    if kind == "entry" and (normalize or bonus is not None or angle is not None):
+        raise ValueError("a per-entry gate g [B, T, H, D_phi, Dv] (Mamba) is for the unnormalized memory without a "
+                         "bonus or an angle: pass normalize=False, bonus=None, angle=None")
     scale = scale_or(scale, Dk ** -0.5)
     q = q * scale
     if normalize:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     rows = B if cu is None else cu.numel() - 1
-    check_state("initial_state", initial_state, (rows, H, Df, v.shape[-1]))
+    theta = _check_angle(angle, (B, T, H, Df), normalize, bonus, dt)
+    check_state("initial_state", initial_state, (rows, H, Df if theta is None else 2 * Df, v.shape[-1]))
     u = _check_bonus(bonus, H, Df, normalize, dt)
-    # g as [B, T, H, 1 or Dk]: one broadcasting rule serves scalar and vector gates.
+    # g as [B, T, H, 1 or Dk]: one broadcasting rule serves scalar and vector gates (a per-entry gate keeps its Dv)
     g = log_gate_as(g, dt)
     g = None if g is None else (g.unsqueeze(-1) if kind == "scalar" else g)
+    if theta is not None and g is not None:  # the real and imaginary rows decay alike
+        g = g.expand(B, T, H, Df).repeat(1, 1, 1, 2)
     s0 = None if initial_state is None else initial_state.to(dt)
-    core = (functools.partial(_recurrent, u=u) if mode == "recurrent"
-            else functools.partial(_chunked, C=chunk_size, vector=kind == "vector", u=u))
+    if mode == "recurrent":
+        core = functools.partial(_recurrent, u=u)
+    elif kind == "entry":
+        core = functools.partial(_chunked_entry, C=chunk_size)
+    else:
+        core = functools.partial(_chunked, C=chunk_size, vector=kind == "vector" or theta is not None, u=u)
     if cu is None:
-        o, state = core(q, k, v, g, s0)
-    else:  # zero features and gates outside the sequences: no association, no decay
-        o, state = run_packed(core, cu, [q, k, v, g], s0, None if mode == "recurrent" else chunk_size)
+        o, state = core(q, k, v, g, theta, s0)
+    else:  # zero features, gates and angles outside the sequences: no association, no decay, no turn
+        o, state = run_packed(core, cu, [q, k, v, g, theta], s0, None if mode == "recurrent" else chunk_size)
     if normalize:
         # Non-negative features: a zero normalizer means every weight is zero, and so is the numerator; the
         # answer there is 0, with gradient 0 (dividing by a clamped normalizer would give 0 * inf = NaN)
@@ -123,35 +144,98 @@ def _check_bonus(bonus: Tensor | None, H: int, Df: int, normalize: bool, dt: tor
     return bonus.to(dt)
 
 
-def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None,
+def _check_angle(angle: Tensor | None, shape: tuple[int, ...], normalize: bool, bonus: Tensor | None,
+                 dt: torch.dtype) -> Tensor | None:
+    if angle is None:
+        return None
+    if not isinstance(angle, Tensor) or tuple(angle.shape) != shape or not angle.is_floating_point():
+        raise ValueError(f"angle must be a floating-point tensor [B, T, H, D_phi] = {list(shape)}, got "
+                         f"{list(angle.shape) if isinstance(angle, Tensor) else type(angle).__name__}")
+    if normalize or bonus is not None:
+        raise ValueError("angle (a complex gate) is for the unnormalized memory without a bonus: pass normalize=False "
+                         "and bonus=None")
+    if not all_finite(angle):
+        raise ValueError("angle holds non-finite values")
+    return angle.to(dt)
+
+
+def _rotate(state: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The complex state [..., 2 Dk, Dv] (real over imaginary rows) times exp(i theta) per key channel."""
+    re, im = state.chunk(2, dim=-2)
+    cos, sin = cos[..., None], sin[..., None]
+    return torch.cat([cos * re - sin * im, sin * re + cos * im], dim=-2)
+
+
+def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | None, s0: Tensor | None,
                u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    if theta is not None:  # a complex state: k v^T is written into the real rows, the answer reads them
+        q, k = F.pad(q, (0, q.shape[-1])), F.pad(k, (0, k.shape[-1]))
     B, T, H, Dk = k.shape
     state = q.new_zeros(B, H, Dk, v.shape[-1]) if s0 is None else s0
+    # unbind once: indexing x[:, t] would make backward build a full-size zero gradient per token
+    none = [None] * T
+    gates = none if g is None else g.unbind(1)
+    turns = none if theta is None else list(zip(theta.cos().unbind(1), theta.sin().unbind(1)))
     outs = []
-    for t in range(T):
+    for q_t, k_t, v_t, g_t, turn in zip(q.unbind(1), k.unbind(1), v.unbind(1), gates, turns):
         if u is not None:  # read before this token's update, the newest association weighted by u
-            newest = (q[:, t] * u * k[:, t]).sum(-1, keepdim=True) * v[:, t]
-            outs.append((q[:, t, :, None, :] @ state)[..., 0, :] + newest)
-        if g is not None:
-            state = state * torch.exp(g[:, t]).unsqueeze(-1)
-        state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
+            newest = (q_t * u * k_t).sum(-1, keepdim=True) * v_t
+            outs.append((q_t[:, :, None, :] @ state)[..., 0, :] + newest)
+        if g_t is not None:  # rows of the state ([B, H, 1 or Dk]), or its entries ([B, H, Dk, Dv])
+            decay = torch.exp(g_t)
+            state = state * (decay if decay.dim() == 4 else decay.unsqueeze(-1))
+        if turn is not None:
+            state = _rotate(state, *turn)
+        state = state + k_t[:, :, :, None] * v_t[:, :, None, :]
         if u is None:
-            outs.append((q[:, t, :, None, :] @ state)[..., 0, :])
+            outs.append((q_t[:, :, None, :] @ state)[..., 0, :])
     return torch.stack(outs, dim=1), state
 
 
-def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | None, C: int,
+def _chunked_entry(q: Tensor, k: Tensor, v: Tensor, g: Tensor, theta: None, s0: Tensor | None,
+                   C: int) -> tuple[Tensor, Tensor]:
+    """Chunkwise form of a per-entry gate (Mamba), g [B, T, H, Dk, Dv]. No matrix product carries a decay that
+    differs per entry, so within a chunk the state runs token by token from zero, all chunks at once (C steps of
+    [N, Dk, Dv]), the chunks' end states are then carried across chunks (N steps), and each token reads the start
+    state of its chunk decayed by exp(G_i), G the within-chunk cumulative log-gate. Every factor is <= 1: nothing
+    overflows. The work is the recurrent form's, O(T Dk Dv), in C + N steps instead of T.
+    """
+    T = q.shape[1]
+    qc, kc, vc, gc = (to_chunks(x, C) for x in (q, k, v, g))  # [B, H, N, C, ...]
+    local = q.new_zeros(*qc.shape[:3], kc.shape[-1], vc.shape[-1])
+    outs = []
+    for q_i, k_i, v_i, g_i in zip(*(x.unbind(3) for x in (qc, kc, vc, gc))):
+        local = local * torch.exp(g_i) + k_i[..., :, None] * v_i[..., None, :]
+        outs.append((q_i[..., None, :] @ local)[..., 0, :])
+    G = gc.cumsum(3)
+    state = torch.zeros_like(local[:, :, 0]) if s0 is None else s0
+    starts = []
+    for end, decay in zip(local.unbind(2), torch.exp(G[:, :, :, -1]).unbind(2)):
+        starts.append(state)
+        state = state * decay + end
+    carried = torch.einsum("bhnck,bhnckv,bhnkv->bhncv", qc, torch.exp(G), torch.stack(starts, dim=2))
+    return from_chunks(torch.stack(outs, dim=3) + carried, T), state
+
+
+def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | None, s0: Tensor | None, C: int,
              vector: bool, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Chunkwise form: within a chunk a masked (decayed) attention, across chunks the state.
 
     With G the within-chunk cumulative log-gate, token i of a chunk sees
         the chunk's start state decayed by exp(G_i)   and   token j <= i decayed by exp(G_i - G_j).
     Every exponent formed is <= 0, so nothing overflows however strong the decay. With a bonus u, token i reads
-    before its own gate: exp(G_{i-1}) and exp(G_{i-1} - G_j) for j < i, and u for j = i.
+    before its own gate: exp(G_{i-1}) and exp(G_{i-1} - G_j) for j < i, and u for j = i. With an angle, q and k
+    turn by the angle Theta turned since the chunk's start (module docstring) and the state by the chunk's total.
     """
     T = q.shape[1]
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
     B, H, N = qc.shape[:3]
+    turns = [None] * N
+    if theta is not None:
+        Theta = to_chunks(theta, C).cumsum(-2)
+        cos, sin = Theta.cos(), Theta.sin()
+        qc, kc = torch.cat([qc * cos, -qc * sin], dim=-1), torch.cat([kc * cos, -kc * sin], dim=-1)
+        turns = list(zip(cos[..., -1, :].unbind(2), sin[..., -1, :].unbind(2)))
     # j <= i, or j < i with the diagonal (the newest association, weighted by u) added on its own
     mask = causal_mask(C, q.device) if u is None else causal_mask(C, q.device).tril(-1)
     diagonal = (qc * kc).sum(-1) if u is None else (qc * u[:, None, None, :] * kc).sum(-1)
@@ -178,9 +262,11 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, s0: Tensor | Non
     starts = []
     # unbind once: indexing inside the loop would make backward build a full-size zero gradient per chunk
     decays = [None] * N if chunk_decay is None else chunk_decay.unbind(2)
-    for update, decay in zip(updates.unbind(2), decays):
+    for update, decay, turn in zip(updates.unbind(2), decays, turns):
         starts.append(state)
         state = state + update if decay is None else state * decay + update
+        if turn is not None:  # from the chunk's start frame to the true state at its end
+            state = _rotate(state, *turn)
     o = o + q_in @ torch.stack(starts, dim=2)
     return from_chunks(o, T), state
 
