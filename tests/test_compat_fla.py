@@ -6,6 +6,7 @@ length (T = 37 over chunks of 16 and 64), default and explicit scales, in-kernel
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -51,6 +52,21 @@ def ref_gla(q, k, v, gk, *, h0=None, scale=None, reverse=False):
             S = S * gk[:, t].exp()[..., None]
         S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
         o[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t] * scale)
+    return o, S
+
+
+def ref_rwkv6(q, k, v, w, u, *, h0=None, scale=None, reverse=False):
+    """fla's fused_recurrent_rwkv6 kernel: each token reads the state before its own update, its own k_t v_t^T
+    weighted per key channel by the bonus u [H, K]: o_t = (S + diag(u) k_t v_t^T)^T (scale q_t); then
+    S <- diag(exp(w_t)) S + k_t v_t^T. reverse walks each sequence from its last token."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    S = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3]) if h0 is None else h0.clone()
+    o = torch.zeros_like(v)
+    steps = range(q.shape[1])
+    for t in reversed(steps) if reverse else steps:
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]               # [B, H, K, V]
+        o[:, t] = torch.einsum("bhkv,bhk->bhv", S + u[None, :, :, None] * kv, q[:, t] * scale)
+        S = S * w[:, t].exp()[..., None] + kv
     return o, S
 
 
@@ -116,7 +132,7 @@ def reference(ref, args, h0, packed, **kw):
     outs, states = [], []
     for n in range(len(CU) - 1):
         a, b = int(CU[n]), int(CU[n + 1])
-        seq = [x if x is None or x.dim() < 3 else x[:, a:b] for x in args]  # lamb [H, K] is not per token
+        seq = [x if x is None or x.dim() < 3 else x[:, a:b] for x in args]  # lamb, u [H, K]: not per token
         s0 = None if h0 is None else (tuple(s[n:n + 1] for s in h0) if isinstance(h0, tuple) else h0[n:n + 1])
         o, s = ref(*seq, h0=s0, **kw)
         outs.append(o)
@@ -155,6 +171,10 @@ FLA_SIGNATURES = {  # fla-core 0.6.0, copied from its source
                             "**kwargs"],
     "chunk_retention": ["q", "k", "v", "scale=None", "initial_state=None", "output_final_state=False",
                         "cu_seqlens=None", "**kwargs"],
+    "chunk_rwkv6": ["r", "k", "v", "w", "u", "scale=None", "initial_state=None", "output_final_state=False",
+                    "cu_seqlens=None", "cu_seqlens_cpu=None", "**kwargs"],
+    "fused_recurrent_rwkv6": ["r", "k", "v", "w", "u", "scale=None", "initial_state=None",
+                              "output_final_state=False", "reverse=False", "cu_seqlens=None"],
     "fused_recurrent_retention": ["q", "k", "v", "scale=None", "initial_state=None", "output_final_state=False",
                                   "reverse=False", "state_v_first=False", "cu_seqlens=None", "**kwargs"],
     "chunk_delta_rule": ["q", "k", "v", "beta", "scale=None", "initial_state=None", "output_final_state=False",
@@ -290,6 +310,44 @@ def test_retention(fused, reverse, chunk_size, packed):
     ref_o, ref_ht = reference(ref_gla, (q, k, v, decay[:, None].expand(B, T, H, K)), h0, packed, reverse=reverse)
     close(o, ref_o)
     close(ht, ref_ht)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RWKV-6
+
+
+def rwkv6_inputs(B: int):
+    """r, k, v, the log decay w [B, T, H, K] and the bonus u [H, K] (either sign, as RWKV-6's learned u)."""
+    return (*qkv(B), log_gate(B, T, H, K, seed=7), rand(H, K, seed=3))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("fused, reverse, chunk_size", [(False, False, 16), (False, False, 64), (False, False, None),
+                                                        (True, False, None), (True, True, None)])
+def test_rwkv6(fused, reverse, chunk_size, scale, packed):
+    B, N = rows(packed)
+    args, h0 = rwkv6_inputs(B), rand(N, H, K, V, seed=9)
+    kw = dict(scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=CU if packed else None)
+    if fused:
+        o, ht = fla.fused_recurrent_rwkv6(*args, reverse=reverse, **kw)
+    else:
+        o, ht = fla.chunk_rwkv6(*args, **kw, **({} if chunk_size is None else dict(chunk_size=chunk_size)))
+    ref_o, ref_ht = reference(ref_rwkv6, args, h0, packed, scale=scale, reverse=reverse)
+    close(o, ref_o)
+    close(ht, ref_ht)
+
+
+@pytest.mark.parametrize("op", ["chunk_rwkv6", "fused_recurrent_rwkv6"])
+def test_rwkv6_without_initial_or_final_state(op):
+    """No initial state: a zero one; no state asked for: None. And the bonus is honored: the output is not
+    GLA's, which reads the state after the token's gate and write."""
+    args = rwkv6_inputs(2)
+    o, none = getattr(fla, op)(*args)
+    assert none is None
+    close(o, ref_rwkv6(*args)[0])
+    q, k, v, w, _ = args
+    assert not torch.allclose(o, ref_gla(q, k, v, w)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,12 +511,23 @@ def test_dtypes_as_fla(dtype):
         assert o.dtype == dtype and ht.dtype == torch.float32
     _, (_, z) = fla.chunk_linear_attn(q.sigmoid(), k.sigmoid(), v)
     assert z.dtype == dtype
+    q2, k2, v2, w, u = (x.to(dtype) for x in rwkv6_inputs(2))
+    for op in (fla.chunk_rwkv6, fla.fused_recurrent_rwkv6):
+        o, ht = op(q2, k2, v2, w, u, initial_state=torch.zeros(2, H, K, V), output_final_state=True)
+        assert o.dtype == dtype and ht.dtype == torch.float32
     q, k = (x.to(dtype) for x in mesa_inputs(2, 2, False)[0][:2])
     o, kk, kv = fla.chunk_mesa_net(q, k, q, g, beta, torch.ones(H, K), output_final_state=True)
     assert o.dtype == dtype and kk.dtype == kv.dtype == torch.float32
 
 
-@pytest.mark.parametrize("op", [fla.chunk_linear_attn, fla.fused_recurrent_retention, fla.fused_recurrent_delta_rule])
+_W, _U = log_gate(2, T, H, K, seed=7), rand(H, K, seed=3)
+
+
+@pytest.mark.parametrize("op", [fla.chunk_linear_attn, fla.fused_recurrent_retention, fla.fused_recurrent_delta_rule,
+                                functools.partial(fla.chunk_rwkv6, w=_W, u=_U),
+                                functools.partial(fla.fused_recurrent_rwkv6, w=_W, u=_U)],
+                         ids=["chunk_linear_attn", "fused_recurrent_retention", "fused_recurrent_delta_rule",
+                              "chunk_rwkv6", "fused_recurrent_rwkv6"])
 def test_default_scale_is_inverse_sqrt_key_dim(op):
     (q, _, v), k = qkv(2), delta_keys(2, l2norm=False)
     kw = dict(normalize=False) if op is fla.chunk_linear_attn else {}
@@ -473,6 +542,7 @@ def test_default_scale_is_inverse_sqrt_key_dim(op):
 def _bad_calls():
     q, k, v = qkv(2)
     beta, g = rand(2, T, H, seed=4).sigmoid(), log_gate(2, T, H, seed=7)
+    w, u = log_gate(2, T, H, K, seed=7), rand(H, K, seed=3)
     unit = F.normalize(k, dim=-1)
     return [
         ("head_first", lambda: fla.chunk_simple_gla(q, k, v, head_first=True)),
@@ -500,6 +570,19 @@ def _bad_calls():
         ("batch size must be 1", lambda: fla.chunk_retention(q, k, v, cu_seqlens=torch.tensor([0, 10, T]))),
         ("initial_state", lambda: fla.fused_recurrent_simple_gla(
             q[:1], k[:1], v[:1], initial_state=torch.zeros(2, H, K, V, dtype=q.dtype), cu_seqlens=CU)),
+        ("head_first", lambda: fla.chunk_rwkv6(q, k, v, w, u, head_first=False)),
+        ("unsupported keyword", lambda: fla.chunk_rwkv6(q, k, v, w, u, reverse=True)),  # fla: chunk form has none
+        ("chunk_size", lambda: fla.chunk_rwkv6(q, k, v, w, u, chunk_size=24)),
+        ("w must be", lambda: fla.fused_recurrent_rwkv6(q, k, v, g, u)),               # a per-head gate
+        ("w must be", lambda: fla.chunk_rwkv6(q, k, v, None, u)),
+        ("u must have shape", lambda: fla.chunk_rwkv6(q, k, v, w, u[0])),
+        ("u must have shape", lambda: fla.fused_recurrent_rwkv6(q, k, v, w, rand(H, V, seed=3))),
+        ("u must be", lambda: fla.fused_recurrent_rwkv6(q, k, v, w, None)),
+        ("log-gate", lambda: fla.fused_recurrent_rwkv6(q, k, v, -w, u)),
+        ("batch size must be 1", lambda: fla.chunk_rwkv6(q, k, v, w, u, cu_seqlens=torch.tensor([0, 10, T]))),
+        ("initial_state", lambda: fla.fused_recurrent_rwkv6(
+            q[:1], k[:1], v[:1], w[:1], u, initial_state=torch.zeros(2, H, K, V, dtype=q.dtype), cu_seqlens=CU,
+            reverse=True)),
     ]
 
 

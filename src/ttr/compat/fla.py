@@ -33,6 +33,11 @@ chunk_gla, fused_recurrent_gla -> linear_attention with the vector log-gate g / 
     state's rows).
 chunk_retention, fused_recurrent_retention -> simple GLA with fla's fixed per-head decay
     g_gamma_h = log(1 - 2^(-5 - h)), computed in float32 as fla does.
+chunk_rwkv6, fused_recurrent_rwkv6 -> linear_attention with the vector log-gate w [B, T, H, K] and RWKV-6's
+    bonus u [H, K] (r is fla's name for q): o_t = (S_{t-1} + diag(u) k_t v_t^T)^T (scale q_t), then
+    S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T; token t reads the state before its own gate and write (the
+    initial state undecayed), its own association weighted by u. As in fla, only the fused recurrent form
+    takes `reverse`, and neither takes state_v_first.
 chunk_delta_rule, fused_recurrent_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule ->
     ttr.ops.delta_rule: S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T (scale q_t),
     g [B, T, HV] a log-gate (decay first, then the delta step at the decayed state). beta is [B, T, H] for the
@@ -64,8 +69,9 @@ from .. import ops
 
 __all__ = [
     "chunk_delta_rule", "chunk_gated_delta_rule", "chunk_gla", "chunk_linear_attn", "chunk_mesa_net",
-    "chunk_retention", "chunk_simple_gla", "fused_recurrent_delta_rule", "fused_recurrent_gated_delta_rule",
-    "fused_recurrent_gla", "fused_recurrent_linear_attn", "fused_recurrent_retention", "fused_recurrent_simple_gla",
+    "chunk_retention", "chunk_rwkv6", "chunk_simple_gla", "fused_recurrent_delta_rule",
+    "fused_recurrent_gated_delta_rule", "fused_recurrent_gla", "fused_recurrent_linear_attn",
+    "fused_recurrent_retention", "fused_recurrent_rwkv6", "fused_recurrent_simple_gla",
 ]
 
 L2NORM_EPS = 1e-6      # fla's l2norm: x / sqrt(||x||^2 + eps)
@@ -142,14 +148,16 @@ def _time_reversal(T: int, cu_seqlens: Tensor | None, device: torch.device) -> T
 
 def _gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, *, scale: float | None,
          initial_state: Tensor | None, output_final_state: bool, cu_seqlens: Tensor | None, mode: str,
-         reverse: bool = False, state_v_first: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
-    """S_t = diag(alpha_t) S_{t-1} + k_t v_t^T, o_t = S_t^T (scale q_t), g a log-gate [B, T, H] or [B, T, H, K]."""
+         reverse: bool = False, state_v_first: bool = False, chunk_size: int = 64,
+         bonus: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """S_t = diag(alpha_t) S_{t-1} + k_t v_t^T, o_t = S_t^T (scale q_t), g a log-gate [B, T, H] or [B, T, H, K].
+    With RWKV-6's bonus u [H, K]: o_t = (S_{t-1} + diag(u) k_t v_t^T)^T (scale q_t) instead."""
     if initial_state is not None and state_v_first:
         initial_state = initial_state.transpose(-1, -2)
     if reverse:
         order = _time_reversal(q.shape[1], cu_seqlens, q.device)
         q, k, v, g = (None if x is None else x[:, order] for x in (q, k, v, g))
-    o, state = ops.linear_attention(q, k, v, g, scale=_scale(scale, k), initial_state=initial_state,
+    o, state = ops.linear_attention(q, k, v, g, scale=_scale(scale, k), bonus=bonus, initial_state=initial_state,
                                     output_final_state=output_final_state, mode=mode, chunk_size=chunk_size,
                                     cu_seqlens=cu_seqlens)
     if reverse:
@@ -419,6 +427,64 @@ def fused_recurrent_retention(
     return _gla(q, k, v, _head_gate(None, _retention_gamma(q), q), scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, mode="recurrent", reverse=reverse,
                 state_v_first=_v_first("fused_recurrent_retention", state_v_first, kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RWKV-6
+
+
+def _rwkv6(op: str, r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor, *, scale: float | None,
+           initial_state: Tensor | None, output_final_state: bool, cu_seqlens: Tensor | None, mode: str,
+           reverse: bool = False, chunk_size: int = 64) -> tuple[Tensor, Tensor | None]:
+    """RWKV-6 as GLA with a bonus (module docstring); w and u checked here, as fla has no other form of them."""
+    if not isinstance(w, Tensor) or w.dim() != 4:
+        raise ValueError(f"{op}: w must be the per-channel log decay [B, T, H, K], got "
+                         f"{list(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+    if not isinstance(u, Tensor):
+        raise ValueError(f"{op}: u must be the bonus [H, K], got {type(u).__name__}")
+    _shape(op, "u", u, (k.shape[2], k.shape[3]))
+    return _gla(r, k, v, w, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens, mode=mode, reverse=reverse, chunk_size=chunk_size, bonus=u)
+
+
+def chunk_rwkv6(
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    u: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """fla.ops.rwkv6.chunk_rwkv6: r (q) [B, T, H, K], w the log decay [B, T, H, K], u the bonus [H, K].
+    kwargs: chunk_size (a power of two)."""
+    del cu_seqlens_cpu  # a tiling hint for fla's kernels
+    _check_kwargs("chunk_rwkv6", kwargs, ("chunk_size",))
+    return _rwkv6("chunk_rwkv6", r, k, v, w, u, scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, mode="chunk",
+                  chunk_size=_chunk_size("chunk_rwkv6", kwargs))
+
+
+def fused_recurrent_rwkv6(
+    r: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    u: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """fla.ops.rwkv6.fused_recurrent_rwkv6: r (q) [B, T, H, K], w the log decay [B, T, H, K], u the bonus
+    [H, K]."""
+    return _rwkv6("fused_recurrent_rwkv6", r, k, v, w, u, scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens, mode="recurrent", reverse=reverse)
 
 
 # ---------------------------------------------------------------------------------------------------------
