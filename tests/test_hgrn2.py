@@ -35,7 +35,7 @@ def test_layer_calls_the_gla_op_with_k_one_minus_f_and_g_log_f(num_kv_heads, con
     d, H, Dk = 32, 4, 8
     layer = TTRLayer(d, H, "hgrn2", num_kv_heads=num_kv_heads, conv_size=conv_size, layer_idx=1, n_layers=3,
                      chunk_size=4)
-    assert layer.op.func is ops.linear_attention and layer.tied == "g"
+    assert layer.op.func is ops.linear_attention and layer.joint == ["g"]
     seen = capture_op_call(layer)
     x = torch.randn(2, 11, d)
     y, _ = layer(x)
@@ -73,7 +73,8 @@ def test_lower_bound_grows_with_depth_and_bounds_f():
     assert all(a < b for a, b in zip(bounds, bounds[1:]))
     z = torch.randn(3, 5, 2, 8) * 20  # saturated pre-activations too
     for i, gate in enumerate(gates):
-        _, k, g = gate(torch.randn(3, 5, 2, 8), z)
+        _, k, _, made = gate(None, torch.randn(3, 5, 2, 8), z, None)
+        g = made["g"]
         f = g.exp()
         assert bool((g <= 0).all()) and bool((f >= bounds[i] - 1e-6).all())
         torch.testing.assert_close(k, 1 - f)
@@ -104,7 +105,7 @@ def test_preset_and_gate_are_checked():
     with pytest.raises(ValueError, match="unknown gate"):
         make_inputs(p.recipe, 8, 2, 4, gate="nope")
     # the recipe alone (no preset) is GLA's parameterization: a free key
-    assert TTRLayer(16, 2, p.recipe).tied is None
+    assert TTRLayer(16, 2, p.recipe).joint == []
 
 
 def tiny(**kw) -> LanguageModel:

@@ -14,9 +14,9 @@ if _TYPE_CHECKING:
     from .features import FEATURE_MAPS, FeatureMap, PositiveRandomFeatures
     from .layers import LayerState, ShortConv, TTRLayer
     from .oracle import BatchGD, Exact
-    from .recipe import (MLP, PRESETS, RKHS, Linear, LocalConstant, LocalPolynomial, MiniBatchGD, OnlineSGD, Preset,
-                         Recipe, get_preset)
-    from .weights import FixedDecay, ScalarGate, Uniform, VectorGate
+    from .recipe import (MLP, PRESETS, RKHS, Linear, LocalConstant, LocalPolynomial, MiniBatchGD, NormalizedGD,
+                         OnlineSGD, Preset, Recipe, get_preset)
+    from .weights import ComplexGate, EntryGate, FixedDecay, ScalarGate, Uniform, VectorGate
 
 # Imported on first use, so that `ttr --help` answers without importing torch
 _HOME = {
@@ -25,9 +25,11 @@ _HOME = {
     "LayerState": "layers", "ShortConv": "layers", "TTRLayer": "layers",
     "BatchGD": "oracle", "Exact": "oracle",
     "MLP": "recipe", "PRESETS": "recipe", "RKHS": "recipe", "Linear": "recipe", "LocalConstant": "recipe",
-    "LocalPolynomial": "recipe", "MiniBatchGD": "recipe", "OnlineSGD": "recipe", "Preset": "recipe",
+    "LocalPolynomial": "recipe", "MiniBatchGD": "recipe", "NormalizedGD": "recipe", "OnlineSGD": "recipe",
+    "Preset": "recipe",
     "Recipe": "recipe", "get_preset": "recipe",
-    "FixedDecay": "weights", "ScalarGate": "weights", "Uniform": "weights", "VectorGate": "weights",
+    "ComplexGate": "weights", "EntryGate": "weights", "FixedDecay": "weights", "ScalarGate": "weights",
+    "Uniform": "weights", "VectorGate": "weights",
 }
 
 

@@ -461,3 +461,40 @@ def kernel_regression(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, ridge: fl
                 ys[b, t, h] = alpha.T @ torch.stack([kern(a, q[b, t, h]) for a in K])
     return ys
 
+
+def mlstm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, g: Tensor, *, scale: float | None = None,
+          initial_state: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """mLSTM's memory (Beck et al. 2024), literally: at every t, the regression with weights
+    gamma_i^(t) = exp(i_i) exp(g_{i+1} + ... + g_t) (an input gate times forget gates) is fitted by one step of batch
+    GD from 0 with the query-dependent step 1 / max(|z_t^T s q_t|, 1), z_t = sum_i gamma_i^(t) k_i the weight mass the
+    query sees: y_t = M_t (s q_t) / max(|z_t^T s q_t|, 1), with M_t the unit step's fit (the state C_t^T).
+
+    initial_state (C, n, m), stabilized as the op carries it, holds earlier associations' C e^m (a prior gradient, as
+    parametric() takes it) and n e^m (their weight mass), both decayed by the forget gates since. Returns (y, final
+    state (C_T, n_T, 0)): unstabilized, m = 0.
+    """
+    q, k, v, i, g = _float64(q, k, v, i, g)
+    B, T, H, Dk = q.shape
+    scale = Dk ** -0.5 if scale is None else scale
+    gamma = gamma_matrix(g, T, batch=(B, H)) * torch.exp(i).transpose(1, 2)[:, :, None, :, None]  # [B, H, T, T, 1]
+    start = _start_decay(g, B, T, H)[..., 0]  # exp(g_1 + ... + g_t): what survives of the carried state
+    if initial_state is not None:
+        C0, n0, m0 = _float64(*initial_state)
+        C0, n0 = C0 * torch.exp(m0)[..., None, None], n0 * torch.exp(m0)[..., None]
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    C_T = torch.zeros(B, H, Dk, v.shape[-1], dtype=torch.float64)
+    n_T = torch.zeros(B, H, Dk, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                X, w = k[b, : t + 1, h], gamma[b, h, t, : t + 1]
+                z = (w * X).sum(0)
+                prior = None
+                if initial_state is not None:
+                    prior = -(start[b, t, h] * C0[b, h]).T
+                    z = z + start[b, t, h] * n0[b, h]
+                M = BatchGD().fit(Problem(X, v[b, : t + 1, h], w, prior))
+                x = scale * q[b, t, h]
+                ys[b, t, h] = M @ x / torch.clamp_min((z @ x).abs(), 1.0)
+            C_T[b, h], n_T[b, h] = M.T, z
+    return ys, (C_T, n_T, torch.zeros(B, H, dtype=torch.float64))

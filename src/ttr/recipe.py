@@ -17,7 +17,7 @@ from torch import Tensor
 from . import ops, oracle
 from .features import get_feature_map
 from .oracle import BatchGD, Exact
-from .weights import FixedDecay, ScalarGate, Uniform, VectorGate, Weights
+from .weights import ComplexGate, EntryGate, FixedDecay, ScalarGate, Uniform, VectorGate, Weights
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,17 @@ class MiniBatchGD:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+@dataclass(frozen=True)
+class NormalizedGD:
+    """One step of batch GD from zero whose step is 1 / max(|z_t^T q_t|, 1), z_t = sum_i gamma_i^(t) k_i the weight
+    mass the query sees (mLSTM's normalizer): the step is capped by that mass, and is 1 where the mass is below 1."""
+
+    def describe(self) -> str:
+        return "batch GD, 1 step, lr 1 / max(|z.q|, 1)"
+
+
 Regressor = Linear | LocalConstant | LocalPolynomial | RKHS | MLP
-Optimizer = BatchGD | Exact | OnlineSGD | MiniBatchGD
+Optimizer = BatchGD | Exact | OnlineSGD | MiniBatchGD | NormalizedGD
 
 
 def _describe_optimizer(opt: Optimizer) -> str:
@@ -130,6 +139,8 @@ def _describe_optimizer(opt: Optimizer) -> str:
         return f"batch GD, {opt.steps} step" + ("s" if opt.steps != 1 else "") + (f", lr {opt.lr:g}" if opt.lr != 1 else "")
     if isinstance(opt, Exact):
         return "exact" + (f", ridge {opt.ridge:g}" if opt.ridge else "")
+    if isinstance(opt, NormalizedGD):
+        return opt.describe()
     if isinstance(opt, OnlineSGD):
         what = "online SGD, implicit step" if opt.step == "implicit" else "online SGD"
         return what + (f", {opt.steps_per_token} steps/token" if opt.steps_per_token > 1 else "")
@@ -157,8 +168,17 @@ class Recipe:
         with `inputs` the per-token tensors named by `self.inputs` (log-gate g, step sizes).
         """
         r, o, w = self.regressor, self.optimizer, self.weights
+        input_gate = isinstance(w, ScalarGate) and w.input_gate
+        if isinstance(o, NormalizedGD) and input_gate and isinstance(r, Linear) and r.feature_map == "identity":
+            return functools.partial(ops.mlstm)
+        if input_gate:
+            raise ValueError(f"no op implements {self.describe()} yet: the exp input gate is mLSTM's, with "
+                             "NormalizedGD on a linear memory")
         if isinstance(o, BatchGD) and isinstance(r, Linear) and o.steps == 1 and o.lr == 1.0:
             return functools.partial(ops.linear_attention, feature_map=r.feature_map)
+        if not isinstance(w, (Uniform, FixedDecay, ScalarGate, VectorGate)) or getattr(w, "bonus", False):
+            raise ValueError(f"no op implements {self.describe()} yet: {w.describe()} weights are for one step of "
+                             "batch GD on a linear memory")
         if isinstance(o, Exact) and isinstance(r, LocalConstant) and o.ridge == 0.0:
             return functools.partial(ops.linear_attention, feature_map=r.feature_map, normalize=True)
         if (isinstance(o, Exact) and isinstance(r, Linear) and r.feature_map == "identity" and o.ridge > 0
@@ -188,7 +208,14 @@ class Recipe:
     @property
     def inputs(self) -> tuple[str, ...]:
         """The op's per-token inputs besides q, k, v, by name."""
-        gate = () if isinstance(self.weights, Uniform) else ("g",)
+        w = self.weights
+        if isinstance(w, ScalarGate) and w.input_gate:
+            return ("i", "g")
+        if isinstance(w, VectorGate) and w.bonus:
+            return ("g", "bonus")
+        if isinstance(w, ComplexGate):
+            return ("g", "angle")
+        gate = () if isinstance(w, Uniform) else ("g",)
         o = self.optimizer
         if isinstance(o, OnlineSGD):
             return ("delta",) if o.step == "implicit" else ("beta", *gate)
@@ -206,9 +233,12 @@ class Recipe:
         if isinstance(o, Exact) and isinstance(r, Linear) and o.ridge > 0:
             return oracle.ridge_regression(q, k, v, g, inputs.get("beta"), lamb=o.ridge, scale=scale,
                                            initial_state=initial_state)[0]
+        if isinstance(o, NormalizedGD):
+            return oracle.mlstm(q, k, v, inputs["i"], g, scale=scale, initial_state=initial_state)[0]
         if isinstance(o, (BatchGD, Exact)) and isinstance(r, Linear):
             return oracle.parametric(q, k, v, g, optimizer=o, feature_map=r.feature_map, scale=scale,
-                                     initial_state=initial_state)[0]
+                                     initial_state=initial_state, bonus=inputs.get("bonus"),
+                                     angle=inputs.get("angle"))[0]
         if isinstance(o, Exact) and isinstance(r, LocalPolynomial):
             return oracle.local_polynomial(q, k, v, order=r.order, ridge=o.ridge, scale=scale, qk_norm=r.qk_norm,
                                            initial_state=initial_state)
@@ -267,7 +297,8 @@ class Preset:
     citation: str
     parameterization: str
     # the published parameterization of the per-token inputs where it is more than the weights ingredient's default
-    # module (ttr.layers.gates.GATES): None, the default; "hgrn2", HGRN-2's forget gate with the key tied to it
+    # module (ttr.layers.gates.GATES): None, the default; "hgrn2", HGRN-2's forget gate with the key tied to it;
+    # "rwkv6", RWKV-6's token shift with data-dependent interpolation, decay LoRA and bonus
     gate: str | None = None
 
     def __post_init__(self) -> None:
@@ -278,7 +309,7 @@ class Preset:
 
 
 # the presets' own gate parameterizations (Preset.gate) and the weights ingredient each one parameterizes
-PRESET_GATES: dict[str, type] = {"hgrn2": VectorGate}
+PRESET_GATES: dict[str, type] = {"hgrn2": VectorGate, "rwkv6": VectorGate}
 
 
 _PRESET_LIST = [
@@ -303,6 +334,39 @@ _PRESET_LIST = [
            "softmax-cumsum (so depth order is not enforced in training); TTRLayer's short convolution (fla's "
            "default has none; conv_size=0), per-head RMSNorm and SiLU output gate (fla: one RMSNorm over all heads, "
            "no output gate)", gate="hgrn2"),
+    Preset("rwkv6", "RWKV-6 (Finch)", Recipe(VectorGate(bonus=True), Linear(), BatchGD()),
+           "Peng et al., 2024", "token shift with data-dependent interpolation (ddlerp: mu + LoRA_32(x + (x_prev - x) "
+           "mu_x), per projection r, k, v, w, g), log-decay w = -exp(d + LoRA_64(x_w)) per key channel, bonus u [H, Dk] "
+           "for the newest association, output gate silu(W_g x_g); BlinkDL's initialization by depth (mu from "
+           "1 - (i / d)^(1 - l / L), d from -6 + 5 (n / (D - 1))^(0.7 + 1.3 l / (L - 1)), u from a zigzag). "
+           "Deviations: TTRLayer's short convolution (RWKV-6 has the token shift only; conv_size=0 removes it) and "
+           "per-head RMSNorm (RWKV-6: per-head GroupNorm); scale Dk^-1/2 (RWKV-6: 1), which the per-head norm cancels",
+           gate="rwkv6"),
+    Preset("gateloop", "GateLoop", Recipe(ComplexGate(), Linear(), BatchGD()),
+           "Katsch, 2023", "a complex gate per key channel from a linear projection z = W x + b (one complex number "
+           "per channel): magnitude sigmoid(|z|), phase arg z, so alpha = sigmoid(|z|) exp(i arg z) (the paper's "
+           "sigmoid magnitude and identity phase activations); the answer is Re(q^T S). Deviations: TTRLayer's short "
+           "convolution, per-head RMSNorm and SiLU output gate"),
+    Preset("lru", "LRU (Linear Recurrent Unit)", Recipe(ComplexGate(fixed=True), Linear(), BatchGD()),
+           "Orvieto et al., 2023", "a fixed complex decay per key channel, lambda = exp(-exp(nu) + i exp(theta)) "
+           "(exponential parameterization), initialized uniformly on the ring 0.9 <= |lambda| <= 0.999 with phase "
+           "in [0, pi / 10], and gamma normalization of the input, k <- exp(gamma_log) k with gamma_log started at "
+           "log sqrt(1 - |lambda|^2). Exact: the recurrence s_t = lambda s_{t-1} + gamma B u_t and the real part "
+           "read out. Approximate: LRU's input matrix B u_t (one complex vector) is the outer product k_t v_t^T "
+           "here, and its fixed read-out C is the data-dependent query q_t; no D u skip (the block's residual)"),
+    Preset("mamba", "Mamba (S6)", Recipe(EntryGate(), Linear(), BatchGD()),
+           "Gu & Dao, 2023", "a decay per key channel n (state) and value channel c: g = Delta_t[c] A[n, c], "
+           "A = -exp(A_log) with A_log started at log(n + 1) (S4D-real), Delta = softplus(W_up W_down x + dt_bias) "
+           "per value channel (rank ceil(d_model / 16), dt_bias from dt log-uniform in [1e-3, 0.1]), key B = W_B x, "
+           "query C = W_C x, value Delta x (the discretized input). Deviations: Delta from the layer input, not the "
+           "convolved one; no D x skip (the block's residual); per-head RMSNorm before the SiLU output gate (Mamba: "
+           "none); heads of head_dim state channels (Mamba: one head of 16)"),
+    Preset("mlstm", "mLSTM (xLSTM)", Recipe(ScalarGate(input_gate=True), Linear(), NormalizedGD()),
+           "Beck et al., 2024", "input gate exp(itilde), itilde = W_i x + b_i, forget gate sigmoid(W_f x + b_f), "
+           "xLSTM's initialization (gate weights 0, b_f linspace(3, 6) over heads, b_i ~ N(0, 0.1)); answer "
+           "C^T q / max(|n^T q|, 1), max-stabilized. Deviations: gates from the layer input (xLSTM: from q, k, v), "
+           "TTRLayer's short convolution on q, k and v (xLSTM: on q and k), per-head RMSNorm (xLSTM: per-head "
+           "LayerNorm) and SiLU output gate"),
     Preset("deltanet", "DeltaNet", Recipe(Uniform(), Linear("l2"), OnlineSGD()),
            "Schlag et al., 2021; Yang et al., 2024", "beta = sigmoid(W x), L2-normalized q and k"),
     Preset("gated_deltanet", "Gated DeltaNet", Recipe(ScalarGate(), Linear("l2"), OnlineSGD()),

@@ -10,7 +10,7 @@ a scalar per head, or a vector over key channels (each channel forgets at its ow
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -44,25 +44,54 @@ class FixedDecay:
 
 @dataclass(frozen=True)
 class ScalarGate:
-    """Data-dependent geometric decay, one scalar per head and token (Mamba-2, mLSTM, GateLoop)."""
+    """Data-dependent geometric decay, one scalar per head and token (Mamba-2). input_gate: each association also
+    weighs exp(itilde_i), an exponential input gate (mLSTM): gamma_i^(t) = exp(itilde_i) alpha_{i+1} ... alpha_t."""
 
     kind: str = "scalar"
+    input_gate: bool = field(default=False, kw_only=True)
 
     def describe(self) -> str:
-        return "gate, scalar / head"
+        return "gate, scalar / head" + (", exp input gate" if self.input_gate else "")
 
 
 @dataclass(frozen=True)
 class VectorGate:
-    """Data-dependent geometric decay, one per key channel and token (GLA, RWKV-6, HGRN-2)."""
+    """Data-dependent geometric decay, one per key channel and token (GLA, HGRN-2). bonus: the newest association
+    weighs u per key channel instead, and the earlier ones are not yet decayed by the current gate (RWKV-6):
+    gamma_t^(t) = u, gamma_i^(t) = alpha_{i+1} ... alpha_{t-1} for i < t."""
 
     kind: str = "vector"
+    bonus: bool = field(default=False, kw_only=True)
 
     def describe(self) -> str:
-        return "gate, per key channel"
+        return "gate, per key channel" + (", bonus u for the newest" if self.bonus else "")
 
 
-Weights = Uniform | FixedDecay | ScalarGate | VectorGate
+@dataclass(frozen=True)
+class ComplexGate:
+    """A complex decay per key channel, alpha_t = exp(g_t + i theta_t): each channel's memory decays and rotates,
+    gamma_i^(t) = exp(G_t - G_i + i (Theta_t - Theta_i)), and the answer is the real part. Data-dependent (GateLoop)
+    or fixed (LRU: the same alpha at every token)."""
+
+    kind: str = "complex"
+    fixed: bool = field(default=False, kw_only=True)
+
+    def describe(self) -> str:
+        return "complex gate, " + ("fixed, " if self.fixed else "") + "per key channel"
+
+
+@dataclass(frozen=True)
+class EntryGate:
+    """Data-dependent geometric decay per entry of the state, one per key and value channel and token (Mamba:
+    alpha_t[n, c] = exp(Delta_t[c] A[n, c]))."""
+
+    kind: str = "entry"
+
+    def describe(self) -> str:
+        return "gate, per state entry"
+
+
+Weights = Uniform | FixedDecay | ScalarGate | VectorGate | ComplexGate | EntryGate
 
 
 def constant_log_gate(decay: float, shape: tuple[int, ...], **like) -> Tensor:

@@ -16,7 +16,10 @@ Defaults, and why:
 - Gated memories have no data-dependent parameters here, so they get a constant decay: scalar gates
   alpha = `decay` (0.95, a memory of ~20 steps), vector gates a spread of per-channel decays with
   1 - alpha_c from 4 (1 - decay) down to (1 - decay) / 4 (timescales 5 to 80 steps, as GLA learns).
-  RetNet keeps its published first-head decay 1 - 2^-5.
+  RetNet keeps its published first-head decay 1 - 2^-5. Complex gates (GateLoop, LRU) take the vector gates'
+  decays and turn each channel by 1 - decay radians per token (0.05: old associations dephase over ~20
+  steps); Mamba's per-entry gate the vector gates' decays along its key channels; RWKV-6's bonus u = 1 (the
+  newest association weighs as a fresh one); mLSTM's input gate 1 (log 0) with the scalar decay.
 - Online learners take a constant step `step` (0.5) on unit keys: beta for DeltaNet and Gated DeltaNet,
   each of DeltaProduct's 2 steps (here both on the token's one association), Longhorn's delta = 1 (so
   beta = 0.5). Mini-batch learners sum a mini-batch's gradients, so they take step / b per token (GD on
@@ -43,7 +46,7 @@ from .._files import write_atomically
 from ..oracle import BatchGD, Exact
 from ..recipe import MLP, PRESETS, MiniBatchGD, Preset
 from ..tasks.switching import switching_keys
-from ..weights import FixedDecay, ScalarGate, Uniform, VectorGate
+from ..weights import ComplexGate, EntryGate, FixedDecay, ScalarGate, Uniform, VectorGate
 
 SMOOTH = 16
 
@@ -82,9 +85,10 @@ def parameter_free_gate(preset: Preset, decay: float, n_seq: int, length: int, d
         return FixedDecay.log_gamma(1).expand(n_seq, length, 1).clone()
     if isinstance(w, ScalarGate):
         return torch.full((n_seq, length, 1), math.log(decay), dtype=torch.float64)
-    if isinstance(w, VectorGate):
+    if isinstance(w, (VectorGate, ComplexGate, EntryGate)):
         forget = (1.0 - decay) * torch.logspace(math.log10(4.0), math.log10(0.25), dim, dtype=torch.float64)
-        return torch.log1p(-forget).expand(n_seq, length, 1, dim).clone()
+        g = torch.log1p(-forget).expand(n_seq, length, 1, dim)
+        return (g[..., None].expand(-1, -1, -1, -1, dim) if isinstance(w, EntryGate) else g).clone()
     raise ValueError(f"no parameter-free gate for {w!r}")
 
 
@@ -96,11 +100,16 @@ def parameter_free_inputs(preset: Preset, decay: float, step: float, n_seq: int,
     opt = preset.recipe.optimizer
     n = preset.recipe.steps_per_token
     per_batch = step / opt.batch_size if isinstance(opt, MiniBatchGD) else step
-    const = {"beta": step, "delta": step / (1.0 - step), "lr": per_batch, "theta": per_batch, "momentum": 0.5}
+    const = {"beta": step, "delta": step / (1.0 - step), "lr": per_batch, "theta": per_batch, "momentum": 0.5,
+             "i": 0.0}
     inputs = {}
     for name in preset.recipe.inputs:
         if name == "g":
             inputs["g"] = parameter_free_gate(preset, decay, n_seq, length, dim)
+        elif name == "bonus":
+            inputs["bonus"] = torch.ones(1, dim, dtype=torch.float64)
+        elif name == "angle":
+            inputs["angle"] = torch.full((n_seq, length, 1, dim), 1.0 - decay, dtype=torch.float64)
         else:
             shape = (n_seq, length, 1) + ((n,) if name == "beta" and n > 1 else ())
             inputs[name] = torch.full(shape, const[name], dtype=torch.float64)

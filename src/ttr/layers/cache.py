@@ -44,7 +44,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 @dataclass
 class LayerState:
     """A TTRLayer's decoding state (its cache): the short convolution's last inputs conv [B, K-1, C], the
-    memory's state, how many tokens each row has seen (lengths [B]), which memory made it (kind) and for
+    memory's state, the last token's input for a token shift (shift [B, d_model], RWKV-6), how many tokens each row has seen (lengths [B]), which memory made it (kind) and for
     which input dtype. Rows can be selected or reordered (beam search, dropping finished rows), moved with
     .to, detached, and saved with torch.save / loaded with torch.load (weights_only=True works)."""
 
@@ -53,6 +53,7 @@ class LayerState:
     lengths: Tensor | None = None
     kind: str = ""
     dtype: str = ""
+    shift: Tensor | None = None  # the last token's input [B, d_model], for a token shift (RWKV-6)
 
     @property
     def batch_size(self) -> int:
@@ -74,6 +75,7 @@ class LayerState:
                              f"{index.tolist()}")
         pick = lambda t: t[index.to(t.device)] if t.dim() else t  # noqa: E731  (a 0-d offset is every row's)
         return replace(self, conv=None if self.conv is None else pick(self.conv), lengths=pick(self.lengths),
+                       shift=None if self.shift is None else pick(self.shift),
                        memory=_map(self.memory, pick, rows=lambda caches: [caches[i] for i in index.tolist()],
                                    index=index))
 
@@ -92,13 +94,14 @@ class LayerState:
             return t.to(device=device, dtype=cast)
 
         return replace(self, conv=None if self.conv is None else move(self.conv), memory=_map(self.memory, move),
+                       shift=None if self.shift is None else move(self.shift),
                        lengths=None if self.lengths is None else self.lengths.to(device),
                        dtype=dtype_name(dtype) if dtype is not None else self.dtype)
 
     def detach(self) -> LayerState:
         """The same state cut from the autograd graph (truncated backpropagation through time)."""
         return replace(self, conv=None if self.conv is None else self.conv.detach(),
-                       memory=_map(self.memory, Tensor.detach))
+                       memory=_map(self.memory, Tensor.detach), shift=None if self.shift is None else self.shift.detach())
 
 
 torch.serialization.add_safe_globals([LayerState, MiniBatchState])  # torch.load(weights_only=True) may rebuild them

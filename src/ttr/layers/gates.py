@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..recipe import MLP, Recipe
-from ..weights import FixedDecay, ScalarGate, Uniform, VectorGate, Weights
+from ..weights import ComplexGate, EntryGate, FixedDecay, ScalarGate, Uniform, VectorGate, Weights
 
 
 class FixedDecayGate(nn.Module):
@@ -28,6 +28,12 @@ class FixedDecayGate(nn.Module):
         return self.log_gamma.to(x.dtype).expand(x.shape[0], x.shape[1], -1)
 
 
+def _dt_bias(size: tuple[int, ...], dt_min: float, dt_max: float) -> Tensor:
+    """softplus^-1 of dt drawn log-uniform in [dt_min, dt_max]: Mamba's initial discretization steps."""
+    dt = torch.exp(torch.empty(size).uniform_(math.log(dt_min), math.log(dt_max)))
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 class Mamba2Gate(nn.Module):
     """Mamba-2: g = -exp(A_log) * softplus(W x + dt_bias), one scalar per head and token."""
 
@@ -35,8 +41,7 @@ class Mamba2Gate(nn.Module):
         super().__init__()
         self.proj = nn.Linear(d_model, n_heads, bias=False)
         self.A_log = nn.Parameter(torch.log(torch.empty(n_heads).uniform_(1.0, 16.0)))
-        dt = torch.exp(torch.empty(n_heads).uniform_(math.log(dt_min), math.log(dt_max)))
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        self.dt_bias = nn.Parameter(_dt_bias((n_heads,), dt_min, dt_max))
 
     def forward(self, x: Tensor) -> Tensor:
         return -torch.exp(self.A_log) * F.softplus(self.proj(x) + self.dt_bias)
@@ -59,8 +64,9 @@ class GLAGate(nn.Module):
 class HGRN2Gate(nn.Module):
     """HGRN-2 (Qin et al., 2024): GLA's per-key-channel forget gate with the key tied to it.
 
-    It maps the layer's query projection and the forget gate's pre-activation z (which TTRLayer makes in the key's
-    place, so the short convolution and the key heads of GQA apply to it) to the op's q, k and log-gate g:
+    A joint module (see make_inputs): it maps the layer's query and the forget gate's pre-activation z, which TTRLayer
+    makes in the key's place (so the short convolution and the key heads of GQA apply to it), to the op's q, k and
+    log-gate g:
 
         f = lb + (1 - lb) sigmoid(z),   g = log f,   k = 1 - f,   q = silu(q)
 
@@ -72,15 +78,12 @@ class HGRN2Gate(nn.Module):
     first layer, or a layer not told its depth, has no bound.
     """
 
-    tied_key = True
+    joint = True
+    provides = ("g",)
 
     def __init__(self, n_heads: int, head_dim: int, layer_idx: int | None = None, n_layers: int | None = None) -> None:
         super().__init__()
-        if (layer_idx is None) != (n_layers is None):
-            raise ValueError(f"pass both layer_idx and n_layers or neither, got {layer_idx!r} and {n_layers!r}")
-        if layer_idx is not None and not (isinstance(layer_idx, int) and isinstance(n_layers, int)
-                                          and 0 <= layer_idx < n_layers):
-            raise ValueError(f"layer_idx must be an int in [0, n_layers), got {layer_idx!r} with n_layers {n_layers!r}")
+        _check_depth(layer_idx, n_layers)
         self.layer_idx, self.n_layers = layer_idx, n_layers
         if layer_idx:  # layer 0 (or unknown depth): lb = 0, no parameter
             self.bound_logit = nn.Parameter(torch.full((n_heads, head_dim), math.log(layer_idx / (n_layers - layer_idx))))
@@ -89,17 +92,178 @@ class HGRN2Gate(nn.Module):
         """lb [H, Dk] (None: no bound)."""
         return torch.sigmoid(self.bound_logit) if hasattr(self, "bound_logit") else None
 
-    def forward(self, q: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q [B, T, H, Dk], z [B, T, H, Dk] -> (silu(q), k = 1 - f, g = log f), k and g in z's shape."""
+    def forward(self, x: Tensor, q: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """q [B, T, H, Dk], z [B, T, H, Dk] -> (silu(q), k = 1 - f, v, {g: log f}), k and g in z's shape."""
         g = F.logsigmoid(z)
         if hasattr(self, "bound_logit"):  # log(lb + (1 - lb) sigmoid(z)) with lb = sigmoid(w), in log space
             w = self.bound_logit.to(z.dtype)
             g = torch.logaddexp(F.logsigmoid(w), F.logsigmoid(-w) + g)
-        return F.silu(q), -torch.expm1(g), g
+        return F.silu(q), -torch.expm1(g), v, {"g": g}
+
+
+def _check_depth(layer_idx: int | None, n_layers: int | None) -> None:
+    if (layer_idx is None) != (n_layers is None):
+        raise ValueError(f"pass both layer_idx and n_layers or neither, got {layer_idx!r} and {n_layers!r}")
+    if layer_idx is not None and not (isinstance(layer_idx, int) and isinstance(n_layers, int)
+                                      and 0 <= layer_idx < n_layers):
+        raise ValueError(f"layer_idx must be an int in [0, n_layers), got {layer_idx!r} with n_layers {n_layers!r}")
+
+
+class RWKV6Gate(nn.Module):
+    """RWKV-6 (Peng et al., 2024; BlinkDL's x060 time mixing): token shift with data-dependent interpolation, the
+    decay LoRA and the bonus. A joint module with a mixer: TTRLayer first asks it for the inputs of each projection,
+
+        xx = x_prev - x,   m_j = LoRA_32(x + xx mu_x)_j,   x_j = x + xx (mu_j + m_j)   for j in r, k, v, w, g
+
+    (x_r feeds the query, x_k the key, x_v the value, x_g the output gate), then calls it on x_w for the log-decay
+    g = -exp(d + LoRA_64(x_w)) per key channel and the bonus u [H, Dk]. Initialization by depth l of L layers, as
+    BlinkDL's: mu_{x, w, k} = 1 - (i / d)^(1 - l / L), mu_v the same minus 0.3 l / (L - 1), mu_{r, g} =
+    1 - (i / d)^((1 - l / L) / 2); d_n = -6 + 5 (n / (D - 1))^(0.7 + 1.3 l / (L - 1)); u_n = l / (L - 1) (1 - n / (D - 1))
+    + 0.1 ((n + 1) mod 3 - 1); the LoRAs start near zero (uniform +-1e-4). A layer not told its depth is layer 0 of 1.
+    """
+
+    joint = True
+    provides = ("g", "bonus")
+    MIXES = ("r", "k", "v", "w", "g")
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, layer_idx: int | None = None,
+                 n_layers: int | None = None, mix_rank: int = 32, decay_rank: int = 64) -> None:
+        super().__init__()
+        _check_depth(layer_idx, n_layers)
+        layer, layers = (0, 1) if layer_idx is None else (layer_idx, n_layers)
+        to_zero = layer / (layers - 1) if layers > 1 else 0.0     # 0 in the first layer, 1 in the last
+        to_almost_zero = 1.0 - layer / layers                      # 1 in the first layer
+        ddd = torch.arange(d_model) / d_model
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.mu_x = nn.Parameter(1.0 - ddd ** to_almost_zero)
+        self.mu = nn.Parameter(torch.stack([1.0 - ddd ** (0.5 * to_almost_zero), 1.0 - ddd ** to_almost_zero,
+                                            1.0 - (ddd ** to_almost_zero + 0.3 * to_zero), 1.0 - ddd ** to_almost_zero,
+                                            1.0 - ddd ** (0.5 * to_almost_zero)]))      # r, k, v, w, g
+        self.mix_down = nn.Parameter(torch.empty(d_model, len(self.MIXES) * mix_rank).uniform_(-1e-4, 1e-4))
+        self.mix_up = nn.Parameter(torch.empty(len(self.MIXES), mix_rank, d_model).uniform_(-1e-4, 1e-4))
+        D = n_heads * head_dim
+        n = torch.arange(D) / max(D - 1, 1)
+        self.decay = nn.Parameter(-6.0 + 5.0 * n ** (0.7 + 1.3 * to_zero))
+        self.decay_down = nn.Parameter(torch.empty(d_model, decay_rank).uniform_(-1e-4, 1e-4))
+        self.decay_up = nn.Parameter(torch.empty(decay_rank, D).uniform_(-1e-4, 1e-4))
+        zigzag = ((torch.arange(D) + 1) % 3 - 1) * 0.1
+        self.bonus = nn.Parameter((to_zero * (1.0 - n) + zigzag).view(n_heads, head_dim))
+
+    def mix(self, x: Tensor, x_prev: Tensor) -> dict[str, Tensor]:
+        """x, x_prev (each token's predecessor) [B, T, d] -> the inputs x_j [B, T, d] of r, k, v, w, g."""
+        xx = x_prev - x
+        low = torch.tanh((x + xx * self.mu_x) @ self.mix_down)                         # [B, T, 5 r]
+        m = torch.einsum("btjr,jrd->btjd", low.unflatten(-1, (len(self.MIXES), -1)), self.mix_up)
+        return dict(zip(self.MIXES, (x[..., None, :] + xx[..., None, :] * (self.mu + m)).unbind(-2)))
+
+    def forward(self, x_w: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        w = self.decay + torch.tanh(x_w @ self.decay_down) @ self.decay_up
+        g = -torch.exp(w).view(*x_w.shape[:2], self.n_heads, self.head_dim)
+        return q, k, v, {"g": g, "bonus": self.bonus}
+
+
+class Bonus(nn.Module):
+    """A learned bonus u [H, Dk] (RWKV-6's weight of the newest association), started at 0."""
+
+    def __init__(self, n_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.u = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.u
+
+
+class GateLoopGate(nn.Module):
+    """GateLoop (Katsch, 2023): one complex number z = W x + b per key channel and token, read in polar form as the
+    gate alpha = sigmoid(|z|) exp(i arg z): the log-gate g = logsigmoid(|z|) and the angle theta = arg z (the paper's
+    sigmoid magnitude and identity phase activations)."""
+
+    joint = True
+    provides = ("g", "angle")
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.proj = nn.Linear(d_model, 2 * n_heads * head_dim)
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        re, im = self.proj(x).view(*x.shape[:2], self.n_heads, self.head_dim, 2).unbind(-1)
+        return q, k, v, {"g": F.logsigmoid(torch.hypot(re, im)), "angle": torch.atan2(im, re)}
+
+
+class LRUGate(nn.Module):
+    """LRU (Orvieto et al., 2023): a fixed complex decay per key channel, lambda = exp(-exp(nu_log) + i exp(theta_log)),
+    drawn uniformly on the ring r_min <= |lambda| <= r_max with phase in [0, max_phase], and the gamma normalization
+    of the input, k <- exp(gamma_log) k, gamma_log started at log sqrt(1 - |lambda|^2) (so that a white input keeps
+    the state's scale whatever |lambda|)."""
+
+    joint = True
+    provides = ("g", "angle")
+
+    def __init__(self, n_heads: int, head_dim: int, r_min: float = 0.9, r_max: float = 0.999,
+                 max_phase: float = math.pi / 10) -> None:
+        super().__init__()
+        u1, u2 = torch.rand(n_heads, head_dim), torch.rand(n_heads, head_dim)
+        nu = -0.5 * torch.log(u1 * (r_max ** 2 - r_min ** 2) + r_min ** 2)        # -log |lambda|
+        self.nu_log = nn.Parameter(torch.log(nu))
+        self.theta_log = nn.Parameter(torch.log(max_phase * u2.clamp_min(1e-4)))
+        self.gamma_log = nn.Parameter(0.5 * torch.log(-torch.expm1(-2.0 * nu)))    # log sqrt(1 - |lambda|^2)
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        shape = (*k.shape[:2], *self.nu_log.shape)
+        g, angle = -torch.exp(self.nu_log).expand(shape), torch.exp(self.theta_log).expand(shape)
+        return q, k * torch.exp(self.gamma_log).to(k.dtype), v, {"g": g.to(k.dtype), "angle": angle.to(k.dtype)}
+
+
+class MambaGate(nn.Module):
+    """Mamba (Gu & Dao, 2023; S6): the discretization step Delta = softplus(W_up W_down x + dt_bias) per value channel
+    (rank ceil(d_model / 16)), the per-entry log-gate g[n, c] = Delta[c] A[n, c] with A = -exp(A_log) started at
+    -(n + 1) for state (key) channel n (S4D-real), and the discretized input: v <- Delta v."""
+
+    joint = True
+    provides = ("g",)
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, value_dim: int,
+                 dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
+        super().__init__()
+        rank = math.ceil(d_model / 16)
+        self.n_heads, self.value_dim = n_heads, value_dim
+        self.down = nn.Linear(d_model, rank, bias=False)
+        self.up = nn.Linear(rank, n_heads * value_dim, bias=False)
+        nn.init.uniform_(self.up.weight, -rank ** -0.5, rank ** -0.5)
+        self.dt_bias = nn.Parameter(_dt_bias((n_heads * value_dim,), *dt_range))
+        n = torch.arange(1, head_dim + 1, dtype=torch.float32)
+        self.A_log = nn.Parameter(torch.log(n)[:, None].expand(head_dim, value_dim).repeat(n_heads, 1, 1))
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        delta = F.softplus(self.up(self.down(x)) + self.dt_bias).view(*x.shape[:2], self.n_heads, self.value_dim)
+        g = -torch.exp(self.A_log) * delta[..., None, :]
+        return q, k, delta * v, {"g": g}
+
+
+class MLSTMGate(nn.Module):
+    """mLSTM (Beck et al., 2024): the log input gate itilde = W_i x + b_i and the log forget gate
+    g = logsigmoid(W_f x + b_f), scalar per head; xLSTM's initialization: weights 0, b_f = linspace(3, 6) over heads
+    (forget slowly, at different rates), b_i ~ N(0, 0.1)."""
+
+    joint = True
+    provides = ("i", "g")
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.input_gate, self.forget_gate = nn.Linear(d_model, n_heads), nn.Linear(d_model, n_heads)
+        for gate in (self.input_gate, self.forget_gate):
+            nn.init.zeros_(gate.weight)
+        nn.init.normal_(self.input_gate.bias, 0.0, 0.1)
+        with torch.no_grad():
+            self.forget_gate.bias.copy_(torch.linspace(3.0, 6.0, n_heads))
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        return q, k, v, {"i": self.input_gate(x), "g": F.logsigmoid(self.forget_gate(x))}
 
 
 # the presets' own gate modules (Preset.gate), by name
-GATES = {"hgrn2": HGRN2Gate}
+GATES = {"hgrn2": HGRN2Gate, "rwkv6": RWKV6Gate}
 
 
 # Mamba-2's initial dt range: exp(-A dt) with A in [1, 16] forgets within about 1 / (A dt) tokens at
@@ -151,12 +315,16 @@ TITANS_THETA_PER_BATCH = 0.25
 
 def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int,
                 dt_range: tuple[float, float] = DT_RANGE, *, gate: str | None = None, num_kv_heads: int | None = None,
-                layer_idx: int | None = None, n_layers: int | None = None) -> nn.ModuleDict:
+                value_dim: int | None = None, layer_idx: int | None = None, n_layers: int | None = None) -> nn.ModuleDict:
     """One module per input the recipe's op takes (recipe.inputs), keyed by the op's argument names. `gate` names a
-    preset's own gate parameterization (GATES; None: the weights ingredient's default module); a gate module with
-    `tied_key` also makes the key (and the query's activation) from the key projection: TTRLayer calls it as
-    gate(q, z) -> (q, k, g), z at the num_kv_heads key heads (default n_heads). layer_idx and n_layers tell a
-    depth-dependent gate (HGRN-2) its depth."""
+    preset's own gate parameterization (GATES; None: the weights ingredient's default module).
+
+    A joint module (attribute `joint`: a preset's own gate, or the published gate of complex, per-entry and
+    input-gated weights) makes several inputs at once (its `provides`, keyed by the first) and may reshape q, k and
+    v: TTRLayer calls it as module(x, q, k, v) -> (q, k, v, inputs) with k, v at the num_kv_heads key heads (default
+    n_heads), at which its per-token inputs come out. A joint module with a `mix` method (RWKV-6) also makes the
+    inputs of the layer's projections from each token and its predecessor. value_dim: the value heads' width
+    (default head_dim); layer_idx and n_layers tell a depth-dependent gate (HGRN-2, RWKV-6) its depth."""
     n_steps = recipe.steps_per_token
     b = getattr(recipe.optimizer, "batch_size", 1)
     if gate is not None:
@@ -165,9 +333,12 @@ def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int,
         if not isinstance(recipe.weights, VectorGate) or "g" not in recipe.inputs or n_steps != 1:
             raise ValueError(f"gate {gate!r} parameterizes a per-key-channel gate of one key per token, got "
                              f"{recipe.describe()}")
+    kv_heads = num_kv_heads or n_heads
+    joint = _joint_module(recipe.weights, gate, d_model, kv_heads, head_dim, value_dim or head_dim, dt_range,
+                          layer_idx, n_layers)
     makers = {
-        "g": lambda: (make_gate(recipe.weights, d_model, n_heads, head_dim, dt_range) if gate is None
-                      else GATES[gate](num_kv_heads or n_heads, head_dim, layer_idx, n_layers)),
+        "g": lambda: make_gate(recipe.weights, d_model, n_heads, head_dim, dt_range),
+        "bonus": lambda: Bonus(n_heads, head_dim),
         # DeltaProduct lets beta reach 2 (negative eigenvalues of the transition), DeltaNet keeps it below 1
         "beta": lambda: StepSize(d_model, n_heads, "sigmoid", n_steps, scale=2.0 if n_steps > 1 else 1.0),
         "delta": lambda: StepSize(d_model, n_heads, "softplus"),
@@ -175,4 +346,23 @@ def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int,
         "theta": lambda: StepSize(d_model, n_heads, "sigmoid", scale=TITANS_THETA_PER_BATCH / b),
         "momentum": lambda: StepSize(d_model, n_heads, "sigmoid", scale=TITANS_MOMENTUM_MAX, floor=1e-4),
     }
-    return nn.ModuleDict({name: makers[name]() for name in recipe.inputs})
+    modules = {} if joint is None else {joint.provides[0]: joint}
+    for name in recipe.inputs:
+        if joint is None or name not in joint.provides:
+            modules[name] = makers[name]()
+    return nn.ModuleDict(modules)
+
+
+def _joint_module(weights: Weights, gate: str | None, d_model: int, kv_heads: int, head_dim: int, value_dim: int,
+                  dt_range: tuple[float, float], layer_idx: int | None, n_layers: int | None) -> nn.Module | None:
+    if gate == "hgrn2":
+        return HGRN2Gate(kv_heads, head_dim, layer_idx, n_layers)
+    if gate == "rwkv6":
+        return RWKV6Gate(d_model, kv_heads, head_dim, layer_idx, n_layers)
+    if isinstance(weights, ComplexGate):
+        return LRUGate(kv_heads, head_dim) if weights.fixed else GateLoopGate(d_model, kv_heads, head_dim)
+    if isinstance(weights, EntryGate):
+        return MambaGate(d_model, kv_heads, head_dim, value_dim, dt_range)
+    if isinstance(weights, ScalarGate) and weights.input_gate:
+        return MLSTMGate(d_model, kv_heads)
+    return None

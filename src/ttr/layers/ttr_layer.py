@@ -90,9 +90,11 @@ class TTRLayer(nn.Module):
         if not (isinstance(dt_range, (tuple, list)) and len(dt_range) == 2 and 0 < dt_range[0] <= dt_range[1]):
             raise ValueError(f"dt_range must be (dt_min, dt_max) with 0 < dt_min <= dt_max, got {dt_range!r}")
         self.inputs = make_inputs(memory, d_model, n_heads, Dk, tuple(dt_range), gate=gate, num_kv_heads=Hkv,
-                                  layer_idx=layer_idx, n_layers=n_layers)
-        # a gate that makes the key (HGRN-2): called on the query and the key projection, not on x
-        self.tied = next((name for name, m in self.inputs.items() if getattr(m, "tied_key", False)), None)
+                                  value_dim=self.value_dim, layer_idx=layer_idx, n_layers=n_layers)
+        # joint gate modules (make_inputs) make several inputs and may reshape q, k, v; one of them may also mix each
+        # token with its predecessor into the projections' inputs (RWKV-6's token shift)
+        self.joint = [name for name, m in self.inputs.items() if getattr(m, "joint", False)]
+        self.mixer = next((name for name in self.joint if hasattr(self.inputs[name], "mix")), None)
         if isinstance(memory.regressor, MLP):  # the MLP memory's starting weights are learned
             hidden = memory.regressor.expansion * Dk
             self.W1 = nn.Parameter(torch.randn(n_heads, hidden, Dk) * Dk ** -0.5)
@@ -136,7 +138,7 @@ class TTRLayer(nn.Module):
             state = self._check_state(state, B, x.dtype)
             seen = lengths if state.lengths is None else state.lengths
             return x.new_zeros(B, T, self.d_model), LayerState(state.conv, state.memory, seen, self.kind,
-                                                               dtype_name(x.dtype))
+                                                               dtype_name(x.dtype), state.shift)
         cu = F.pad(lengths.cumsum(0), (1, 0))
         y, state = self._run(x[mask][None], state, cu)
         return x.new_zeros(B, T, self.d_model).masked_scatter(mask[..., None], y[0]), state
@@ -146,7 +148,16 @@ class TTRLayer(nn.Module):
         B, T, _ = x.shape
         rows = B if cu is None else cu.numel() - 1
         state = self._check_state(state, rows, x.dtype)
-        qkv = self.qkv(x)
+        x_gate = x_out = x
+        shift = None
+        if self.mixer is None:
+            qkv = self.qkv(x)
+        else:  # each projection reads its own mix of the token and its predecessor
+            x_prev, shift = _token_shift(x, state.shift, cu)
+            mixed = self.inputs[self.mixer].mix(x, x_prev)
+            weights = self.qkv.weight.split(self.widths)
+            qkv = torch.cat([F.linear(mixed[j], w) for j, w in zip("rkv", weights)], dim=-1)
+            x_gate, x_out = mixed["w"], mixed["g"]
         conv_cache = None
         if self.conv is not None:
             qkv, conv_cache = self.conv(qkv, state.conv, cu)
@@ -156,13 +167,16 @@ class TTRLayer(nn.Module):
         q, k, v = qkv.split(self.widths, dim=-1)
         q = q.view(B, T, H, Dk)
         k, v = (t.view(B, T, Hkv, n, d) if n > 1 else t.view(B, T, Hkv, d) for t, d in ((k, Dk), (v, Dv)))
-        inputs = {name: module(x) for name, module in self.inputs.items() if name != self.tied}
-        if self.tied is not None:  # the key projection made the gate's pre-activation; the gate makes q, k and g
-            q, k, inputs[self.tied] = self.inputs[self.tied](q, k)
+        inputs = {name: module(x) for name, module in self.inputs.items() if name not in self.joint}
+        shared = {}
+        for name in self.joint:
+            q, k, v, made = self.inputs[name](x_gate, q, k, v)
+            shared.update(made)
         if Hkv != H:  # each group of H / Hkv query heads reads its own memory of the shared keys and values
             k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
-            if self.tied is not None:
-                inputs[self.tied] = inputs[self.tied].repeat_interleave(H // Hkv, dim=2)
+            # a joint module's inputs are at the key heads: per token [B, T, Hkv, ...], per layer [Hkv, ...]
+            shared = {name: t.repeat_interleave(H // Hkv, dim=0 if t.dim() == 2 else 2) for name, t in shared.items()}
+        inputs.update(shared)
         memory = state.memory
         if memory is None and hasattr(self, "W1"):
             memory = (self.W1.expand(rows, -1, -1, -1), self.W2.expand(rows, -1, -1, -1))
@@ -183,12 +197,12 @@ class TTRLayer(nn.Module):
             o = self.norm(o)
         o = o.reshape(B, T, -1)
         if self.out_gate is not None:
-            o = o * F.silu(self.out_gate(x))
+            o = o * F.silu(self.out_gate(x_out))
         if cu is None:  # every row saw T tokens
             seen = torch.full((rows,), T, device=x.device) if state.lengths is None else state.lengths + T
         else:
             seen = cu[1:] - cu[:-1] if state.lengths is None else state.lengths + (cu[1:] - cu[:-1])
-        return self.out(o), LayerState(conv_cache, memory, seen, self.kind, dtype_name(x.dtype))
+        return self.out(o), LayerState(conv_cache, memory, seen, self.kind, dtype_name(x.dtype), shift)
 
     def _check_input(self, x: Tensor) -> tuple[int, int]:
         if not isinstance(x, Tensor):
@@ -234,6 +248,19 @@ class TTRLayer(nn.Module):
                 self.recipe.optimizer, MiniBatchGD):
             raise ValueError(f"state.memory is a {type(state.memory).__name__}, not what memory {self.kind!r} keeps")
         return state
+
+
+def _token_shift(x: Tensor, last: Tensor | None, cu: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Each token's predecessor in its sequence, x_{t-1}, the first token's being the sequence's last token of the
+    previous call (`last` [rows, d]) or zeros; and each row's (sequence's) last token now, for the next call."""
+    if cu is None:
+        first = x.new_zeros(x.shape[0], 1, x.shape[-1]) if last is None else last[:, None]
+        return torch.cat([first, x[:, :-1]], dim=1), x[:, -1]
+    starts, ends = cu[:-1], cu[1:]
+    first = x.new_zeros(starts.numel(), x.shape[-1]) if last is None else last
+    seen = ends > starts  # a sequence without tokens keeps what it had
+    x_prev = F.pad(x, (0, 0, 1, 0))[:, :-1].index_put((torch.zeros_like(starts[seen]), starts[seen]), first[seen])
+    return x_prev, torch.where(seen[:, None], x[0, (ends - 1).clamp_min(0)], first)
 
 
 _CACHE_OPS = ("local_polynomial_attention", "kernel_regression")  # nonparametric: the state is a key/value cache
