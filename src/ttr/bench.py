@@ -23,10 +23,13 @@ from . import ops
 from ._files import write_atomically
 from .ops._varlen import Layout
 
-GATES = ("none", "scalar", "vector")
+# the weight structures timed: no gate, a scalar or vector log-gate, RWKV-6's bonus (a vector gate with u),
+# GateLoop's complex gate (a vector gate with an angle) and Mamba's per-entry gate
+GATES = ("none", "scalar", "vector", "bonus", "complex", "entry")
 # the ops benchmarked and the gate kinds each takes
 CASES: dict[str, tuple[str, ...]] = {
     "linear_attention": GATES,
+    "mlstm": ("scalar",),
     "delta_rule": ("none", "scalar"),
     "longhorn": ("none",),
     "delta_product": ("none",),
@@ -41,6 +44,8 @@ CASES: dict[str, tuple[str, ...]] = {
 # cache (decoding), not a training path, so it is not timed; order 1 costs T^2 D^2 and is timed at D <= 64
 LOCAL_ORDERS = {"softmax": 0, "local_linear": 1}
 LOCAL_MAX_DIM = {"local_linear": 64}
+# a per-entry gate is a [B, T, H, D, D] tensor (2 GB at T = 8192, D = 128, H = 4): timed at D <= 64
+ENTRY_MAX_DIM = 64
 CG_STEPS = (1, 2, 4, 8, 16, 32)
 MINI_BATCH = 16  # TTT's and Titans' mini-batch (their chunk), as in the presets
 LONG_CALL_S = 5.0  # see time_ms
@@ -155,10 +160,14 @@ def matmul_gflops(device: torch.device, repeats: int, n: int = 2048) -> float:
     return 2 * n ** 3 / time_ms(lambda: a @ b, device, repeats + 2) / 1e6
 
 
-def chunk_flops(op: str, T: int, C: int, Dk: int, Dv: int, heads: int, batch: int) -> float | None:
+def chunk_flops(op: str, T: int, C: int, Dk: int, Dv: int, heads: int, batch: int, gate: str = "none") -> float | None:
     """Matrix-product flops of an op's chunk form, forward (the products as computed, masks included)."""
-    if op == "mesa" or op in LOCAL_ORDERS:  # factorizations; attention's flops are SDPA's
+    if op == "mesa" or op in LOCAL_ORDERS or gate == "entry":  # factorizations, SDPA's, elementwise
         return None
+    if gate == "complex":  # real and imaginary key channels
+        Dk *= 2
+    if op == "mlstm":  # linear attention with the normalizer as one more value column
+        op, Dv = "linear_attention", Dv + 1
     b, Dh = MINI_BATCH, 4 * Dk
     delta = C * (5 * Dk + 3 * Dv) + 6 * Dk * Dv  # K K^T, Q K^T, the triangular solve, W S, Q S, P U, K^T U
     per_token = {
@@ -193,9 +202,12 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
 
     n = (2,) if op == "delta_product" else ()
     q, k, v = rand(B, T, H, D), rand(B, T, H, *n, D), rand(B, T, H, *n, D)
-    g = {"none": None, "scalar": F.logsigmoid(rand(B, T, H) + 4), "vector": F.logsigmoid(rand(B, T, H, D) + 4)}[gate]
+    shape = {"none": None, "scalar": (B, T, H), "entry": (B, T, H, D, D)}.get(gate, (B, T, H, D))
+    g = None if shape is None else F.logsigmoid(rand(*shape) + 4)
     extra = {
-        "linear_attention": lambda: {"g": g},
+        "linear_attention": lambda: {"g": g, **({"bonus": rand(H, D)} if gate == "bonus" else {}),
+                                     **({"angle": rand(B, T, H, D)} if gate == "complex" else {})},
+        "mlstm": lambda: {"i": rand(B, T, H), "g": g},
         "delta_rule": lambda: {"beta": torch.sigmoid(rand(B, T, H)), "g": g},
         "longhorn": lambda: {"delta": F.softplus(rand(B, T, H))},
         "delta_product": lambda: {"beta": 2 * torch.sigmoid(rand(B, T, H, 2))},
@@ -234,7 +246,7 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
     return call, leaves
 
 
-CHUNKED = ("linear_attention", "delta_rule", "longhorn", "delta_product", "mesa")  # take chunk_size
+CHUNKED = ("linear_attention", "mlstm", "delta_rule", "longhorn", "delta_product", "mesa")  # take chunk_size
 MINI_BATCH_OPS = ("ttt_linear", "ttt_mlp", "titans")  # chunk = mini-batch
 ONLINE_OPS = ("delta_rule", "longhorn", "delta_product", *MINI_BATCH_OPS)
 
@@ -262,7 +274,7 @@ def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.
     if T in cfg.recurrent_lengths and op not in LOCAL_ORDERS:  # thousands of small steps: no warm-up needed
         rec_fwd = time_ms(_no_grad(call("recurrent")), device, 1, warmup=False)
         rec_fb = time_ms(_fwd_bwd(call("recurrent"), leaves), device, 1, warmup=False)
-    flops = chunk_flops(op, T, cfg.chunk_size, D, D, cfg.heads, cfg.batch)
+    flops = chunk_flops(op, T, cfg.chunk_size, D, D, cfg.heads, cfg.batch, gate)
     gflops = None if flops is None else 3 * flops / chunk_fb / 1e6
     return BenchRow(op, gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, *sdpa, gflops)
 
@@ -399,7 +411,7 @@ def grid(cfg: BenchConfig) -> list[tuple[str, str, int, int]]:
         if op not in CASES:
             raise ValueError(f"ops must be among {tuple(CASES)}, got {op!r}")
     return [(op, gate, D, T) for op in cfg.ops for gate in CASES[op] if gate in cfg.gates
-            for D in cfg.head_dims for T in cfg.lengths if D <= LOCAL_MAX_DIM.get(op, D)]
+            for D in cfg.head_dims for T in cfg.lengths if D <= LOCAL_MAX_DIM.get(op, ENTRY_MAX_DIM if gate == "entry" else D)]
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None

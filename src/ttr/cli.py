@@ -427,7 +427,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                  f"{v['padded_min_ms'] / v['packed_min_ms']:.2f}", f"{v['loop_min_ms'] / v['packed_min_ms']:.2f}")
         console.print(varlen_table)
     console.print("op: la linear_attention, dr delta_rule, lh longhorn, dp delta_product, ttt ttt_linear, "
-                  "mlp ttt_mlp, tit titans, sm softmax (local polynomial order 0), ll local_linear (order 1); g: gate (n none, s scalar, v vector). "
+                  "mlp ttt_mlp, tit titans, sm softmax (local polynomial order 0), ll local_linear (order 1), mlstm; "
+                  "g: gate (n none, s scalar, v vector, b vector with RWKV-6's bonus, c complex (GateLoop), "
+                  "e per state entry (Mamba)). "
                   "fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
                   "SDPA forward+backward, ms; xrec, xsdpa: their time over the chunk form's (>1: chunk faster). "
                   "GF/s: the chunk form's matrix-product flops (forward x3) per second of forward+backward, "
@@ -547,9 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
                        **shows_defaults)
     p.add_argument("--lengths", type=_ints, default="512,1024,2048,4096,8192", help="T values, comma-separated")
     p.add_argument("--head-dims", type=_ints, default="64,128", help="head dims, comma-separated")
-    p.add_argument("--gates", default="none,scalar,vector", help="gate kinds among none,scalar,vector")
-    p.add_argument("--ops", default="all", help="ops to time, comma-separated, among linear_attention, delta_rule, "
-                   "longhorn, delta_product, ttt_linear, ttt_mlp, titans, mesa, softmax, local_linear")
+    p.add_argument("--gates", default="none,scalar,vector,bonus,complex,entry",
+                   help="gate kinds among none, scalar, vector, bonus (RWKV-6), complex (GateLoop), entry (Mamba; "
+                   "timed at head dims <= 64)")
+    p.add_argument("--ops", default="all", help="ops to time, comma-separated, among linear_attention, mlstm, "
+                   "delta_rule, longhorn, delta_product, ttt_linear, ttt_mlp, titans, mesa, softmax, local_linear")
     p.add_argument("--heads", type=_at_least(1), default=4, help="heads")
     p.add_argument("--batch", type=_at_least(1), default=1, help="batch size")
     p.add_argument("--chunk-size", type=_at_least(1), default=64, help="chunk size of the chunk form")

@@ -338,7 +338,7 @@ _PRESET_LIST = [
            "Peng et al., 2024", "token shift with data-dependent interpolation (ddlerp: mu + LoRA_32(x + (x_prev - x) "
            "mu_x), per projection r, k, v, w, g), log-decay w = -exp(d + LoRA_64(x_w)) per key channel, bonus u [H, Dk] "
            "for the newest association, output gate silu(W_g x_g); BlinkDL's initialization by depth (mu from "
-           "1 - (i / d)^(1 - l / L), d from -6 + 5 (n / (D - 1))^(0.7 + 1.3 l / (L - 1)), u from a zigzag). "
+           "1 - (i / d)^(1 - l / L), d from -6 + 5 (n / (D - 1))^(0.7 + 1.3 l / (L - 1)), u from a zigzag, LoRAs from 0 and +-0.01). "
            "Deviations: TTRLayer's short convolution (RWKV-6 has the token shift only; conv_size=0 removes it) and "
            "per-head RMSNorm (RWKV-6: per-head GroupNorm); scale Dk^-1/2 (RWKV-6: 1), which the per-head norm cancels",
            gate="rwkv6"),

@@ -64,7 +64,7 @@ class VectorGate:
     bonus: bool = field(default=False, kw_only=True)
 
     def describe(self) -> str:
-        return "gate, per key channel" + (", bonus u for the newest" if self.bonus else "")
+        return "gate, per key channel" + (", bonus u" if self.bonus else "")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class ComplexGate:
     fixed: bool = field(default=False, kw_only=True)
 
     def describe(self) -> str:
-        return "complex gate, " + ("fixed, " if self.fixed else "") + "per key channel"
+        return ("fixed " if self.fixed else "") + "complex gate, per key channel"
 
 
 @dataclass(frozen=True)

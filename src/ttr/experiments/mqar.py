@@ -182,6 +182,7 @@ def save(out: Path, sweep_name: str, sweep: Sweep, rows: list[dict]) -> list[Pat
 
 
 _FAMILIES = {"linear_attention": "linear attention, its gates and feature maps",
+             "mlstm": "linear attention, its gates and feature maps",
              "delta_rule": "online learners (delta rules)", "longhorn": "online learners (delta rules)",
              "delta_product": "online learners (delta rules)", "ttt_linear": "mini-batch learners (TTT, Titans)",
              "ttt_mlp": "mini-batch learners (TTT, Titans)", "titans": "mini-batch learners (TTT, Titans)",

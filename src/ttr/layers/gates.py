@@ -119,7 +119,8 @@ class RWKV6Gate(nn.Module):
     g = -exp(d + LoRA_64(x_w)) per key channel and the bonus u [H, Dk]. Initialization by depth l of L layers, as
     BlinkDL's: mu_{x, w, k} = 1 - (i / d)^(1 - l / L), mu_v the same minus 0.3 l / (L - 1), mu_{r, g} =
     1 - (i / d)^((1 - l / L) / 2); d_n = -6 + 5 (n / (D - 1))^(0.7 + 1.3 l / (L - 1)); u_n = l / (L - 1) (1 - n / (D - 1))
-    + 0.1 ((n + 1) mod 3 - 1); the LoRAs start near zero (uniform +-1e-4). A layer not told its depth is layer 0 of 1.
+    + 0.1 ((n + 1) mod 3 - 1); each LoRA's first matrix starts at 0 and its second uniform in +-0.01 (RWKV-LM's latest
+    x060; earlier versions drew both in +-1e-4). A layer not told its depth is layer 0 of 1.
     """
 
     joint = True
@@ -139,13 +140,13 @@ class RWKV6Gate(nn.Module):
         self.mu = nn.Parameter(torch.stack([1.0 - ddd ** (0.5 * to_almost_zero), 1.0 - ddd ** to_almost_zero,
                                             1.0 - (ddd ** to_almost_zero + 0.3 * to_zero), 1.0 - ddd ** to_almost_zero,
                                             1.0 - ddd ** (0.5 * to_almost_zero)]))      # r, k, v, w, g
-        self.mix_down = nn.Parameter(torch.empty(d_model, len(self.MIXES) * mix_rank).uniform_(-1e-4, 1e-4))
-        self.mix_up = nn.Parameter(torch.empty(len(self.MIXES), mix_rank, d_model).uniform_(-1e-4, 1e-4))
+        self.mix_down = nn.Parameter(torch.zeros(d_model, len(self.MIXES) * mix_rank))
+        self.mix_up = nn.Parameter(torch.empty(len(self.MIXES), mix_rank, d_model).uniform_(-0.01, 0.01))
         D = n_heads * head_dim
         n = torch.arange(D) / max(D - 1, 1)
         self.decay = nn.Parameter(-6.0 + 5.0 * n ** (0.7 + 1.3 * to_zero))
-        self.decay_down = nn.Parameter(torch.empty(d_model, decay_rank).uniform_(-1e-4, 1e-4))
-        self.decay_up = nn.Parameter(torch.empty(decay_rank, D).uniform_(-1e-4, 1e-4))
+        self.decay_down = nn.Parameter(torch.zeros(d_model, decay_rank))
+        self.decay_up = nn.Parameter(torch.empty(decay_rank, D).uniform_(-0.01, 0.01))
         zigzag = ((torch.arange(D) + 1) % 3 - 1) * 0.1
         self.bonus = nn.Parameter((to_zero * (1.0 - n) + zigzag).view(n_heads, head_dim))
 
