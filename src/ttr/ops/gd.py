@@ -271,6 +271,9 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     return from_chunks(o, T), state
 
 
+SMALL_BLOCK = 1  # blocks of one token: a dot product each
+
+
 def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Tensor) -> Tensor:
     """A_ij = sum_d q_id k_jd exp(R_id - G_jd) for j < i, and `diagonal` for j = i, within a chunk of C = 2^n
     tokens, without overflow. R is G, or G_{i-1} (RWKV-6's bonus: the query has not yet decayed by its gate).
@@ -285,13 +288,17 @@ def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Te
     h = 1
     while h < C:
         nb = C // (2 * h)
-        qb, kb, Gb, Rb = (x.reshape(*lead, nb, 2, h, D) for x in (q, k, G, R))
-        G_m = Gb[..., 0, h - 1:, :]
-        q_right = qb[..., 1, :, :] * torch.exp(Rb[..., 1, :, :] - G_m)
-        k_left = kb[..., 0, :, :] * torch.exp(G_m - Gb[..., 0, :, :])
-        cross = q_right @ k_left.transpose(-1, -2)  # [..., nb, h, h]
+        # halves by unbind, not by indexing: an index's backward writes into a zero tensor of the full size
+        (_, q_right), (k_left, _), (G_left, _), (_, R_right) = (x.reshape(*lead, nb, 2, h, D).unbind(-3)
+                                                                for x in (q, k, G, R))
+        G_m = G_left[..., h - 1:, :]
+        q_right = q_right * torch.exp(R_right - G_m)
+        k_left = k_left * torch.exp(G_m - G_left)
+        # [..., nb, h, h]; single tokens as products and sums (a batched matmul of 1 x D by D x 1 blocks is slow)
+        cross = ((q_right[..., :, None, :] * k_left[..., None, :, :]).sum(-1) if h <= SMALL_BLOCK
+                 else q_right @ k_left.transpose(-1, -2))
         left, right = blocks.reshape(*lead, nb, 2, h, h).unbind(-3)
         top = torch.cat([left, torch.zeros_like(cross)], dim=-1)
         blocks = torch.cat([top, torch.cat([cross, right], dim=-1)], dim=-2)
         h *= 2
-    return blocks[..., 0, :, :]
+    return blocks.reshape(*lead, C, C)
