@@ -44,6 +44,7 @@ from .._checks import (all_finite, check_log_gate, check_mode, check_qkv, check_
                        log_gate_as, scale_or, vouch)
 from ..features import get_feature_map
 from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_chunks
+from ._entry import ENTRY_CHUNK, chunked_entry
 from ._varlen import check_cu_seqlens, run_packed
 
 
@@ -194,27 +195,9 @@ def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor 
 
 def _chunked_entry(q: Tensor, k: Tensor, v: Tensor, g: Tensor, theta: None, s0: Tensor | None,
                    C: int) -> tuple[Tensor, Tensor]:
-    """Chunkwise form of a per-entry gate (Mamba), g [B, T, H, Dk, Dv]. No matrix product carries a decay that
-    differs per entry, so within a chunk the state runs token by token from zero, all chunks at once (C steps of
-    [N, Dk, Dv]), the chunks' end states are then carried across chunks (N steps), and each token reads the start
-    state of its chunk decayed by exp(G_i), G the within-chunk cumulative log-gate. Every factor is <= 1: nothing
-    overflows. The work is the recurrent form's, O(T Dk Dv), in C + N steps instead of T.
-    """
-    T = q.shape[1]
-    qc, kc, vc, gc = (to_chunks(x, C) for x in (q, k, v, g))  # [B, H, N, C, ...]
-    local = q.new_zeros(*qc.shape[:3], kc.shape[-1], vc.shape[-1])
-    outs = []
-    for q_i, k_i, v_i, g_i in zip(*(x.unbind(3) for x in (qc, kc, vc, gc))):
-        local = local * torch.exp(g_i) + k_i[..., :, None] * v_i[..., None, :]
-        outs.append((q_i[..., None, :] @ local)[..., 0, :])
-    G = gc.cumsum(3)
-    state = torch.zeros_like(local[:, :, 0]) if s0 is None else s0
-    starts = []
-    for end, decay in zip(local.unbind(2), torch.exp(G[:, :, :, -1]).unbind(2)):
-        starts.append(state)
-        state = state * decay + end
-    carried = torch.einsum("bhnck,bhnckv,bhnkv->bhncv", qc, torch.exp(G), torch.stack(starts, dim=2))
-    return from_chunks(torch.stack(outs, dim=3) + carried, T), state
+    """Chunkwise form of a per-entry gate (Mamba), g [B, T, H, Dk, Dv]: no matrix product carries a decay that
+    differs per entry, so it is a scan over chunks run side by side, with a hand-written backward (ops._entry)."""
+    return chunked_entry(q, k, v, g, s0, min(C, ENTRY_CHUNK))
 
 
 def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | None, s0: Tensor | None, C: int,
