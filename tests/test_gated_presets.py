@@ -284,8 +284,12 @@ def test_rwkv6_initialization_is_blinkdls_for_a_middle_layer():
     close(bonus.flatten(), ratio_0_to_1 * (1.0 - n / (D - 1)) + zigzag)
     for down, up in ((gate.mix_down, gate.mix_up), (gate.decay_down, gate.decay_up)):  # RWKV-LM's latest x060
         assert not down.detach().any() and 0 < float(up.detach().abs().max()) <= 0.01
-    assert gate.mix_down.shape == (d, 5 * 32) and gate.mix_up.shape == (5, 32, d)
-    assert gate.decay_down.shape == (d, 64) and gate.decay_up.shape == (64, D)
+    # ranks d_model / 16 and / 8 below d_model 512 (at least 4 and 8), RWKV-6's 32 and 64 from there up
+    assert gate.mix_down.shape == (d, 5 * 4) and gate.mix_up.shape == (5, 4, d)
+    assert gate.decay_down.shape == (d, 8) and gate.decay_up.shape == (8, D)
+    for width, ranks in ((128, (8, 16)), (512, (32, 64)), (1024, (32, 64))):
+        wide = RWKV6Gate(width, 2, 8)
+        assert (wide.mix_up.shape[1], wide.decay_down.shape[1]) == ranks
     # the first layer: no bonus slope, decays -6 + 5 (n / (D - 1))^0.7, mu = 1 - (i / d)
     first = RWKV6Gate(d, H, Dk, 0, n_layer)
     close(first.decay, -6.0 + 5.0 * (n / (D - 1)) ** 0.7)

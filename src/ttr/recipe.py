@@ -339,7 +339,8 @@ _PRESET_LIST = [
            "mu_x), per projection r, k, v, w, g), log-decay w = -exp(d + LoRA_64(x_w)) per key channel, bonus u [H, Dk] "
            "for the newest association, output gate silu(W_g x_g); BlinkDL's initialization by depth (mu from "
            "1 - (i / d)^(1 - l / L), d from -6 + 5 (n / (D - 1))^(0.7 + 1.3 l / (L - 1)), u from a zigzag, LoRAs from 0 and +-0.01). "
-           "Deviations: TTRLayer's short convolution (RWKV-6 has the token shift only; conv_size=0 removes it) and "
+           "Deviations: LoRA ranks d_model / 16 and / 8 below d_model 512 (RWKV-6: 32 and 64, its smallest model has "
+           "d_model 768), TTRLayer's short convolution (RWKV-6 has the token shift only; conv_size=0 removes it) and "
            "per-head RMSNorm (RWKV-6: per-head GroupNorm); scale Dk^-1/2 (RWKV-6: 1), which the per-head norm cancels",
            gate="rwkv6"),
     Preset("gateloop", "GateLoop", Recipe(ComplexGate(), Linear(), BatchGD()),

@@ -116,7 +116,8 @@ class RWKV6Gate(nn.Module):
         xx = x_prev - x,   m_j = LoRA_32(x + xx mu_x)_j,   x_j = x + xx (mu_j + m_j)   for j in r, k, v, w, g
 
     (x_r feeds the query, x_k the key, x_v the value, x_g the output gate), then calls it on x_w for the log-decay
-    g = -exp(d + LoRA_64(x_w)) per key channel and the bonus u [H, Dk]. Initialization by depth l of L layers, as
+    g = -exp(d + LoRA_64(x_w)) per key channel and the bonus u [H, Dk]. The LoRA ranks are RWKV-6's 32 and 64 from
+    d_model 512 up, and d_model / 16 and d_model / 8 below (a documented deviation for small models). Initialization by depth l of L layers, as
     BlinkDL's: mu_{x, w, k} = 1 - (i / d)^(1 - l / L), mu_v the same minus 0.3 l / (L - 1), mu_{r, g} =
     1 - (i / d)^((1 - l / L) / 2); d_n = -6 + 5 (n / (D - 1))^(0.7 + 1.3 l / (L - 1)); u_n = l / (L - 1) (1 - n / (D - 1))
     + 0.1 ((n + 1) mod 3 - 1); each LoRA's first matrix starts at 0 and its second uniform in +-0.01 (RWKV-LM's latest
@@ -128,9 +129,14 @@ class RWKV6Gate(nn.Module):
     MIXES = ("r", "k", "v", "w", "g")
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, layer_idx: int | None = None,
-                 n_layers: int | None = None, mix_rank: int = 32, decay_rank: int = 64) -> None:
+                 n_layers: int | None = None, mix_rank: int | None = None, decay_rank: int | None = None) -> None:
         super().__init__()
         _check_depth(layer_idx, n_layers)
+        # RWKV-6's ranks, 32 and 64, from d_model 512 up (its smallest model has 768); smaller models get d_model / 16
+        # and / 8, so that the LoRAs stay a few percent of the layer (at d_model 128 the published ranks would add
+        # a quarter to a small language model)
+        mix_rank = mix_rank or min(32, max(4, d_model // 16))
+        decay_rank = decay_rank or min(64, max(8, d_model // 8))
         layer, layers = (0, 1) if layer_idx is None else (layer_idx, n_layers)
         to_zero = layer / (layers - 1) if layers > 1 else 0.0     # 0 in the first layer, 1 in the last
         to_almost_zero = 1.0 - layer / layers                      # 1 in the first layer
