@@ -115,3 +115,17 @@ def test_bad_bonus_is_a_clear_error(bonus, kwargs, match):
     q, k, v = make_qkv(1, 5, H, D, DV, dtype=torch.float32)
     with pytest.raises(ValueError, match=match):
         linear_attention(q, k, v, bonus=bonus, **kwargs)
+
+
+@pytest.mark.parametrize("C", [1, 2, 8])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_vector_gate_scores_hand_written_backward(C, shifted):
+    """The vector-gate scores' backward (written out per halving level) against torch's numerical gradient, for R = G
+    (GLA) and R = G_{i-1} (RWKV-6's bonus), with a strong decay."""
+    from ttr.ops.gd import _vector_gate_scores
+    gen = torch.Generator().manual_seed(C)
+    q, k = (torch.randn(2, 3, C, 4, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
+    G = (-3 * torch.rand(2, 3, C, 4, generator=gen, dtype=torch.float64)).cumsum(-2).requires_grad_()
+    R = torch.nn.functional.pad(G.detach()[..., :-1, :], (0, 0, 1, 0)).requires_grad_() if shifted else G
+    diagonal = torch.randn(2, 3, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_vector_gate_scores, (q, k, G, R, diagonal))

@@ -264,24 +264,68 @@ def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Te
     Built bottom-up by halving: a block [[L, 0], [X, R]] of 2h tokens has its cross part X (right half
     attending to left half) factor through the left half's last token m:
         exp(R_i - G_j) = exp(R_i - G_m) exp(G_m - G_j),   both <= 1 (R_i is G_i or G_{i-1}, i - 1 >= m),
-    so X is one matrix product, and no C x C x D tensor is ever formed.
+    so X is one matrix product, and no C x C x D tensor is ever formed. Every pair j < i lies in exactly one
+    cross block, so the backward is the same products with dA in the place of A (_GatedScores).
     """
-    *lead, C, D = q.shape
-    blocks = diagonal[..., None, None]  # [..., C, 1, 1]: j = i
-    h = 1
-    while h < C:
-        nb = C // (2 * h)
-        # halves by unbind, not by indexing: an index's backward writes into a zero tensor of the full size
-        (_, q_right), (k_left, _), (G_left, _), (_, R_right) = (x.reshape(*lead, nb, 2, h, D).unbind(-3)
-                                                                for x in (q, k, G, R))
-        G_m = G_left[..., h - 1:, :]
-        q_right = q_right * torch.exp(R_right - G_m)
-        k_left = k_left * torch.exp(G_m - G_left)
-        # [..., nb, h, h]; single tokens as products and sums (a batched matmul of 1 x D by D x 1 blocks is slow)
-        cross = ((q_right[..., :, None, :] * k_left[..., None, :, :]).sum(-1) if h <= SMALL_BLOCK
-                 else q_right @ k_left.transpose(-1, -2))
-        left, right = blocks.reshape(*lead, nb, 2, h, h).unbind(-3)
-        top = torch.cat([left, torch.zeros_like(cross)], dim=-1)
-        blocks = torch.cat([top, torch.cat([cross, right], dim=-1)], dim=-2)
-        h *= 2
-    return blocks.reshape(*lead, C, C)
+    return _GatedScores.apply(q, k, G, R, diagonal)
+
+
+def _halves(x: Tensor, h: int) -> tuple[Tensor, Tensor]:
+    """[..., C, D] -> its blocks of 2h tokens' left and right halves, [..., C / 2h, h, D] each (views)."""
+    return x.unflatten(-2, (-1, 2, h)).unbind(-3)
+
+
+def _cross_blocks(A: Tensor, h: int) -> Tensor:
+    """The cross parts X (rows of each 2h-block's right half, columns of its left half) of A [..., C, C], as a view
+    [..., h, h, C / 2h]."""
+    nb = A.shape[-1] // (2 * h)
+    return A.unflatten(-1, (nb, 2, h)).unflatten(-4, (nb, 2, h)).diagonal(dim1=-6, dim2=-3)[..., 1, :, 0, :, :]
+
+
+def _cross_factors(q: Tensor, k: Tensor, G: Tensor, R: Tensor, h: int) -> tuple[Tensor, Tensor]:
+    """q_right exp(R_right - G_m) and k_left exp(G_m - G_left), [..., C / 2h, h, D]: both factors <= 1."""
+    (_, q_right), (k_left, _), (G_left, _), (_, R_right) = (_halves(x, h) for x in (q, k, G, R))
+    G_m = G_left[..., h - 1:, :]
+    return q_right * torch.exp(R_right - G_m), k_left * torch.exp(G_m - G_left)
+
+
+class _GatedScores(torch.autograd.Function):
+    """_vector_gate_scores with its backward written out: per level, dX (dA's cross blocks) takes the forward's
+    two products in reverse, dq~ = dX k~ and dk~ = dX^T q~, and the factors' exponents pass them on:
+    dq = dq~ exp(R - G_m), dR = dq~ q~, dk = dk~ exp(G_m - G), dG = -dk~ k~, and G_m gets the sum of both."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Tensor) -> Tensor:
+        ctx.save_for_backward(q, k, G, R)
+        A = torch.diag_embed(diagonal)
+        C, h = q.shape[-2], 1
+        while h < C:
+            q_t, k_t = _cross_factors(q, k, G, R, h)
+            cross = (q_t * k_t).sum(-1, keepdim=True) if h <= SMALL_BLOCK else q_t @ k_t.transpose(-1, -2)
+            _cross_blocks(A, h).copy_(cross.movedim(-3, -1))
+            h *= 2
+        return A
+
+    @staticmethod
+    def backward(ctx, dA: Tensor) -> tuple[Tensor, ...]:
+        q, k, G, R = ctx.saved_tensors
+        dq, dk, dG, dR = (torch.zeros_like(x) for x in (q, k, G, R))
+        C, h = q.shape[-2], 1
+        while h < C:
+            q_t, k_t = _cross_factors(q, k, G, R, h)
+            dX = _cross_blocks(dA, h).movedim(-1, -3)  # [..., nb, h, h]
+            if h <= SMALL_BLOCK:
+                dq_t, dk_t = dX * k_t, dX * q_t
+            else:
+                dq_t, dk_t = dX @ k_t, dX.transpose(-1, -2) @ q_t
+            dR_t, dG_t = dq_t * q_t, dk_t * k_t  # the exponents' gradients: + for R and G_m in q~, - for G in k~
+            (_, dq_right), (dk_left, _), (dG_left, _), (_, dR_right) = (_halves(x, h) for x in (dq, dk, dG, dR))
+            (_, q_right), (k_left, _), (G_left, _), (_, R_right) = (_halves(x, h) for x in (q, k, G, R))
+            G_m = G_left[..., h - 1:, :]
+            dq_right += dq_t * torch.exp(R_right - G_m)
+            dk_left += dk_t * torch.exp(G_m - G_left)
+            dR_right += dR_t
+            dG_left -= dG_t
+            dG_left[..., h - 1, :] += dG_t.sum(-2) - dR_t.sum(-2)
+            h *= 2
+        return dq, dk, dG, dR, dA.diagonal(dim1=-2, dim2=-1)
