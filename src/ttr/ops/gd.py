@@ -282,11 +282,11 @@ def _cross_blocks(A: Tensor, h: int) -> Tensor:
     return A.unflatten(-1, (nb, 2, h)).unflatten(-4, (nb, 2, h)).diagonal(dim1=-6, dim2=-3)[..., 1, :, 0, :, :]
 
 
-def _cross_factors(q: Tensor, k: Tensor, G: Tensor, R: Tensor, h: int) -> tuple[Tensor, Tensor]:
-    """q_right exp(R_right - G_m) and k_left exp(G_m - G_left), [..., C / 2h, h, D]: both factors <= 1."""
+def _cross_factors(q: Tensor, k: Tensor, G: Tensor, R: Tensor, h: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q_right, k_left and their decays exp(R_right - G_m), exp(G_m - G_left), [..., C / 2h, h, D]: both <= 1."""
     (_, q_right), (k_left, _), (G_left, _), (_, R_right) = (_halves(x, h) for x in (q, k, G, R))
     G_m = G_left[..., h - 1:, :]
-    return q_right * torch.exp(R_right - G_m), k_left * torch.exp(G_m - G_left)
+    return q_right, k_left, torch.exp(R_right - G_m), torch.exp(G_m - G_left)
 
 
 class _GatedScores(torch.autograd.Function):
@@ -300,7 +300,8 @@ class _GatedScores(torch.autograd.Function):
         A = torch.diag_embed(diagonal)
         C, h = q.shape[-2], 1
         while h < C:
-            q_t, k_t = _cross_factors(q, k, G, R, h)
+            q_right, k_left, q_decay, k_decay = _cross_factors(q, k, G, R, h)
+            q_t, k_t = q_right * q_decay, k_left * k_decay
             cross = (q_t * k_t).sum(-1, keepdim=True) if h <= SMALL_BLOCK else q_t @ k_t.transpose(-1, -2)
             _cross_blocks(A, h).copy_(cross.movedim(-3, -1))
             h *= 2
@@ -312,7 +313,8 @@ class _GatedScores(torch.autograd.Function):
         dq, dk, dG, dR = (torch.zeros_like(x) for x in (q, k, G, R))
         C, h = q.shape[-2], 1
         while h < C:
-            q_t, k_t = _cross_factors(q, k, G, R, h)
+            q_right, k_left, q_decay, k_decay = _cross_factors(q, k, G, R, h)
+            q_t, k_t = q_right * q_decay, k_left * k_decay
             dX = _cross_blocks(dA, h).movedim(-1, -3)  # [..., nb, h, h]
             if h <= SMALL_BLOCK:
                 dq_t, dk_t = dX * k_t, dX * q_t
@@ -320,10 +322,8 @@ class _GatedScores(torch.autograd.Function):
                 dq_t, dk_t = dX @ k_t, dX.transpose(-1, -2) @ q_t
             dR_t, dG_t = dq_t * q_t, dk_t * k_t  # the exponents' gradients: + for R and G_m in q~, - for G in k~
             (_, dq_right), (dk_left, _), (dG_left, _), (_, dR_right) = (_halves(x, h) for x in (dq, dk, dG, dR))
-            (_, q_right), (k_left, _), (G_left, _), (_, R_right) = (_halves(x, h) for x in (q, k, G, R))
-            G_m = G_left[..., h - 1:, :]
-            dq_right += dq_t * torch.exp(R_right - G_m)
-            dk_left += dk_t * torch.exp(G_m - G_left)
+            dq_right += dq_t * q_decay
+            dk_left += dk_t * k_decay
             dR_right += dR_t
             dG_left -= dG_t
             dG_left[..., h - 1, :] += dG_t.sum(-2) - dR_t.sum(-2)
