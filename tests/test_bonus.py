@@ -117,15 +117,19 @@ def test_bad_bonus_is_a_clear_error(bonus, kwargs, match):
         linear_attention(q, k, v, bonus=bonus, **kwargs)
 
 
-@pytest.mark.parametrize("C", [1, 2, 8])
+@pytest.mark.parametrize("C, leaf", [(1, 1), (2, 1), (2, 2), (8, 1), (8, 2), (8, 8)])
 @pytest.mark.parametrize("shifted", [False, True])
-def test_vector_gate_scores_hand_written_backward(C, shifted):
-    """The vector-gate scores' backward (written out per halving level) against torch's numerical gradient, for R = G
-    (GLA) and R = G_{i-1} (RWKV-6's bonus), with a strong decay."""
+def test_vector_gate_scores_hand_written_backward(C, leaf, shifted):
+    """The vector-gate scores (leaf blocks of `leaf` tokens, halving above them) against the explicit C x C x D sum,
+    and their hand-written backward against torch's numerical gradient, for R = G (GLA) and R = G_{i-1} (RWKV-6's
+    bonus), with a strong decay."""
     from ttr.ops.gd import _vector_gate_scores
     gen = torch.Generator().manual_seed(C)
     q, k = (torch.randn(2, 3, C, 4, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
     G = (-3 * torch.rand(2, 3, C, 4, generator=gen, dtype=torch.float64)).cumsum(-2).requires_grad_()
     R = torch.nn.functional.pad(G.detach()[..., :-1, :], (0, 0, 1, 0)).requires_grad_() if shifted else G
     diagonal = torch.randn(2, 3, C, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_vector_gate_scores, (q, k, G, R, diagonal))
+    explicit = (q[..., :, None, :] * k[..., None, :, :] * torch.exp(R[..., :, None, :] - G[..., None, :, :])).sum(-1)
+    explicit = explicit.tril(-1) + torch.diag_embed(diagonal)
+    torch.testing.assert_close(_vector_gate_scores(q, k, G, R, diagonal, leaf), explicit, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *x: _vector_gate_scores(*x, leaf), (q, k, G, R, diagonal))

@@ -123,6 +123,47 @@ def test_strong_decay_stays_finite_in_float32(gate):
     assert max_rel(o_c, o_r) < 1e-5 and max_rel(s_c, s_r) < 1e-5
 
 
+@pytest.mark.parametrize("dtype, strength, leaf", [(torch.float64, 1.0, 16), (torch.float64, 50.0, 4),
+                                                   (torch.float32, 1.0, 16), (torch.float32, 6.0, 4),
+                                                   (torch.float32, 100.0, 1)])
+@pytest.mark.parametrize("extra", ["gla", "bonus", "angle"])
+def test_vector_gate_leaf_sizes_equal_the_oracle(monkeypatch, dtype, strength, leaf, extra):
+    """The vector-gate chunk form factors each leaf block's decays through one reference point only where the
+    block's log-gates sum to at least -SPAN (40 in float32, 300 in float64): from one product per chunk (mild
+    gates) down to single tokens (log-gates at the floor, -100). Every leaf size equals the float64 oracle on
+    outputs, final states and gradients, at an odd length with an initial state."""
+    from ttr.ops import gd
+    seen, leaf_size = [], gd._leaf_size
+    monkeypatch.setattr(gd, "_leaf_size", lambda G: seen.append(leaf_size(G)) or seen[-1])
+    B, T, H, D, Dv = 1, 37, 2, 4, 3
+    q, k, v = make_qkv(B, T, H, D, Dv, requires_grad=True)
+    gen = torch.Generator().manual_seed(5)
+    g = (-strength * (0.9 + 0.1 * torch.rand(B, T, H, D, generator=gen, dtype=torch.float64))).requires_grad_()
+    s0 = _initial_state(B, H, 2 * D if extra == "angle" else D, Dv, False).requires_grad_()
+    kw = {"bonus": torch.randn(H, D, generator=gen, dtype=torch.float64)} if extra == "bonus" else {}
+    if extra == "angle":
+        kw["angle"] = 3 * torch.rand(B, T, H, D, generator=gen, dtype=torch.float64)
+    leaves = (q, k, v, g, s0)
+    w = torch.randn(B, T, H, Dv, dtype=torch.float64)
+
+    def run(fn, *x):
+        o, s = fn(*x)
+        return [o, s, *torch.autograd.grad((o * w).sum() + s.sum(), x)]
+
+    op = lambda *x: linear_attention(*x[:4], initial_state=x[4], output_final_state=True, chunk_size=16,  # noqa: E731
+                                     **{n: t.to(dtype) for n, t in kw.items()})
+    ours = run(op, *(x.detach().to(dtype).requires_grad_() for x in leaves))
+    assert seen == [leaf]
+    truth = run(lambda *x: oracle.parametric(*x[:4], optimizer=oracle.BatchGD(), initial_state=x[4], **kw), *leaves)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for a, b in zip(ours[:5] + ours[6:], truth[:5] + truth[6:]):
+        assert max_rel(a, b) < tol
+    # a log-gate's gradient sums terms as large as the undecayed ones (exp(G_t - G_t) = 1) that cancel in pairs:
+    # under strong decay it is tiny, and its error is measured against the size of those terms
+    scale = max(float(x.abs().max()) for x in truth[2:5])
+    assert float((ours[5] - truth[5]).abs().max()) < tol * scale
+
+
 @pytest.mark.parametrize("gate", GATES)
 def test_float32_matches_float64_oracle(gate):
     q, k, v = make_qkv(2, 45, 2, 8, 8)

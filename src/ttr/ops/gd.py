@@ -104,15 +104,13 @@ def linear_attention(
     # g as [B, T, H, 1 or Dk]: one broadcasting rule serves scalar and vector gates (a per-entry gate keeps its Dv)
     g = log_gate_as(g, dt)
     g = None if g is None else (g.unsqueeze(-1) if kind == "scalar" else g)
-    if theta is not None and g is not None:  # the real and imaginary rows decay alike
-        g = g.expand(B, T, H, Df).repeat(1, 1, 1, 2)
     s0 = None if initial_state is None else initial_state.to(dt)
     if mode == "recurrent":
         core = functools.partial(_recurrent, u=u)
     elif kind == "entry":
         core = functools.partial(_chunked_entry, C=chunk_size)
     else:
-        core = functools.partial(_chunked, C=chunk_size, vector=kind == "vector" or theta is not None, u=u)
+        core = functools.partial(_chunked, C=chunk_size, vector=kind == "vector", u=u)
     if cu is None:
         o, state = core(q, k, v, g, theta, s0)
     else:  # zero features, gates and angles outside the sequences: no association, no decay, no turn
@@ -171,6 +169,7 @@ def _recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor 
                u: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if theta is not None:  # a complex state: k v^T is written into the real rows, the answer reads them
         q, k = F.pad(q, (0, q.shape[-1])), F.pad(k, (0, k.shape[-1]))
+        g = None if g is None else g.expand(*q.shape[:3], theta.shape[-1]).repeat(1, 1, 1, 2)  # both rows decay
     B, T, H, Dk = k.shape
     state = q.new_zeros(B, H, Dk, v.shape[-1]) if s0 is None else s0
     # unbind once: indexing x[:, t] would make backward build a full-size zero gradient per token
@@ -206,7 +205,8 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
 
     With G the within-chunk cumulative log-gate, token i of a chunk sees
         the chunk's start state decayed by exp(G_i)   and   token j <= i decayed by exp(G_i - G_j).
-    Every exponent formed is <= 0, so nothing overflows however strong the decay. With a bonus u, token i reads
+    Every exponent formed is <= 0, or <= SPAN where one reference point serves a block whose log-gates sum to
+    at least -SPAN (_vector_gate_scores), so nothing overflows however strong the decay. With a bonus u, token i reads
     before its own gate: exp(G_{i-1}) and exp(G_{i-1} - G_j) for j < i, and u for j = i. With an angle, q and k
     turn by the angle Theta turned since the chunk's start (module docstring) and the state by the chunk's total.
     """
@@ -214,34 +214,46 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
     B, H, N = qc.shape[:3]
     turns = [None] * N
+    framed = _identity  # the complex gate's frame of the chunk's start: x -> [x cos Theta, -x sin Theta]
     if theta is not None:
         Theta = to_chunks(theta, C).cumsum(-2)
         cos, sin = Theta.cos(), Theta.sin()
-        qc, kc = torch.cat([qc * cos, -qc * sin], dim=-1), torch.cat([kc * cos, -kc * sin], dim=-1)
         turns = list(zip(cos[..., -1, :].unbind(2), sin[..., -1, :].unbind(2)))
+        framed = functools.partial(_framed, cos=cos, minus_sin=-sin)
     # j <= i, or j < i with the diagonal (the newest association, weighted by u) added on its own
     mask = causal_mask(C, q.device) if u is None else causal_mask(C, q.device).tril(-1)
-    diagonal = (qc * kc).sum(-1) if u is None else (qc * u[:, None, None, :] * kc).sum(-1)
+    leaf = None  # the vector-gate scores' leaf blocks (_leaf_size)
     if g is None:
-        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)
-        q_in, k_in, chunk_decay = qc, kc, None
+        q_in, k_in = framed(qc), framed(kc)
+        scores = (q_in @ k_in.transpose(-1, -2)).masked_fill(~mask, 0.0)
+        chunk_decay = None
+        updates = k_in.transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
     else:
         G = to_chunks(g, C).cumsum(-2)  # [B, H, N, C, 1 or Dk]
         # the decay a query has seen: up to i, or up to i - 1 (the same floats as G_{i-1}: exp(G_{i-1} - G_{i-1}) = 1)
         G_read = G if u is None else F.pad(G[..., :-1, :], (0, 0, 1, 0))
-        if vector:
-            scores = _vector_gate_scores(qc, kc, G, G_read, diagonal)
-        else:
-            scores = (qc @ kc.transpose(-1, -2)) * masked_exp(G_read[..., :, None, 0] - G[..., None, :, 0], mask)
         G_last = G[..., -1:, :]
-        q_in = qc * torch.exp(G_read)        # start state -> token i
-        k_in = kc * torch.exp(G_last - G)    # token j -> end of chunk
+        q_in = framed(qc * torch.exp(G_read))  # start state -> token i
         chunk_decay = torch.exp(G_last).transpose(-1, -2)  # [B, H, N, 1 or Dk, 1]: rows of the state
-    if u is not None and not (g is not None and vector):
-        scores = scores + torch.diag_embed(diagonal)
+        if theta is not None and vector:  # the real and imaginary rows decay alike
+            chunk_decay = chunk_decay.repeat(1, 1, 1, 2, 1)
+        leaf = _leaf_size(G) if vector else None
+        if leaf == C:  # the chunk's start is every pair's reference: exp(R_i - G_j) = exp(R_i) exp(-G_j)
+            k_start = framed(kc * torch.exp(-G))  # token j -> start of chunk, <= exp(SPAN)
+            scores = (q_in @ k_start.transpose(-1, -2)).masked_fill(~mask, 0.0)
+            updates = chunk_decay * (k_start.transpose(-1, -2) @ vc)  # exp(G_last - G_j) = exp(G_last) exp(-G_j)
+        else:
+            qf, kf = framed(qc), framed(kc)
+            if vector:
+                G2, R2 = (G, G_read) if theta is None else (G.repeat(1, 1, 1, 1, 2), G_read.repeat(1, 1, 1, 1, 2))
+                scores = _vector_gate_scores(qf, kf, G2, R2, _newest(qf, kf, u), leaf)
+            else:
+                scores = (qf @ kf.transpose(-1, -2)) * masked_exp(G_read[..., :, None, 0] - G[..., None, :, 0], mask)
+            updates = framed(kc * torch.exp(G_last - G)).transpose(-1, -2) @ vc  # token j -> end of chunk
+    if u is not None and leaf in (None, C):  # the scores above leave the diagonal to u
+        scores = scores + torch.diag_embed(_newest(qc, kc, u))
     o = scores @ vc
-    updates = k_in.transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
-    state = q.new_zeros(B, H, kc.shape[-1], vc.shape[-1]) if s0 is None else s0
+    state = updates.new_zeros(updates[:, :, 0].shape) if s0 is None else s0
     starts = []
     # unbind once: indexing inside the loop would make backward build a full-size zero gradient per chunk
     decays = [None] * N if chunk_decay is None else chunk_decay.unbind(2)
@@ -254,20 +266,52 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     return from_chunks(o, T), state
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _framed(x: Tensor, cos: Tensor, minus_sin: Tensor) -> Tensor:
+    """x [..., C, D] in the frame of its chunk's start, [x cos Theta, -x sin Theta] (module docstring)."""
+    return torch.cat([x * cos, x * minus_sin], dim=-1)
+
+
+def _newest(q: Tensor, k: Tensor, u: Tensor | None) -> Tensor:
+    """The scores' diagonal: the newest association, weighted by u (RWKV-6's bonus) or 1. [..., C, D] -> [..., C]."""
+    return (q * k).sum(-1) if u is None else (q * u[:, None, None, :] * k).sum(-1)
+
+
 SMALL_BLOCK = 1  # blocks of one token: a dot product each
+# How far one reference point may be from the cumulative log-gates it factors: exp(+-SPAN) stays far inside the
+# dtype's normal range, so q exp(R - G_ref) and k exp(G_ref - G) neither overflow nor lose precision
+SPAN = {torch.float32: 40.0, torch.float64: 300.0}
 
 
-def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Tensor) -> Tensor:
+def _leaf_size(G: Tensor) -> int:
+    """The largest block of c = 2^m tokens (c <= C) over which every channel's log-gates sum to at least -SPAN:
+    within such a block one reference point factors every pair's decay exactly. G: [..., C, D] cumulative."""
+    c, span, G = G.shape[-2], SPAN[G.dtype], G.detach()
+    while c > 1:
+        ends = G[..., c - 1::c, :]
+        if float((F.pad(ends[..., :-1, :], (0, 0, 1, 0)) - ends).amax()) <= span:
+            break
+        c //= 2
+    return c
+
+
+def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Tensor, leaf: int) -> Tensor:
     """A_ij = sum_d q_id k_jd exp(R_id - G_jd) for j < i, and `diagonal` for j = i, within a chunk of C = 2^n
     tokens, without overflow. R is G, or G_{i-1} (RWKV-6's bonus: the query has not yet decayed by its gate).
 
-    Built bottom-up by halving: a block [[L, 0], [X, R]] of 2h tokens has its cross part X (right half
-    attending to left half) factor through the left half's last token m:
+    Within each leaf block of `leaf` tokens (_leaf_size) the decay factors through the cumulative log-gate G_s
+    before the block: exp(R_i - G_j) = exp(R_i - G_s) exp(G_s - G_j), the first <= 1, the second <= exp(SPAN),
+    so the block is one matrix product. Above the leaves the blocks are built bottom-up by halving: a block
+    [[L, 0], [X, R]] of 2h tokens has its cross part X (right half attending to left half) factor through the
+    left half's last token m:
         exp(R_i - G_j) = exp(R_i - G_m) exp(G_m - G_j),   both <= 1 (R_i is G_i or G_{i-1}, i - 1 >= m),
     so X is one matrix product, and no C x C x D tensor is ever formed. Every pair j < i lies in exactly one
-    cross block, so the backward is the same products with dA in the place of A (_GatedScores).
+    leaf or cross block, so the backward is the same products with dA in the place of A (_GatedScores).
     """
-    return _GatedScores.apply(q, k, G, R, diagonal)
+    return _GatedScores.apply(q, k, G, R, diagonal, leaf)
 
 
 def _halves(x: Tensor, h: int) -> tuple[Tensor, Tensor]:
@@ -282,6 +326,12 @@ def _cross_blocks(A: Tensor, h: int) -> Tensor:
     return A.unflatten(-1, (nb, 2, h)).unflatten(-4, (nb, 2, h)).diagonal(dim1=-6, dim2=-3)[..., 1, :, 0, :, :]
 
 
+def _leaf_blocks(A: Tensor, c: int) -> Tensor:
+    """The diagonal blocks of c tokens of A [..., C, C], as a view [..., c, c, C / c]."""
+    nb = A.shape[-1] // c
+    return A.unflatten(-1, (nb, c)).unflatten(-3, (nb, c)).diagonal(dim1=-4, dim2=-2)
+
+
 def _cross_factors(q: Tensor, k: Tensor, G: Tensor, R: Tensor, h: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q_right, k_left and their decays exp(R_right - G_m), exp(G_m - G_left), [..., C / 2h, h, D]: both <= 1."""
     (_, q_right), (k_left, _), (G_left, _), (_, R_right) = (_halves(x, h) for x in (q, k, G, R))
@@ -289,16 +339,31 @@ def _cross_factors(q: Tensor, k: Tensor, G: Tensor, R: Tensor, h: int) -> tuple[
     return q_right, k_left, torch.exp(R_right - G_m), torch.exp(G_m - G_left)
 
 
+def _leaf_factors(q: Tensor, k: Tensor, G: Tensor, R: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k in blocks of c tokens [..., C / c, c, D] and their decays exp(R - G_s) <= 1, exp(G_s - G) <= exp(SPAN),
+    with G_s the cumulative log-gate before each block (0 for the first)."""
+    q, k, G, R = (x.unflatten(-2, (-1, c)) for x in (q, k, G, R))
+    G_s = F.pad(G[..., :-1, -1:, :], (0, 0, 0, 0, 1, 0))
+    return q, k, torch.exp(R - G_s), torch.exp(G_s - G)
+
+
 class _GatedScores(torch.autograd.Function):
-    """_vector_gate_scores with its backward written out: per level, dX (dA's cross blocks) takes the forward's
+    """_vector_gate_scores with its backward written out: per leaf and level, dX (dA's block) takes the forward's
     two products in reverse, dq~ = dX k~ and dk~ = dX^T q~, and the factors' exponents pass them on:
-    dq = dq~ exp(R - G_m), dR = dq~ q~, dk = dk~ exp(G_m - G), dG = -dk~ k~, and G_m gets the sum of both."""
+    dq = dq~ exp(R - G_m), dR = dq~ q~, dk = dk~ exp(G_m - G), dG = -dk~ k~, and the reference G_m (G_s) gets
+    the sum of both."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Tensor) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Tensor, leaf: int) -> Tensor:
         ctx.save_for_backward(q, k, G, R)
+        ctx.leaf = leaf
         A = torch.diag_embed(diagonal)
-        C, h = q.shape[-2], 1
+        C = q.shape[-2]
+        if leaf > 1:
+            q_b, k_b, q_decay, k_decay = _leaf_factors(q, k, G, R, leaf)
+            block = ((q_b * q_decay) @ (k_b * k_decay).transpose(-1, -2)).tril(-1)
+            _leaf_blocks(A, leaf).add_(block.movedim(-3, -1))
+        h = leaf
         while h < C:
             q_right, k_left, q_decay, k_decay = _cross_factors(q, k, G, R, h)
             q_t, k_t = q_right * q_decay, k_left * k_decay
@@ -308,10 +373,24 @@ class _GatedScores(torch.autograd.Function):
         return A
 
     @staticmethod
-    def backward(ctx, dA: Tensor) -> tuple[Tensor, ...]:
+    def backward(ctx, dA: Tensor) -> tuple[Tensor | None, ...]:
         q, k, G, R = ctx.saved_tensors
+        leaf = ctx.leaf
         dq, dk, dG, dR = (torch.zeros_like(x) for x in (q, k, G, R))
-        C, h = q.shape[-2], 1
+        C = q.shape[-2]
+        if leaf > 1:
+            q_b, k_b, q_decay, k_decay = _leaf_factors(q, k, G, R, leaf)
+            q_t, k_t = q_b * q_decay, k_b * k_decay
+            dX = _leaf_blocks(dA, leaf).movedim(-1, -3).tril(-1)
+            dq_t, dk_t = dX @ k_t, dX.transpose(-1, -2) @ q_t
+            dR_t, dG_t = dq_t * q_t, dk_t * k_t
+            dq.unflatten(-2, (-1, leaf)).add_(dq_t * q_decay)
+            dk.unflatten(-2, (-1, leaf)).add_(dk_t * k_decay)
+            dR.unflatten(-2, (-1, leaf)).add_(dR_t)
+            dG_b = dG.unflatten(-2, (-1, leaf))
+            dG_b.sub_(dG_t)
+            dG_b[..., :-1, -1, :] += (dG_t.sum(-2) - dR_t.sum(-2))[..., 1:, :]  # the reference G_s of the next block
+        h = leaf
         while h < C:
             q_right, k_left, q_decay, k_decay = _cross_factors(q, k, G, R, h)
             q_t, k_t = q_right * q_decay, k_left * k_decay
@@ -328,4 +407,4 @@ class _GatedScores(torch.autograd.Function):
             dG_left -= dG_t
             dG_left[..., h - 1, :] += dG_t.sum(-2) - dR_t.sum(-2)
             h *= 2
-        return dq, dk, dG, dR, dA.diagonal(dim1=-2, dim2=-1)
+        return dq, dk, dG, dR, dA.diagonal(dim1=-2, dim2=-1), None
