@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 if _TYPE_CHECKING:
     from . import ops, oracle
-    from .features import FEATURE_MAPS, FeatureMap, PositiveRandomFeatures
+    from .features import (FEATURE_MAPS, FeatureMap, PositiveRandomFeatures, cosformer_features, feature_dim,
+                           hedgehog_distillation_loss, make_feature_map)
     from .layers import LayerState, ShortConv, TTRLayer
     from .oracle import BatchGD, Exact
     from .recipe import (MLP, PRESETS, RKHS, Linear, LocalConstant, LocalPolynomial, MiniBatchGD, NormalizedGD,
@@ -22,6 +23,8 @@ if _TYPE_CHECKING:
 _HOME = {
     "ops": None, "oracle": None,
     "FEATURE_MAPS": "features", "FeatureMap": "features", "PositiveRandomFeatures": "features",
+    "cosformer_features": "features", "feature_dim": "features", "hedgehog_distillation_loss": "features",
+    "make_feature_map": "features",
     "LayerState": "layers", "ShortConv": "layers", "TTRLayer": "layers",
     "BatchGD": "oracle", "Exact": "oracle",
     "MLP": "recipe", "PRESETS": "recipe", "RKHS": "recipe", "Linear": "recipe", "LocalConstant": "recipe",
