@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .features import get_feature_map
-from .weights import gamma_matrix
+from .weights import association_set, check_window, gamma_matrix
 
 
 @dataclass
@@ -139,7 +139,7 @@ def _complex_weights(g: Tensor | None, angle: Tensor, B: int, T: int, H: int) ->
 def parametric(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, optimizer: Optimizer,
                feature_map: str | Callable[[Tensor], Tensor] | None = None, scale: float | None = None,
                initial_state: Tensor | None = None, bonus: Tensor | None = None,
-               angle: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               angle: Tensor | None = None, window: int | None = None, causal: bool = True) -> tuple[Tensor, Tensor]:
     """Memory m(k) = M phi(k) fitted at every t; y_t = M_t (scale phi(q_t)). g: a log-gate [B, T, H], [B, T, H, D_phi]
     or, per entry of the state (Mamba), [B, T, H, D_phi, Dv].
 
@@ -151,7 +151,10 @@ def parametric(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, opti
     angle [B, T, H, D_phi] (GateLoop, LRU): complex weights (_complex_weights), so one step of batch GD gives a
     complex M_t; the answer is its real part, Re(M_t) (scale phi(q_t)), and the state is [Re M_T^T; Im M_T^T]
     [B, H, 2 D_phi, Dv], as is a carried one.
+    window w: the regression at t sums over {t - w < i <= t} only; causal=False: over every i (uniform weights).
+    Neither takes an initial_state: feed the oracle the whole sequence.
     """
+    _literal_set_only(window, causal, initial_state)
     q, k, v, g, initial_state, bonus, angle = _float64(q, k, v, g, initial_state, bonus, angle)
     phi = get_feature_map(feature_map)
     B, T, H, Dk = q.shape
@@ -162,10 +165,14 @@ def parametric(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, opti
         if initial_state is not None:  # the carried complex state from its real and imaginary rows
             initial_state = torch.complex(*initial_state.chunk(2, dim=-2))
     elif bonus is None:
-        gamma = gamma_matrix(g, T, batch=(B, H))
+        gamma = gamma_matrix(g, T, batch=(B, H), window=window, causal=causal)
         start = _start_decay(g, B, T, H)
     else:
         gamma, start = _bonus_weights(g, bonus, B, T, H)
+    if angle is not None or bonus is not None:  # the set's zeros on the gate's (causal) weights
+        if not causal:
+            raise ValueError("a bonus or an angle is a gate's: the whole sequence (causal=False) takes none")
+        gamma = gamma * association_set(T, window=window)[:, :, None]
     ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
     final = torch.zeros(B, H, X_all.shape[-1] * (1 if angle is None else 2), v.shape[-1], dtype=torch.float64)
     for b in range(B):
@@ -176,38 +183,42 @@ def parametric(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, opti
                 if initial_state is not None:
                     carried = start[b, t, h]
                     prior = -((carried[:, None] if carried.dim() == 1 else carried) * initial_state[b, h]).T
-                problem = Problem(X_all[b, : t + 1, h], v[b, : t + 1, h], gamma[b, h, t, : t + 1], prior)
+                n = t + 1 if causal else T  # the associations the set may hold; gamma is 0 on the others
+                problem = Problem(X_all[b, :n, h], v[b, :n, h], gamma[b, h, t, :n], prior)
                 M = optimizer.fit(problem)
                 row.append((M @ Q_all[b, t, h].to(M.dtype)).real)
             ys[b, :, h] = torch.stack(row)
             final[b, h] = M.T if angle is None else torch.cat([M.real.T, M.imag.T])
     if bonus is not None:  # what a next token reads before its own gate: the weights of the memory without u at T
         final = parametric(q, k, v, g, optimizer=optimizer, feature_map=feature_map, scale=scale,
-                           initial_state=initial_state)[1]
+                           initial_state=initial_state, window=window)[1]
     return ys, final
 
 
 def local_constant(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
                    feature_map: str | Callable[[Tensor], Tensor] | None = None,
-                   initial_state: Tensor | None = None) -> Tensor:
+                   initial_state: Tensor | None = None, window: int | None = None, causal: bool = True) -> Tensor:
     """Locally constant fit (Nadaraya-Watson): y_t = argmin_c sum_i w_ti ||v_i - c||^2 with
     query-dependent weights w_ti = phi(q_t)^T (gamma_i^(t) phi(k_i)), solved by Exact on a constant design.
 
     `initial_state` [B, H, D_phi, Dv + 1] carries (sum gamma phi(k) v^T, sum gamma phi(k)) of earlier
     associations; it enters as one more association with its weight and weighted-mean value.
+    window, causal: the association set, as in parametric().
     """
+    _literal_set_only(window, causal, initial_state)
     q, k, v, g, initial_state = _float64(q, k, v, g, initial_state)
     phi = get_feature_map(feature_map)
     B, T, H, _ = q.shape
     fq, fk = phi(q), phi(k)
-    gamma = gamma_matrix(g, T, batch=(B, H))
+    gamma = gamma_matrix(g, T, batch=(B, H), window=window, causal=causal)
     start = _start_decay(g, B, T, H)
     ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
     for b in range(B):
         for h in range(H):
             for t in range(T):
-                w = (gamma[b, h, t, : t + 1] * fk[b, : t + 1, h]) @ fq[b, t, h]
-                Y = v[b, : t + 1, h]
+                n = t + 1 if causal else T
+                w = (gamma[b, h, t, :n] * fk[b, :n, h]) @ fq[b, t, h]
+                Y = v[b, :n, h]
                 if initial_state is not None:
                     carried = (start[b, t, h][:, None] * initial_state[b, h]).T @ fq[b, t, h]  # [Dv + 1]
                     if carried[-1] > 0:  # a carried association of zero weight adds nothing
@@ -218,6 +229,12 @@ def local_constant(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
                 problem = Problem(torch.ones(len(w), 1, dtype=torch.float64), Y, w[:, None])
                 ys[b, t, h] = (Exact().fit(problem) @ torch.ones(1, dtype=torch.float64))
     return ys
+
+
+def _literal_set_only(window: int | None, causal: bool, initial_state: object) -> None:
+    if (window is not None or not causal) and initial_state is not None:
+        raise ValueError("the oracle writes a window or the whole sequence out literally: pass the whole sequence, "
+                         "not an initial_state")
 
 
 def _keep_graph(*xs: Tensor) -> bool:
@@ -396,12 +413,18 @@ def _centred_monomials(diff: Tensor, order: int) -> Tensor:
 
 def local_polynomial(q: Tensor, k: Tensor, v: Tensor, *, order: int, ridge: float = 0.0, scale: float | None = None,
                      qk_norm: bool = False, kernel: str = "softmax",
-                     initial_state: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                     initial_state: tuple[Tensor, Tensor] | None = None, window: int | None = None,
+                     causal: bool = True) -> Tensor:
     """Local polynomial regression around every query, literally: at every t, with weights
     w_ti = exp(scale q_t . k_i) ("softmax") or exp(-scale ||k_i - q_t||^2 / 2) ("smoothing"),
         min_{b, W} sum_{i<=t} w_ti ||v_i - b - W phi(k_i - q_t)||^2 + ridge (sum_i w_ti) ||W||_F^2
     by weighted least squares on the written-out design [1, phi(k_i - q_t)] (torch.linalg.solve on the
-    normal equations), answer b. initial_state: a cache (K, V) of earlier associations, seen by every query."""
+    normal equations), answer b. initial_state: a cache (K, V) of earlier associations, seen by every query.
+    window w: the sum runs over the last w associations (the cache's included), t - w < i <= t; causal=False: over
+    every i of the sequence (no cache)."""
+    check_window(window, causal)
+    if not causal:
+        _literal_set_only(window, causal, initial_state)
     q, k, v = _float64(q, k, v)
     if initial_state is not None:
         k = torch.cat([initial_state[0].double(), k], 1)
@@ -415,7 +438,9 @@ def local_polynomial(q: Tensor, k: Tensor, v: Tensor, *, order: int, ridge: floa
     for b in range(B):
         for h in range(H):
             for t in range(T):
-                K, V, x = k[b, : first + t + 1, h], v[b, : first + t + 1, h], q[b, t, h]
+                at = first + t + 1 if causal else T                   # the set: the prefix, its last w, or all
+                lo = 0 if window is None else max(0, at - window)
+                K, V, x = k[b, lo:at, h], v[b, lo:at, h], q[b, t, h]
                 if kernel == "softmax":
                     w = torch.exp(scale * (K @ x))
                 elif kernel == "smoothing":
@@ -462,6 +487,36 @@ def kernel_regression(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, ridge: fl
     return ys
 
 
+def nystrom_step(q: Tensor, k: Tensor, v: Tensor, landmarks: Tensor, *, ridge: float = 0.0,
+                 scale: float | None = None, key_mask: Tensor | None = None) -> Tensor:
+    """SOFT's and Skyformer's memory, literally: the whole sequence's regression (non-causal; weight 1 on every real
+    key, 0 on padding: key_mask [B, T]) over the landmarks' span in the Gaussian RKHS, f(x) = W kappa(L, x) with
+    kappa(a, b) = exp(-scale ||a - b||^2 / 2), landmarks L [B, m, H, Dk], fitted by one step of batch GD from W = 0
+    (autograd on the written-out loss) preconditioned by the span's RKHS metric (kappa(L, L) + ridge I)^+; every query
+    reads it, y_t = W_1 kappa(L, q_t). The kernels are written out per pair. With every key a landmark and ridge 0 it
+    is the exact kernel smoother sum_i kappa(q_t, k_i) v_i."""
+    q, k, v, landmarks, key_mask = _float64(q, k, v, landmarks, key_mask)
+    B, T, H, Dk = q.shape
+    scale = Dk ** -0.5 if scale is None else scale
+    weight = torch.ones(B, T, dtype=torch.float64) if key_mask is None else key_mask
+
+    def kern(a: Tensor, c: Tensor) -> Tensor:
+        return torch.exp(-0.5 * scale * torch.sum((a - c) ** 2))
+
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            L = landmarks[b, :, h]
+            features = lambda x: torch.stack([kern(x, l) for l in L])  # noqa: E731
+            X = torch.stack([features(key) for key in k[b, :, h]])
+            M = BatchGD().fit(Problem(X, v[b, :, h], weight[b][:, None]))
+            metric = torch.stack([features(l) for l in L]) + ridge * torch.eye(len(L), dtype=torch.float64)
+            W = M @ torch.linalg.pinv(metric, hermitian=True)
+            for t in range(T):
+                ys[b, t, h] = W @ features(q[b, t, h])
+    return ys
+
+
 def mlstm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, g: Tensor, *, scale: float | None = None,
           initial_state: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """mLSTM's memory (Beck et al. 2024), literally: at every t, the regression with weights
@@ -498,3 +553,187 @@ def mlstm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, g: Tensor, *, scale: float
                 ys[b, t, h] = M @ x / torch.clamp_min((z @ x).abs(), 1.0)
             C_T[b, h], n_T[b, h] = M.T, z
     return ys, (C_T, n_T, torch.zeros(B, H, dtype=torch.float64))
+
+
+# --- The generic executor's problems (ttr.ops.generic), literally ---------------------------------------------------
+
+
+def local_constant_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, optimizer: Optimizer | None,
+                       feature_map: str | Callable[[Tensor], Tensor] | None = None, scale: float | None = None,
+                       i: Tensor | None = None, initial_state: Tensor | None = None) -> Tensor:
+    """The locally constant fit under any batch optimizer: at every t, c_t = argmin_c 1/2 sum_i w_ti ||v_i - c||^2
+    with w_ti = scale phi(q_t)^T (gamma_i^(t) e^(i_i) phi(k_i)) (scale 1 by default; gamma per association or per key
+    channel), fitted by `optimizer` (BatchGD, Exact) on the constant design, or, with optimizer None, by NormalizedGD:
+    one step from zero at rate 1 / max(|sum_i w_ti|, 1). `initial_state` [B, H, D_phi, Dv + 1] (sum gamma phi(k) v^T,
+    sum gamma phi(k)) enters as one more association, its weight and its weighted-mean value."""
+    q, k, v, g, i, initial_state = _float64(q, k, v, g, i, initial_state)
+    phi = get_feature_map(feature_map)
+    B, T, H, _ = q.shape
+    fq, fk = phi(q) * (1.0 if scale is None else scale), phi(k)
+    gamma = gamma_matrix(g, T, batch=(B, H))
+    if i is not None:
+        gamma = gamma * torch.exp(i).transpose(1, 2)[:, :, None, :, None]
+    start = _start_decay(g, B, T, H)
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                w, Y = (gamma[b, h, t, : t + 1] * fk[b, : t + 1, h]) @ fq[b, t, h], v[b, : t + 1, h]
+                if initial_state is not None:
+                    carried = (start[b, t, h][:, None] * initial_state[b, h]).T @ fq[b, t, h]
+                    if carried[-1] != 0:
+                        w, Y = torch.cat([w, carried[-1:]]), torch.cat([Y, (carried[:-1] / carried[-1])[None]])
+                problem = Problem(torch.ones(len(w), 1, dtype=torch.float64), Y, w[:, None])
+                if optimizer is None:
+                    ys[b, t, h] = BatchGD().fit(problem)[:, 0] / w.sum().abs().clamp_min(1.0)
+                elif isinstance(optimizer, Exact) and optimizer.ridge == 0 and not bool(w.gt(0).any()):
+                    continue  # no weight at all: the answer is 0
+                else:
+                    ys[b, t, h] = optimizer.fit(problem)[:, 0]
+    return ys
+
+
+def online_learner(q: Tensor, k: Tensor, v: Tensor, rate: Tensor, g: Tensor | None = None, *, mlp: bool = False,
+                   implicit: bool = False, batch_size: int | None = None, momentum: Tensor | None = None,
+                   scale: float | None = None, initial_state: tuple[Tensor, ...] | None = None) -> Tensor:
+    """Online learning of f_W (W k, or W2 gelu(W1 k) with mlp=True) with the gate as weight decay, literally.
+
+    batch_size None (online SGD): per token, the decay's proximal step W <- a * W (a = exp(g): scalar, per key channel,
+    or per entry of W^T), then for each of its n associations (k [B, T, H, n, Dk] for n > 1) the gradient step
+    W <- W - rate grad 1/2 ||v - f_W(k)||^2 (by autograd), or with implicit=True the proximal step
+    W <- argmin_W 1/2 ||W - W'||^2 + rate/2 ||v - W k||^2 solved with torch.linalg.solve.
+    batch_size b (mini-batch GD): gradients at the mini-batch's first weights W_0, m_t = momentum_t m_{t-1}
+    - rate_t grad l_t(W_0) (momentum None: m_t = -rate_t grad l_t(W_0)), W_t = a_t * W_{t-1} + m_t.
+    y_t = f_{W_t}(scale q_t). initial_state: the weights, as the ops hold them (S = W^T for a linear memory; (W1, W2)).
+    """
+    q, k, v, rate, g, momentum = _float64(q, k, v, rate, g, momentum)
+    if k.dim() == 4:
+        k, v, rate = k.unsqueeze(3), v.unsqueeze(3), rate.unsqueeze(3)
+    B, T, H, n, Dk = k.shape
+    Dv = v.shape[-1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    def f(W: list[Tensor], x: Tensor) -> Tensor:
+        if mlp:
+            return W[1] @ torch.nn.functional.gelu(W[0] @ x)
+        return W[0] @ x
+
+    def decayed(W: list[Tensor], b: int, t: int, h: int) -> list[Tensor]:
+        if g is None:
+            return W
+        a = torch.exp(g[b, t, h])
+        return [a * w for w in W] if a.dim() == 0 else [W[0] * (a[None, :] if a.dim() == 1 else a.T)]
+
+    ys = torch.zeros(B, T, H, Dv, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            if mlp:
+                W = [initial_state[0][b, h].double(), initial_state[1][b, h].double()]
+            else:
+                W = [torch.zeros(Dv, Dk, dtype=torch.float64) if initial_state is None else
+                     initial_state[b, h].double().T]
+            m = [torch.zeros_like(w) for w in W]
+            W_0 = W
+            for t in range(T):
+                if batch_size is None:
+                    W = decayed(W, b, t, h)
+                    for j in range(n):
+                        x, y, lr = k[b, t, h, j], v[b, t, h, j], rate[b, t, h, j]
+                        if implicit:
+                            system = torch.eye(Dk, dtype=torch.float64) + lr * torch.outer(x, x)
+                            W = [torch.linalg.solve(system, (W[0] + lr * torch.outer(y, x)).T).T]
+                            continue
+                        grads = _per_sample_gradients(lambda Ws: 0.5 * ((y - f([w[0] for w in Ws], x)) ** 2).sum()[None],
+                                                      W, 1, x, y, lr)
+                        W = [w - lr * gr[0] for w, gr in zip(W, grads)]
+                else:
+                    if t % batch_size == 0:
+                        W_0 = W
+                    x, y = k[b, t, h, 0], v[b, t, h, 0]
+                    grads = _per_sample_gradients(lambda Ws: 0.5 * ((y - f([w[0] for w in Ws], x)) ** 2).sum()[None],
+                                                  W_0, 1, x, y, rate)
+                    eta = 0.0 if momentum is None else momentum[b, t, h]
+                    m = [eta * m_ - rate[b, t, h, 0] * gr[0] for m_, gr in zip(m, grads)]
+                    W = [w + m_ for w, m_ in zip(decayed(W, b, t, h), m)]
+                ys[b, t, h] = f(W, scale * q[b, t, h])
+    return ys
+
+
+def local_polynomial_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, order: int,
+                         optimizer: Optimizer, scale: float | None = None, qk_norm: bool = False,
+                         initial_state: tuple[Tensor, ...] | None = None) -> Tensor:
+    """Local polynomial regression around every query with decaying weights, literally: at every t the design rows
+    [1, monomials(k_i - q_t)], weights w_ti = exp(scale q_t . k_i) gamma_i^(t) (scalar gamma), fitted by Exact (ridge
+    times the weight mass on the slope, as local_polynomial) or by BatchGD (optimizer.fit); the answer is the
+    intercept. initial_state: a cache (K, V) or (K, V, L) of earlier associations, L their log-weights so far."""
+    q, k, v, g = _float64(q, k, v, g)
+    B, T, H, Dk = q.shape
+    L = torch.zeros(B, 0, H, dtype=torch.float64)
+    if initial_state is not None:
+        K0, V0, *L0 = _float64(*initial_state)
+        L = L0[0] if L0 else torch.zeros(K0.shape[:3], dtype=torch.float64)
+        k, v = torch.cat([K0, k], 1), torch.cat([V0, v], 1)
+    first = k.shape[1] - T
+    G = torch.zeros(B, T, H, dtype=torch.float64) if g is None else g.cumsum(1)
+    if qk_norm:
+        q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    scale = Dk ** -0.5 if scale is None else scale
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                K, V, x = k[b, : first + t + 1, h], v[b, : first + t + 1, h], q[b, t, h]
+                # gamma_i^(t) = exp(G_t + L_i) for the cached associations, exp(G_t - G_i) for this call's
+                log_gamma = torch.cat([G[b, t, h] + L[b, :first, h], G[b, t, h] - G[b, : t + 1, h]])
+                w = torch.exp(scale * (K @ x) + log_gamma)
+                X = torch.stack([_centred_monomials(key - x, order) for key in K])
+                if isinstance(optimizer, Exact):
+                    penalty = optimizer.ridge * w.sum() * torch.diag(torch.cat([X.new_zeros(1), X.new_ones(X.shape[1] - 1)]))
+                    coef = torch.linalg.solve(X.T @ (w[:, None] * X) + penalty, X.T @ (w[:, None] * V))
+                    ys[b, t, h] = coef[0]
+                else:
+                    ys[b, t, h] = optimizer.fit(Problem(X, V, w[:, None]))[:, 0]
+    return ys
+
+
+def kernel_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, kernel: str, optimizer: Optimizer,
+               scale: float | None = None, degree: int = 2, initial_state: tuple[Tensor, ...] | None = None) -> Tensor:
+    """Weighted kernel regression, literally: at every t, f_t = argmin_f 1/2 sum_i w_i ||v_i - f(k_i)||^2 + ridge/2
+    ||f||_H^2 with w_i = gamma_i^(t) (scalar). By the representer theorem f = sum_i alpha_i Kern(k_i, .), and the
+    normal equations Kern (W Kern + ridge I) alpha = Kern W V give alpha = (W Kern + ridge I)^-1 W V (Exact). BatchGD
+    takes functional gradient steps from f = 0: the gradient of the loss in the RKHS is sum_i w_i (f(k_i) - v_i)
+    Kern(k_i, .), so alpha <- alpha - lr W (Kern alpha - V). The kernels are written out per pair. initial_state: a
+    cache (K, V) or (K, V, L), L the log-weights so far."""
+    q, k, v, g = _float64(q, k, v, g)
+    B, T, H, Dk = q.shape
+    L = torch.zeros(B, 0, H, dtype=torch.float64)
+    if initial_state is not None:
+        K0, V0, *L0 = _float64(*initial_state)
+        L = L0[0] if L0 else torch.zeros(K0.shape[:3], dtype=torch.float64)
+        k, v = torch.cat([K0, k], 1), torch.cat([V0, v], 1)
+    first = k.shape[1] - T
+    G = torch.zeros(B, T, H, dtype=torch.float64) if g is None else g.cumsum(1)
+    scale = Dk ** -0.5 if scale is None else scale
+
+    def kern(a: Tensor, c: Tensor) -> Tensor:
+        if kernel == "exp":
+            return torch.exp(scale * torch.dot(a, c))
+        if kernel == "rbf":
+            return torch.exp(-0.5 * scale * torch.sum((a - c) ** 2))
+        return (1.0 + scale * torch.dot(a, c)) ** degree
+
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                K, V = k[b, : first + t + 1, h], v[b, : first + t + 1, h]
+                w = torch.exp(torch.cat([G[b, t, h] + L[b, :, h], G[b, t, h] - G[b, : t + 1, h]]))[:, None]
+                gram = torch.stack([torch.stack([kern(a, c) for c in K]) for a in K])
+                if isinstance(optimizer, Exact):
+                    alpha = torch.linalg.solve(w * gram + optimizer.ridge * torch.eye(len(K), dtype=torch.float64), w * V)
+                else:
+                    alpha = torch.zeros_like(V)
+                    for _ in range(optimizer.steps):
+                        alpha = alpha - optimizer.lr * w * (gram @ alpha - V)
+                ys[b, t, h] = alpha.T @ torch.stack([kern(a, q[b, t, h]) for a in K])
+    return ys

@@ -5,6 +5,10 @@ Geometric decay is written with log-gates g_t <= 0, alpha_t = exp(g_t):
     gamma_i^(t) = alpha_{i+1} alpha_{i+2} ... alpha_t = exp(G_t - G_i),   G_t = g_1 + ... + g_t,
 
 a scalar per head, or a vector over key channels (each channel forgets at its own rate).
+
+The association set is which i the regression at t sums over: the causal prefix {i <= t} (every op's default),
+a sliding window of w tokens {t - w < i <= t} (weights zero outside it, whatever the decay inside), or the whole
+sequence {all i} (causal=False: encoders; a decay has no meaning there, so its weights are uniform).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from ._checks import is_int
 
 
 @dataclass(frozen=True)
@@ -101,21 +107,46 @@ def constant_log_gate(decay: float, shape: tuple[int, ...], **like) -> Tensor:
     return torch.full(shape, math.log(decay), **like)
 
 
+def check_window(window: object, causal: object = True) -> None:
+    """window: None (the causal prefix) or a positive int; causal: a bool; a window is a causal set."""
+    if window is not None and not is_int(window, 1):
+        raise ValueError(f"window must be None or a positive int (tokens), got {window!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if window is not None and not causal:
+        raise ValueError("window is a causal association set {t - w < i <= t}: pass causal=True with a window")
+
+
+def association_set(T: int, *, window: int | None = None, causal: bool = True, device=None) -> Tensor:
+    """in_set[t, i]: whether association i enters the regression at t, [T, T] bool: i <= t (causal), and
+    t - i < window where a window is given; every i where causal=False."""
+    check_window(window, causal)
+    if not causal:
+        return torch.ones(T, T, dtype=torch.bool, device=device)
+    t = torch.arange(T, device=device)
+    lag = t[:, None] - t[None, :]
+    return (lag >= 0) & (lag < (T if window is None else window))
+
+
 def gamma_matrix(g: Tensor | None, T: int, *, batch: tuple[int, int] = (1, 1), dtype=torch.float64,
-                 device=None) -> Tensor:
-    """All weights at once: gamma[b, h, t, i, ...] = exp(G_t - G_i) for i <= t, else 0.
+                 device=None, window: int | None = None, causal: bool = True) -> Tensor:
+    """All weights at once: gamma[b, h, t, i, ...] = exp(G_t - G_i) for i in the association set of t (the causal
+    prefix i <= t; with a window, also t - i < window), else 0; causal=False: 1 for every i (uniform only).
 
     g is None (uniform), [B, T, H], [B, T, H, Dk] or [B, T, H, Dk, Dv] (per state entry); the trailing axes are
     1, Dk, or Dk and Dv. This is the literal form the oracle uses: quadratic in T, for references only.
     """
+    if g is not None and not causal:
+        raise ValueError("a decay orders the associations in time: the whole sequence (causal=False) has no "
+                         "gamma_i^(t) for i > t; pass g=None")
+    in_set = association_set(T, window=window, causal=causal, device=device if g is None else g.device)
     if g is None:
         B, H = batch
-        ones = torch.ones(T, T, dtype=dtype, device=device)
-        return torch.tril(ones).expand(B, H, T, T).unsqueeze(-1)
+        return in_set.to(dtype).expand(B, H, T, T).unsqueeze(-1)
     g = g.to(dtype)
     if g.dim() == 3:
         g = g.unsqueeze(-1)
     G = g.cumsum(1).movedim(1, 2)  # [B, H, T, ...]
     diff = G[:, :, :, None] - G[:, :, None]
-    causal = torch.ones(T, T, dtype=torch.bool, device=g.device).tril().view(T, T, *[1] * (G.dim() - 3))
-    return torch.exp(torch.where(causal, diff, torch.full_like(diff, -math.inf)))
+    in_set = in_set.view(T, T, *[1] * (G.dim() - 3))
+    return torch.exp(torch.where(in_set, diff, torch.full_like(diff, -math.inf)))

@@ -29,6 +29,16 @@ holds Re S_t over Im S_t, [B, H, 2 D_phi, Dv]. The rotation is absorbed into q a
     Re(q^T e^(i(Theta_t - Theta_j)) k) = [q cos Theta_t, -q sin Theta_t] . [k cos Theta_j, -k sin Theta_j],
 so the chunk form is the real vector-gated one on 2 D_phi channels, in the frame of each chunk's start (angles
 turned since then, small), and the carried state turns by the chunk's total angle between chunks.
+
+Association sets (ttr.weights). By default the regression at t sums over the causal prefix i <= t. A window of w
+tokens sums over t - w < i <= t only (the gate's decay inside it unchanged): the sum is no longer a running state,
+so the chunk form is a banded attention, chunks of C >= w tokens (the window spans at most the previous chunk),
+O(T max(C, w) D), and the recurrent form keeps the last w associations, O(w D) a token. The state carried between
+calls is that ring: (K [.., w, D_phi], V [.., w, Dv(+1)]), oldest first, each key already weighted by its decay to
+the last token (gamma_i^(T) k_i; zero slots are no association), so K^T V is the memory S_T, and a next call's
+token t weighs slot i by exp(g_1 + ... + g_t) more, exactly as one call over the whole sequence.
+causal=False sums over the whole sequence (encoders, uniform weights: a decay orders associations in time):
+o_t = (sum_i phi(k_i) v_i^T)^T phi(q_t) for every t, with no recurrent form and no state.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from torch import Tensor
 from .._checks import (all_finite, check_log_gate, check_mode, check_qkv, check_state, compute_dtype, finite_answer,
                        log_gate_as, scale_or, vouch)
 from ..features import get_feature_map
+from ..weights import check_window
 from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_chunks
 from ._entry import ENTRY_CHUNK, chunked_entry
 from ._varlen import check_cu_seqlens, run_packed
@@ -59,12 +70,14 @@ def linear_attention(
     scale: float | None = None,
     bonus: Tensor | None = None,
     angle: Tensor | None = None,
-    initial_state: Tensor | None = None,
+    initial_state: Tensor | tuple[Tensor, Tensor] | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
     chunk_size: int = 64,
     cu_seqlens: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+    window: int | None = None,
+    causal: bool = True,
+) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor] | None]:
     """Linear attention as one step of batch GD. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; bonus u [H, D_phi]: the
     newest association's weight (RWKV-6); angle [B, T, H, D_phi]: the complex gate's rotation per key channel
     (GateLoop, LRU; module docstring).
@@ -74,8 +87,12 @@ def linear_attention(
     `scale` defaults to Dk^-1/2 (Dk before the feature map), as in fla. Modes: "chunk" (training),
     "recurrent" (token by token, the decoding path). cu_seqlens [N + 1] (with B = 1) packs N sequences:
     states start afresh at each boundary, initial and final states are [N, H, D_phi, Dv(+1)].
+    window w: the association set {t - w < i <= t} (uniform, scalar or vector gates, bonus, normalize); the state is
+    then the ring (K [rows, H, w, D_phi], V [rows, H, w, Dv(+1)]) of the last w associations (module docstring).
+    causal=False: every token's regression sums over the whole sequence (uniform weights, "chunk" mode, no state).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    check_window(window, causal)
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
@@ -99,22 +116,28 @@ def linear_attention(
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     rows = B if cu is None else cu.numel() - 1
     theta = _check_angle(angle, (B, T, H, Df), normalize, bonus, dt)
-    check_state("initial_state", initial_state, (rows, H, Df if theta is None else 2 * Df, v.shape[-1]))
+    prefix = window is None and causal
+    if prefix:
+        check_state("initial_state", initial_state, (rows, H, Df if theta is None else 2 * Df, v.shape[-1]))
     u = _check_bonus(bonus, H, Df, normalize, dt)
     # g as [B, T, H, 1 or Dk]: one broadcasting rule serves scalar and vector gates (a per-entry gate keeps its Dv)
     g = log_gate_as(g, dt)
     g = None if g is None else (g.unsqueeze(-1) if kind == "scalar" else g)
-    s0 = None if initial_state is None else initial_state.to(dt)
-    if mode == "recurrent":
-        core = functools.partial(_recurrent, u=u)
-    elif kind == "entry":
-        core = functools.partial(_chunked_entry, C=chunk_size)
+    if not prefix:
+        o, state = _association_set(q, k, v, g, kind, u, theta, initial_state, output_final_state, mode, chunk_size,
+                                    cu, rows, window)
     else:
-        core = functools.partial(_chunked, C=chunk_size, vector=kind == "vector", u=u)
-    if cu is None:
-        o, state = core(q, k, v, g, theta, s0)
-    else:  # zero features, gates and angles outside the sequences: no association, no decay, no turn
-        o, state = run_packed(core, cu, [q, k, v, g, theta], s0, None if mode == "recurrent" else chunk_size)
+        s0 = None if initial_state is None else initial_state.to(dt)
+        if mode == "recurrent":
+            core = functools.partial(_recurrent, u=u)
+        elif kind == "entry":
+            core = functools.partial(_chunked_entry, C=chunk_size)
+        else:
+            core = functools.partial(_chunked, C=chunk_size, vector=kind == "vector", u=u)
+        if cu is None:
+            o, state = core(q, k, v, g, theta, s0)
+        else:  # zero features, gates and angles outside the sequences: no association, no decay, no turn
+            o, state = run_packed(core, cu, [q, k, v, g, theta], s0, None if mode == "recurrent" else chunk_size)
     if normalize:
         # Non-negative features: a zero normalizer means every weight is zero, and so is the numerator; the
         # answer there is 0, with gradient 0 (dividing by a clamped normalizer would give 0 * inf = NaN)
@@ -125,7 +148,7 @@ def linear_attention(
                              f"(feature map {phi.name!r}); normalize or rescale q and k")
         o = torch.where(seen, numerator / torch.where(seen, z, torch.ones_like(z)), torch.zeros_like(numerator))
     if output_final_state:
-        vouch(state)
+        vouch(*(state if isinstance(state, tuple) else (state,)))
     return finite_answer("linear_attention", o.to(out_dtype)), (state if output_final_state else None)
 
 
@@ -156,6 +179,167 @@ def _check_angle(angle: Tensor | None, shape: tuple[int, ...], normalize: bool, 
     if not all_finite(angle):
         raise ValueError("angle holds non-finite values")
     return angle.to(dt)
+
+
+def _association_set(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, kind: str | None, u: Tensor | None,
+                     theta: Tensor | None, initial_state: object, output_final_state: bool, mode: str, chunk_size: int,
+                     cu: Tensor | None, rows: int, window: int | None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """linear_attention over a window (window w) or the whole sequence (window None, causal=False): checks, then
+    the form asked for, per packed sequence where cu is given."""
+    if window is None:  # the whole sequence
+        if g is not None or u is not None or theta is not None:
+            raise ValueError("causal=False sums over the whole sequence, where a decay (g, bonus, angle) has no single "
+                             "meaning (it orders associations in time): pass g=None, bonus=None, angle=None")
+        if mode == "recurrent":
+            raise ValueError("causal=False has no recurrent form: every token's answer reads tokens not yet seen; "
+                             "use mode='chunk'")
+        if initial_state is not None or output_final_state:
+            raise ValueError("causal=False carries no state between calls (its set is one whole sequence): pass "
+                             "initial_state=None, output_final_state=False")
+        if cu is None:
+            return _whole(q, k, v)[0], None
+        return run_packed(lambda q_, k_, v_, _: _whole(q_, k_, v_), cu, [q, k, v], None, chunk_size)[0], None
+    if kind == "entry" or theta is not None:
+        raise ValueError("window is offered with uniform weights and scalar or vector gates: a per-entry gate (Mamba) "
+                         "or an angle (complex gate) would make the ring per entry or complex")
+    ring = _check_ring(initial_state, (rows, k.shape[2], window), k.shape[-1], v.shape[-1], q.dtype)
+    if mode == "recurrent":
+        core = functools.partial(_window_recurrent, w=window, u=u)
+    else:
+        core = functools.partial(_window_chunked, C=chunk_size, w=window, vector=kind == "vector", u=u)
+    if cu is None:
+        return core(q, k, v, g, None, ring)
+    # each token marks its row as real: a sequence's ring is its own last w tokens, not the padding after them
+    real = torch.ones(1, q.shape[1], dtype=q.dtype, device=q.device)
+    return run_packed(core, cu, [q, k, v, g, real], ring, None if mode == "recurrent" else chunk_size)
+
+
+def _check_ring(state: object, lead: tuple[int, int, int], Dk: int, Dv: int, dt: torch.dtype
+                ) -> tuple[Tensor, Tensor] | None:
+    """A window's carried state: the pair (K [rows, H, w, D_phi], V [rows, H, w, Dv(+1)]), in dt."""
+    if state is None:
+        return None
+    if not (isinstance(state, tuple) and len(state) == 2):
+        raise ValueError(f"with a window, initial_state is the ring of the last w associations, the pair "
+                         f"(K {list(lead) + [Dk]}, V {list(lead) + [Dv]}) a windowed call returned; got "
+                         f"{type(state).__name__}")
+    check_state("initial_state (K)", state[0], (*lead, Dk))
+    check_state("initial_state (V)", state[1], (*lead, Dv))
+    return state[0].to(dt), state[1].to(dt)
+
+
+def _whole(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The whole sequence's memory S = sum_i k_i v_i^T [B, H, Dk, Dv] read at every query: (o_t = S^T q_t, S)."""
+    S = torch.einsum("bthk,bthv->bhkv", k, v)
+    return torch.einsum("bthk,bhkv->bthv", q, S), S
+
+
+def _lengths(real: Tensor | None, B: int, T: int, device: torch.device) -> Tensor:
+    """Each row's number of tokens: T, or the real ones of a packed sequence's padded row (real [B, T])."""
+    return torch.full((B,), T, device=device) if real is None else real.sum(1).long()
+
+
+def _ring_after(k: Tensor, v: Tensor, g: Tensor | None, lengths: Tensor, ring: tuple[Tensor, Tensor] | None
+                ) -> tuple[Tensor, Tensor]:
+    """The window's state after a call: each row's last w associations (of the ring it started from, then its
+    `lengths` tokens; k, v [B, T, H, D]), oldest first, keys weighted by their decay to the row's last token."""
+    K0, V0 = ring
+    n = K0.shape[2]
+    at = (lengths[:, None] + torch.arange(n, device=k.device))[:, None, :, None]  # [B, 1, n, 1] in [ring, tokens]
+    K = torch.cat([K0, k.transpose(1, 2)], 2).gather(2, at.expand(-1, K0.shape[1], -1, K0.shape[3]))
+    V = torch.cat([V0, v.transpose(1, 2)], 2).gather(2, at.expand(-1, V0.shape[1], -1, V0.shape[3]))
+    if g is None:
+        return K, V
+    # the ring's slots need no gate of their own: their keys are already weighted to this call's start
+    gs = torch.cat([g.new_zeros(*K0.shape[:3], g.shape[-1]), g.transpose(1, 2)], 2)
+    gs = gs.gather(2, at.expand(-1, K0.shape[1], -1, g.shape[-1]))
+    later = F.pad(gs.flip(2).cumsum(2).flip(2)[:, :, 1:], (0, 0, 0, 1))  # the log-gates after each slot, <= 0
+    return K * torch.exp(later), V
+
+
+def _window_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, real: Tensor | None,
+                      ring: tuple[Tensor, Tensor] | None, w: int, u: Tensor | None = None
+                      ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Token by token over a window: the ring of the last w associations (keys weighted to now); token t reads the
+    newest w - 1 of them and its own, then decays the ring, appends itself and drops the oldest. A padded token
+    (real 0) leaves it."""
+    B, T, H, Dk = k.shape
+    K, V = (k.new_zeros(B, H, w, Dk), v.new_zeros(B, H, w, v.shape[-1])) if ring is None else ring
+    none = [None] * T
+    gates = none if g is None else g.unbind(1)
+    reals = none if real is None else (real > 0).unbind(1)
+    outs = []
+    for q_t, k_t, v_t, g_t, real_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), gates, reals):
+        decayed = K if g_t is None else K * torch.exp(g_t)[:, :, None, :]
+        read = (K if u is not None else decayed)[:, :, 1:]  # RWKV-6 reads the earlier ones before its gate
+        newest = (q_t * (k_t if u is None else u * k_t)).sum(-1)  # [B, H]: the token's own association
+        outs.append(torch.einsum("bhw,bhwv->bhv", (read @ q_t[..., None])[..., 0], V[:, :, 1:])
+                    + newest[..., None] * v_t)
+        K_new = torch.cat([decayed, k_t[:, :, None]], 2)[:, :, 1:]
+        V_new = torch.cat([V, v_t[:, :, None]], 2)[:, :, 1:]
+        if real_t is None:
+            K, V = K_new, V_new
+        else:
+            keep = real_t[:, None, None, None]
+            K, V = torch.where(keep, K_new, K), torch.where(keep, V_new, V)
+    return torch.stack(outs, 1), (K, V)
+
+
+def _window_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, real: Tensor | None,
+                    ring: tuple[Tensor, Tensor] | None, C: int, w: int, vector: bool, u: Tensor | None = None
+                    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Chunkwise form of a window: a carried ring's newest w - 1 slots (those a new token can see) enter as the tokens
+    before this call (gate 0: their keys are weighted already), then the banded attention (_banded). A window no
+    shorter than the call, with no ring, never binds: the causal prefix's own chunk form."""
+    B, T, H, _ = q.shape
+    empty = (k.new_zeros(B, H, w, k.shape[-1]), v.new_zeros(B, H, w, v.shape[-1]))
+    if ring is None and w >= T:
+        o = _chunked(q, k, v, g, None, None, C, vector, u)[0]
+    elif ring is None:
+        o = _banded(q, k, v, g, C, w, vector, u)
+    else:
+        before = [x[:, :, 1:].transpose(1, 2) for x in ring]
+        ahead = [torch.cat([x0, x], 1) for x0, x in zip([torch.zeros_like(before[0])] + before, (q, k, v))]
+        g_all = None if g is None else F.pad(g, (0, 0, 0, 0, w - 1, 0))
+        o = _banded(*ahead, g_all, C, w, vector, u)[:, w - 1:]
+    return o, _ring_after(k, v, g, _lengths(real, B, T, q.device), empty if ring is None else ring)
+
+
+def _banded(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, C: int, w: int, vector: bool, u: Tensor | None
+            ) -> Tensor:
+    """o_i = sum_{i - w < j <= i} gamma_ij (q_i . k_j) v_j in chunks of C' = max(C, w) tokens (powers of two; no more
+    than the call needs), so the window reaches back into the previous chunk at most: the chunk's own masked
+    (decayed) attention with a band, plus the previous chunk's keys, weighted to its end (exp(G_last - G_j) <= 1),
+    read by the queries weighted from their chunk's start (exp(G_i) <= 1). No state: O(T C' D), memory O(T C')."""
+    T = q.shape[1]
+    C = min(max(C, 1 << (w - 1).bit_length()), max(C, 1 << (T - 1).bit_length()))
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
+    lag = torch.arange(C, device=q.device)
+    lag = lag[:, None] - lag[None, :]                                  # i - j within a chunk
+    band = (lag >= 0) & (lag < w)
+    mask = band if u is None else band & (lag > 0)                     # the diagonal left to u
+    leaf = None
+    if g is None:
+        q_in, k_end = qc, kc
+        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)
+    else:
+        G = to_chunks(g, C).cumsum(-2)
+        G_read = G if u is None else F.pad(G[..., :-1, :], (0, 0, 1, 0))
+        q_in, k_end = qc * torch.exp(G_read), kc * torch.exp(G[..., -1:, :] - G)
+        leaf = _leaf_size(G) if vector else None
+        if leaf == C:  # the chunk's start is every pair's reference (_chunked)
+            scores = (q_in @ (kc * torch.exp(-G)).transpose(-1, -2)).masked_fill(~mask, 0.0)
+        elif vector:  # the whole causal block, its diagonal included, then the band
+            scores = _vector_gate_scores(qc, kc, G, G_read, _newest(qc, kc, u), leaf).masked_fill(~band, 0.0)
+        else:
+            scores = (qc @ kc.transpose(-1, -2)) * masked_exp(G_read[..., :, None, 0] - G[..., None, :, 0], mask)
+    if u is not None and leaf in (None, C):
+        scores = scores + torch.diag_embed(_newest(qc, kc, u))
+    o = scores @ vc
+    if w > 1:  # token j of the previous chunk is i - j = lag + C back
+        k_prev, v_prev = (F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1] for x in (k_end, vc))
+        o = o + (q_in @ k_prev.transpose(-1, -2)).masked_fill(~(lag + C < w), 0.0) @ v_prev
+    return from_chunks(o, T)
 
 
 def _rotate(state: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -217,6 +217,26 @@ class KVCache(tuple):
         store.writes += 1
         return KVCache(keys, values, ends, fac, sol, store=store, mark=store.writes), starts
 
+    def recent(self, n: int) -> KVCache:
+        """A sliding window's cache: each row's last n tokens at least. This cache while no row holds more than
+        2 n + MIN_CAPACITY tokens; past that, new buffers holding each row's last n (at positions 0 .. n - 1, with
+        room for n + 2 MIN_CAPACITY more, so the appends until the next cut write in place). A window's cache so
+        stays O(n) and is copied once per n + MIN_CAPACITY appended tokens (O(1) a token). Gathered, so autograd
+        follows; a kernel cache has no window."""
+        if self.keys is None or self.size <= 2 * n + MIN_CAPACITY:
+            return self
+        if self.inverse is not None:
+            raise ValueError("a kernel regression cache holds the inverse factor of all its keys: it cannot be cut")
+        B, H = self.keys.shape[:2]
+        # row b's last n tokens (a shorter row's first n positions, of which its own length are filled)
+        at = (torch.tensor([max(L - n, 0) for L in self.lengths], device=self.keys.device)[:, None]
+              + torch.arange(n, device=self.keys.device))[:, None, :, None]
+        room = 2 * (n + MIN_CAPACITY)
+        keys, values = (torch.nn.functional.pad(buf.gather(2, at.expand(B, H, n, buf.shape[3])), (0, 0, 0, room - n))
+                        for buf in (self.keys, self.values))
+        tracked = self.keys.requires_grad or self.values.requires_grad
+        return KVCache(keys, values, tuple(min(L, n) for L in self.lengths), mark=-1 if tracked else 0)
+
     # -- rows, devices, autograd --------------------------------------------------------------------------------
 
     def map(self, fn, index: Tensor | None = None) -> KVCache:

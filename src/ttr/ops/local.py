@@ -36,6 +36,14 @@ prefix, no mask). The state is the cache of keys and values: the pair (K [B, T, 
 concatenated anew at every call, or a KVCache (ttr.ops.kv_cache), preallocated and written in place, whose
 rows may hold different numbers of tokens (each row's queries then see its own keys, the padding masked).
 Orders 1 and 2 in "recurrent" answer one query at a time against the cache, as decoding does.
+
+Association sets (ttr.weights), order 0. A window of w tokens sums over t - w < i <= t only (sliding-window softmax
+attention, as Based's layer uses): queries go in blocks of max(BLOCK, w), each block's keys are the window of keys
+it can see (its own and the w - 1 before), and one SDPA call with a band mask answers every block, so time and
+memory are O(T max(BLOCK, w)); decoding reads the last w keys. The returned cache keeps the last w - 1 tokens: a
+pair of tensors is cut to them, a KVCache keeps at least them (KVCache.recent: compacted once its rows pass
+2 (w - 1) + MIN_CAPACITY tokens, so O(1) a token). causal=False sums over the whole sequence (encoders): SDPA
+without a mask; it has no recurrent form and no cache.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._checks import (append_to_cache, check_mode, check_positive, check_qkv, check_step, compute_dtype,
                        finite_answer, scale_or)
+from ..weights import check_window
 from ._varlen import check_cu_seqlens, per_sequence
 from .kv_cache import KVCache
 
@@ -69,8 +78,10 @@ def local_polynomial_attention(
     output_final_state: bool = False,
     mode: str = "chunk",
     cu_seqlens: Tensor | None = None,
+    window: int | None = None,
+    causal: bool = True,
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | KVCache | list | None]:
-    """Causal local polynomial attention. q, k: [B, T, H, Dk], v: [B, T, H, Dv]; order 0, 1, or 2 (Dk <= 16).
+    """Local polynomial attention (causal by default). q, k: [B, T, H, Dk], v: [B, T, H, Dv]; order 0, 1, 2 (Dk <= 16).
 
     ridge > 0 penalizes the non-constant coefficients (relative to the weight mass; unused at order 0).
     scale: a number, or a positive tensor [H] (a temperature per head, e.g. learned with QKNorm).
@@ -79,14 +90,52 @@ def local_polynomial_attention(
     Returns (o [B, T, H, Dv], the cache with these tokens appended (a KVCache where one was given), or None).
     scale defaults to Dk^-1/2.
     cu_seqlens [N + 1] (with B = 1) packs N sequences; initial and final states are then lists of N caches.
+    window w (order 0): each query's set is its own and the w - 1 keys before it (the cache's included), and the
+    returned cache keeps the last w - 1 tokens (module docstring). causal=False (order 0): every query sees the
+    whole sequence ("chunk" mode, no cache).
     """
     B, T, H, Dk, Dv = check_qkv(q, k, v)
+    check_window(window, causal)
+    if (window is not None or not causal) and (order != 0 or isinstance(order, bool)):
+        raise ValueError(f"window and causal=False are offered at order 0 (softmax attention), got order {order!r}")
+    if not causal and mode == "recurrent":
+        raise ValueError("causal=False has no recurrent form: every query reads tokens not yet seen; use mode='chunk'")
+    if not causal and (initial_state is not None or output_final_state):
+        raise ValueError("causal=False keeps no cache (its set is one whole sequence): pass initial_state=None, "
+                         "output_final_state=False")
+    kw = dict(order=order, ridge=ridge, scale=scale, qk_norm=qk_norm, mode=mode, window=window, causal=causal)
     if isinstance(initial_state, KVCache) and cu_seqlens is not None:  # one cache per sequence
         initial_state = None if initial_state.keys is None else initial_state.rows()
+    if cu_seqlens is not None and not causal:  # each sequence its own whole set: right padding would be seen
+        bounds = check_cu_seqlens(cu_seqlens, B, T).tolist()
+        return torch.cat([_attention(q[:, a:b], k[:, a:b], v[:, a:b], **kw)[0]
+                          for a, b in zip(bounds, bounds[1:]) if b > a], 1), None
     if cu_seqlens is not None:
-        return per_sequence(local_polynomial_attention, check_cu_seqlens(cu_seqlens, B, T), q, k, v, initial_state,
-                            (k[:, :0], v[:, :0]), lambda kv, n, L: (kv[0][n:n + 1, :L], kv[1][n:n + 1, :L]),
-                            output_final_state, order=order, ridge=ridge, scale=scale, qk_norm=qk_norm, mode=mode)
+        o, finals = per_sequence(_attention, check_cu_seqlens(cu_seqlens, B, T), q, k, v, initial_state,
+                                 (k[:, :0], v[:, :0]), lambda kv, n, L: (kv[0][n:n + 1, :L], kv[1][n:n + 1, :L]),
+                                 output_final_state, **kw)
+        return o, (None if finals is None else [_recent(kv, window) for kv in finals])
+    o, cache = _attention(q, k, v, initial_state=initial_state, output_final_state=output_final_state, **kw)
+    return o, (None if cache is None else _recent(cache, window))
+
+
+def _recent(cache: tuple[Tensor, Tensor] | KVCache, window: int | None) -> tuple[Tensor, Tensor] | KVCache:
+    """What a window's next query can see of the cache: its last window - 1 tokens (a KVCache: at least those)."""
+    if window is None:
+        return cache
+    if isinstance(cache, KVCache):
+        return cache.recent(window - 1)
+    K, V = cache
+    cut = max(K.shape[1] - (window - 1), 0)
+    return K[:, cut:], V[:, cut:]
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, *, initial_state: tuple[Tensor, Tensor] | KVCache | None = None,
+               output_final_state: bool = False, order: int, ridge: float, scale: float | Tensor | None,
+               qk_norm: bool, mode: str, window: int | None, causal: bool
+               ) -> tuple[Tensor, tuple[Tensor, Tensor] | KVCache | None]:
+    """local_polynomial_attention on one batch (no packing), returning the whole cache (the caller trims it)."""
+    B, T, H, Dk = q.shape
     check_mode(mode, ("chunk", "recurrent"))
     if order not in (0, 1, 2) or isinstance(order, bool):
         raise ValueError(f"order must be 0, 1 or 2, got {order!r}")
@@ -118,7 +167,11 @@ def local_polynomial_attention(
         qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
     # position of each row's first query: it sees keys 0..first (an int where every row has the same)
     first = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=q.device)
-    if order == 0:  # SDPA over the filled prefix (decoding: one query, no mask, where the rows are alike)
+    if not causal:
+        o = F.scaled_dot_product_attention(qh * scale, kh, vh, scale=1.0)
+    elif window is not None:
+        o = _attend_window(qh, kh, vh, first, scale, window)
+    elif order == 0:  # SDPA over the filled prefix (decoding: one query, no mask, where the rows are alike)
         o = _attend(qh, kh, vh, first, scale)
     else:
         block = BLOCK if mode == "chunk" else 1
@@ -155,6 +208,34 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, first: int | Tensor, scale: float |
     return F.scaled_dot_product_attention(q * scale if per_head else q, k, v, attn_mask=mask,
                                           is_causal=alike and first == 0 and n > 1,
                                           scale=1.0 if per_head else scale)
+
+
+def _attend_window(q: Tensor, k: Tensor, v: Tensor, first: int | Tensor, scale: float | Tensor, w: int) -> Tensor:
+    """Sliding-window softmax attention: query j (at position first + j) over keys first + j - w < i <= first + j.
+    Rows alike: in blocks of n = max(BLOCK, w) queries, each over its n + w - 1 keys (unfolded: linear in T), one
+    SDPA call with a band mask. Rows of different lengths (a ragged KVCache): one mask over the keys any query sees."""
+    n, D = q.shape[2], q.shape[3]
+    q = q * scale  # SDPA takes one number: a per-head scale goes into q
+    if not isinstance(first, int):
+        lo = max(int(first.min()) - w + 1, 0)  # the oldest key any query sees
+        pos = torch.arange(lo, k.shape[2], device=q.device)
+        last = (first[:, None] + torch.arange(n, device=q.device))[:, None, :, None]  # [B, 1, n, 1]
+        mask = (pos <= last) & (pos > last - w)
+        return F.scaled_dot_product_attention(q, k[:, :, lo:], v[:, :, lo:], attn_mask=mask, scale=1.0)
+    # keys from position first - (w - 1), zeros before the sequence's start (masked); query j sees keys j .. j + w - 1
+    front = max(w - 1 - first, 0)
+    k, v = (F.pad(x[:, :, max(first - w + 1, 0):], (0, 0, front, 0)) for x in (k, v))
+    block = min(max(BLOCK, w), n)
+    blocks = -(-n // block)
+    span = block + w - 1
+    k, v = (F.pad(x, (0, 0, 0, blocks * block + w - 1 - x.shape[2])).unfold(2, span, block).transpose(-1, -2)
+            for x in (k, v))                                          # [B, H, blocks, span, D]
+    q = F.pad(q, (0, 0, 0, blocks * block - n)).unflatten(2, (blocks, block))
+    a, c = torch.arange(block, device=q.device)[:, None], torch.arange(span, device=q.device)
+    start = torch.arange(blocks, device=q.device)[:, None, None] * block
+    mask = (c >= a) & (c < a + w) & (start + c >= front)                # [blocks, block, span]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    return o.flatten(2, 3)[:, :, :n]
 
 
 def _monomials(x: Tensor, order: int) -> Tensor:
