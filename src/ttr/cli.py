@@ -65,6 +65,10 @@ def _progress() -> Progress:
 def cmd_zoo(args: argparse.Namespace) -> None:
     from .recipe import PRESETS
 
+    if getattr(args, "all", False):
+        _zoo_all()
+        return
+
     forms = sorted({f for p in PRESETS.values() for f in p.recipe.forms})
     table = Table(title=f"ttr zoo: named systems as test-time regression (forms: {', '.join(forms)})",
                   box=box.SIMPLE_HEAD, padding=(0, 1))
@@ -78,6 +82,55 @@ def cmd_zoo(args: argparse.Namespace) -> None:
     for p in PRESETS.values():
         console.print(f"[bold]{p.name}[/bold] (ops.{p.recipe.op_name}): {p.title} ({p.citation}); "
                       f"{p.parameterization}")
+
+
+def _zoo_all() -> None:
+    """Every combination of ingredients (ttr.ops.generic.grid): one table per function class, weights down,
+    optimizers across; each cell the fast op (a chunk form), "recurrent" (the generic executor) or a numbered
+    reason why it is no regression problem."""
+    from collections import Counter
+
+    from .ops import generic
+    from .recipe import _describe_optimizer
+
+    grid = generic.grid()
+    plans = {r: generic.classify(r) for r in grid}
+    reasons: dict[str, int] = {}
+    regressors = list(dict.fromkeys(r.regressor for r in grid))
+    optimizers = list(dict.fromkeys(r.optimizer for r in grid))
+    weights = list(dict.fromkeys(r.weights for r in grid))
+    short = {"uniform": "uniform", "fixed": "fixed", "scalar": "scalar", "vector": "vector", "entry": "entry",
+             "complex": "complex"}
+    headers = [short[w.kind] + (" +input" if getattr(w, "input_gate", False) else "") +
+               (" +bonus" if getattr(w, "bonus", False) else "") + (" fixed" if getattr(w, "fixed", False) else "")
+               for w in weights]
+    for reg in regressors:
+        table = Table(title=f"function class: {reg.describe()}", box=box.SIMPLE_HEAD, padding=(0, 1))
+        table.add_column("optimizer \\ weights", overflow="fold")
+        for head in headers:
+            table.add_column(head, overflow="fold")
+        for opt in optimizers:
+            cells = []
+            for w in weights:
+                plan = next(p for r, p in plans.items() if r.weights == w and r.regressor == reg and r.optimizer == opt)
+                if plan.kind == "chunk":
+                    cells.append(f"[green]{plan.op.func.__name__}[/green]")
+                elif plan.kind == "recurrent":
+                    cells.append("[yellow]recurrent[/yellow]")
+                else:
+                    n = reasons.setdefault(plan.label, len(reasons) + 1)
+                    cells.append(f"[dim]- ({n})[/dim]")
+            table.add_row(_describe_optimizer(opt), *cells)
+        console.print(table)
+    console.print("Weights: " + "; ".join(f"{h} = {w.describe()}" for h, w in zip(headers, weights)))
+    console.print("Cells: an op's name = a fast op with a chunk form (ttr.ops); recurrent = the generic recurrent executor "
+                  "(ttr.ops.generic, no chunk form); - (n) = not a regression problem (or not run yet), because:")
+    for label, n in reasons.items():
+        console.print(f"({n}) {label}")
+    counts = Counter(p.kind for p in plans.values())
+    console.print(f"{len(grid)} combinations: {counts['chunk']} with a chunk form (a fast op), {counts['recurrent']} "
+                  f"run by the generic recurrent executor, {counts['undefined']} not a regression problem, "
+                  f"{counts['todo']} well defined but not run yet")
 
 
 def cmd_regress(args: argparse.Namespace) -> None:
@@ -478,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     shows_defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
     p = sub.add_parser("zoo", help="print the named systems: weights, function class, optimizer, op, forms")
+    p.add_argument("--all", action="store_true", help="every combination of ingredients instead: which have a "
+                   "chunk form (a fast op), which run on the generic recurrent executor, and which define no "
+                   "regression problem, and why")
     p.set_defaults(func=cmd_zoo)
 
     p = sub.add_parser("regress", help="every memory on the slides' switching-process regression, no learned "

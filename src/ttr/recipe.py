@@ -7,7 +7,6 @@ literature are `Preset`s in one registry, `PRESETS`.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,8 +14,10 @@ import torch
 from torch import Tensor
 
 from . import ops, oracle
+from .ops import generic
 from .features import get_feature_map
 from .oracle import BatchGD, Exact
+from .ops.minibatch import MiniBatchState
 from .weights import ComplexGate, EntryGate, FixedDecay, ScalarGate, Uniform, VectorGate, Weights
 
 
@@ -147,12 +148,6 @@ def _describe_optimizer(opt: Optimizer) -> str:
     return f"mini-batch GD (b={opt.batch_size})" + (", momentum" if opt.momentum else "")
 
 
-def _l2_keys(r: Regressor) -> bool:
-    if not (isinstance(r, Linear) and r.feature_map in ("identity", "l2")):
-        raise ValueError(f"online learners take linear memories on raw or L2-normalized keys, got {r.describe()}")
-    return r.feature_map == "l2"
-
-
 @dataclass(frozen=True)
 class Recipe:
     """The three ingredients of a test-time regression layer."""
@@ -165,45 +160,18 @@ class Recipe:
         """The op solving this regression, with the recipe's own keywords bound.
 
         Call it as op(q, k, v, **inputs, scale=..., initial_state=..., output_final_state=..., mode=...),
-        with `inputs` the per-token tensors named by `self.inputs` (log-gate g, step sizes).
+        with `inputs` the per-token tensors named by `self.inputs` (log-gate g, step sizes). It is the fast op
+        (chunk and recurrent forms) where one exists, else the generic recurrent executor (ttr.ops.generic);
+        a combination that defines no regression problem raises a ValueError saying why (generic.classify).
         """
-        r, o, w = self.regressor, self.optimizer, self.weights
-        input_gate = isinstance(w, ScalarGate) and w.input_gate
-        if isinstance(o, NormalizedGD) and input_gate and isinstance(r, Linear) and r.feature_map == "identity":
-            return functools.partial(ops.mlstm)
-        if input_gate:
-            raise ValueError(f"no op implements {self.describe()} yet: the exp input gate is mLSTM's, with "
-                             "NormalizedGD on a linear memory")
-        if isinstance(o, BatchGD) and isinstance(r, Linear) and o.steps == 1 and o.lr == 1.0:
-            return functools.partial(ops.linear_attention, feature_map=r.feature_map)
-        if not isinstance(w, (Uniform, FixedDecay, ScalarGate, VectorGate)) or getattr(w, "bonus", False):
-            raise ValueError(f"no op implements {self.describe()} yet: {w.describe()} weights are for one step of "
-                             "batch GD on a linear memory")
-        if isinstance(o, Exact) and isinstance(r, LocalConstant) and o.ridge == 0.0:
-            return functools.partial(ops.linear_attention, feature_map=r.feature_map, normalize=True)
-        if (isinstance(o, Exact) and isinstance(r, Linear) and r.feature_map == "identity" and o.ridge > 0
-                and isinstance(w, (Uniform, ScalarGate))):
-            return functools.partial(ops.mesa, lamb=o.ridge)
-        if isinstance(o, Exact) and isinstance(r, LocalPolynomial) and isinstance(w, Uniform):
-            if r.order > 0 and o.ridge <= 0:
-                raise ValueError(f"{r.describe()} needs a positive ridge on its slope, got {o.ridge}")
-            ridge = {"ridge": o.ridge} if r.order > 0 else {}
-            return functools.partial(ops.local_polynomial_attention, order=r.order, qk_norm=r.qk_norm, **ridge)
-        if isinstance(o, Exact) and isinstance(r, RKHS) and isinstance(w, Uniform) and o.ridge > 0:
-            return functools.partial(ops.kernel_regression, kernel=r.kernel, ridge=o.ridge)
-        if isinstance(o, OnlineSGD) and isinstance(w, (Uniform, ScalarGate)):
-            fn = {("learned", True): ops.delta_rule, ("learned", False): ops.delta_product,
-                  ("implicit", True): ops.longhorn}[(o.step, o.steps_per_token == 1)]
-            if o.step == "implicit" and not isinstance(w, Uniform):
-                raise ValueError(f"no op implements {self.describe()} yet")
-            return functools.partial(fn, qk_l2norm=_l2_keys(r))
-        if isinstance(o, MiniBatchGD) and (isinstance(w, Uniform) or (o.momentum and isinstance(w, ScalarGate))):
-            if o.momentum:
-                return functools.partial(ops.titans, batch_size=o.batch_size, qk_l2norm=_l2_keys(r))
-            if isinstance(r, MLP):
-                return functools.partial(ops.ttt_mlp, batch_size=o.batch_size, qk_l2norm=True)
-            return functools.partial(ops.ttt_linear, batch_size=o.batch_size, qk_l2norm=_l2_keys(r))
-        raise ValueError(f"no op implements {self.describe()} yet")
+        plan = generic.classify(self)
+        if plan.kind == "chunk":
+            return plan.op
+        if plan.kind == "recurrent":
+            return generic.executor(self)
+        if plan.kind == "todo":
+            raise ValueError(f"no op implements {self.describe()} yet: {plan.reason}")
+        raise ValueError(f"{self.describe()} is not a regression problem: {plan.reason}")
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -218,9 +186,9 @@ class Recipe:
         gate = () if isinstance(w, Uniform) else ("g",)
         o = self.optimizer
         if isinstance(o, OnlineSGD):
-            return ("delta",) if o.step == "implicit" else ("beta", *gate)
+            return ("delta", *gate) if o.step == "implicit" else ("beta", *gate)
         if isinstance(o, MiniBatchGD):
-            return ("theta", "momentum", *gate) if o.momentum else ("lr",)
+            return ("theta", "momentum", *gate) if o.momentum else ("lr", *gate)
         if isinstance(o, Exact) and isinstance(self.regressor, Linear) and gate:
             return ("g", "beta")  # MesaNet weighs each association's input too
         return gate
@@ -228,25 +196,49 @@ class Recipe:
     def oracle(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                initial_state: Tensor | None = None, **inputs: Tensor) -> Tensor:
         """The same regression solved literally, in float64, by ttr.oracle: [B, T, H, Dv]."""
-        r, o = self.regressor, self.optimizer
+        r, o, w = self.regressor, self.optimizer, self.weights
         g = inputs.get("g")
         if isinstance(o, Exact) and isinstance(r, Linear) and o.ridge > 0:
-            return oracle.ridge_regression(q, k, v, g, inputs.get("beta"), lamb=o.ridge, scale=scale,
-                                           initial_state=initial_state)[0]
+            phi = get_feature_map(r.feature_map)
+            return oracle.ridge_regression(phi(q.double()), phi(k.double()), v, g, inputs.get("beta"), lamb=o.ridge,
+                                           scale=scale, initial_state=initial_state)[0]
+        if isinstance(o, NormalizedGD) and isinstance(r, LocalConstant):
+            return oracle.local_constant_fit(q, k, v, g, optimizer=None, feature_map=r.feature_map, scale=scale,
+                                             i=inputs.get("i"), initial_state=initial_state)
         if isinstance(o, NormalizedGD):
-            return oracle.mlstm(q, k, v, inputs["i"], g, scale=scale, initial_state=initial_state)[0]
+            phi = get_feature_map(r.feature_map)
+            fq, fk = phi(q.double()), phi(k.double())
+            zeros = torch.zeros(fq.shape[:3], dtype=torch.float64)
+            return oracle.mlstm(fq, fk, v, inputs.get("i", zeros), zeros if g is None else g,
+                                scale=q.shape[-1] ** -0.5 if scale is None else scale, initial_state=initial_state)[0]
         if isinstance(o, (BatchGD, Exact)) and isinstance(r, Linear):
+            if "beta" in inputs:  # an input weight beta_i on the squared loss is sqrt(beta_i) on the key and value
+                root = inputs["beta"].double().sqrt()[..., None]
+                fk = get_feature_map(r.feature_map)(k.double())
+                return oracle.parametric(get_feature_map(r.feature_map)(q.double()), root * fk, root * v.double(), g,
+                                         optimizer=o, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                         initial_state=initial_state)[0]
             return oracle.parametric(q, k, v, g, optimizer=o, feature_map=r.feature_map, scale=scale,
                                      initial_state=initial_state, bonus=inputs.get("bonus"),
                                      angle=inputs.get("angle"))[0]
+        if isinstance(r, LocalPolynomial) and not (isinstance(w, Uniform) and isinstance(o, Exact)):
+            return oracle.local_polynomial_fit(q, k, v, g, order=r.order, optimizer=o, scale=scale, qk_norm=r.qk_norm,
+                                               initial_state=initial_state)
         if isinstance(o, Exact) and isinstance(r, LocalPolynomial):
             return oracle.local_polynomial(q, k, v, order=r.order, ridge=o.ridge, scale=scale, qk_norm=r.qk_norm,
                                            initial_state=initial_state)
+        if isinstance(r, RKHS) and not (isinstance(w, Uniform) and isinstance(o, Exact)):
+            return oracle.kernel_fit(q, k, v, g, kernel=r.kernel, optimizer=o, scale=scale, initial_state=initial_state)
         if isinstance(o, Exact) and isinstance(r, RKHS):
             return oracle.kernel_regression(q, k, v, kernel=r.kernel, ridge=o.ridge, scale=scale,
                                             initial_state=initial_state)
-        if isinstance(o, Exact) and isinstance(r, LocalConstant):
+        if isinstance(o, Exact) and isinstance(r, LocalConstant) and o.ridge == 0 and scale is None:
             return oracle.local_constant(q, k, v, g, feature_map=r.feature_map, initial_state=initial_state)
+        if isinstance(r, LocalConstant):
+            return oracle.local_constant_fit(q, k, v, g, optimizer=o, feature_map=r.feature_map, scale=scale,
+                                             initial_state=initial_state)
+        if generic.classify(self).kind != "chunk":  # the online learners beyond the fast ops' combinations
+            return self._online_oracle(q, k, v, scale=scale, initial_state=initial_state, **inputs)
         phi = get_feature_map("l2" if isinstance(r, MLP) else r.feature_map)  # the ops' key normalization
         q, k = phi(q.double()), phi(k.double())
         if isinstance(o, OnlineSGD) and o.step == "implicit":
@@ -270,6 +262,23 @@ class Recipe:
                                        scale=scale, initial_state=initial_state)[0]
         raise ValueError(f"the oracle has no solver for {self.describe()}")
 
+    def _online_oracle(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None, initial_state,
+                       **inputs: Tensor) -> Tensor:
+        """oracle.online_learner on this recipe's keys: the online learners beyond the fast ops' combinations."""
+        r, o = self.regressor, self.optimizer
+        phi = get_feature_map("l2" if isinstance(r, MLP) else r.feature_map)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        q, k = phi(q.double()), phi(k.double())
+        if isinstance(o, OnlineSGD):
+            rate = inputs["delta" if o.step == "implicit" else "beta"]
+            return oracle.online_learner(q, k, v, rate, inputs.get("g"), mlp=isinstance(r, MLP),
+                                         implicit=o.step == "implicit", scale=scale, initial_state=initial_state)
+        if isinstance(initial_state, MiniBatchState):
+            initial_state = initial_state.weights if isinstance(r, MLP) else initial_state.weights[0]
+        return oracle.online_learner(q, k, v, inputs["theta" if o.momentum else "lr"], inputs.get("g"),
+                                     mlp=isinstance(r, MLP), batch_size=o.batch_size, momentum=inputs.get("momentum"),
+                                     scale=scale, initial_state=initial_state)
+
     @property
     def steps_per_token(self) -> int:
         """Associations (keys, values, steps) written per token: n for DeltaProduct, else 1."""
@@ -281,7 +290,15 @@ class Recipe:
 
     @property
     def forms(self) -> tuple[str, ...]:
-        return ("chunk", "recurrent")
+        """The forms its op runs in: ("chunk", "recurrent") for a fast op, ("recurrent",) for the generic executor,
+        () where the recipe defines no regression problem (or no op runs it yet)."""
+        kind = generic.classify(self).kind
+        return {"chunk": ("chunk", "recurrent"), "recurrent": ("recurrent",)}.get(kind, ())
+
+    @property
+    def has_chunk_form(self) -> bool:
+        """Whether a fast op with a chunkwise (training) form solves this recipe."""
+        return generic.classify(self).kind == "chunk"
 
     def describe(self) -> str:
         return f"{self.weights.describe()} | {self.regressor.describe()} | {_describe_optimizer(self.optimizer)}"
