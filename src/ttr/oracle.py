@@ -197,21 +197,32 @@ def parametric(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, opti
 
 def local_constant(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
                    feature_map: str | Callable[[Tensor], Tensor] | None = None,
-                   initial_state: Tensor | None = None, window: int | None = None, causal: bool = True) -> Tensor:
+                   initial_state: Tensor | None = None, window: int | None = None, causal: bool = True,
+                   angle: Tensor | None = None) -> Tensor:
     """Locally constant fit (Nadaraya-Watson): y_t = argmin_c sum_i w_ti ||v_i - c||^2 with
     query-dependent weights w_ti = phi(q_t)^T (gamma_i^(t) phi(k_i)), solved by Exact on a constant design.
 
     `initial_state` [B, H, D_phi, Dv + 1] carries (sum gamma phi(k) v^T, sum gamma phi(k)) of earlier
     associations; it enters as one more association with its weight and weighted-mean value.
-    window, causal: the association set, as in parametric().
+    window, causal: the association set, as in parametric(). angle [B, T, H, D_phi]: a complex gate, whose real
+    parts Re(gamma_i^(t)) weigh the fit (cosFormer: cos(theta (t - i))); a carried state is then [2 D_phi, Dv + 1],
+    the real over the imaginary part.
     """
     _literal_set_only(window, causal, initial_state)
-    q, k, v, g, initial_state = _float64(q, k, v, g, initial_state)
+    q, k, v, g, initial_state, angle = _float64(q, k, v, g, initial_state, angle)
     phi = get_feature_map(feature_map)
     B, T, H, _ = q.shape
     fq, fk = phi(q), phi(k)
-    gamma = gamma_matrix(g, T, batch=(B, H), window=window, causal=causal)
-    start = _start_decay(g, B, T, H)
+    if angle is None:
+        gamma = gamma_matrix(g, T, batch=(B, H), window=window, causal=causal)
+        start = _start_decay(g, B, T, H)
+    else:
+        gamma, start = _complex_weights(g, angle, B, T, H)
+        gamma = gamma.real
+        if initial_state is not None:  # Re(start * S) for the complex carried state S
+            re, im = initial_state.chunk(2, dim=-2)
+            start, initial_state = torch.cat([start.real, -start.imag], dim=-1), torch.cat([re, im], dim=-2)
+    fq_state = fq if angle is None else torch.cat([fq, fq], dim=-1)  # what reads the carried state's rows
     ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
     for b in range(B):
         for h in range(H):
@@ -220,7 +231,7 @@ def local_constant(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *,
                 w = (gamma[b, h, t, :n] * fk[b, :n, h]) @ fq[b, t, h]
                 Y = v[b, :n, h]
                 if initial_state is not None:
-                    carried = (start[b, t, h][:, None] * initial_state[b, h]).T @ fq[b, t, h]  # [Dv + 1]
+                    carried = (start[b, t, h][:, None] * initial_state[b, h]).T @ fq_state[b, t, h]  # [Dv + 1]
                     if carried[-1] > 0:  # a carried association of zero weight adds nothing
                         w = torch.cat([w, carried[-1:]])
                         Y = torch.cat([Y, (carried[:-1] / carried[-1])[None]])

@@ -28,7 +28,9 @@ cumulative angle, and the answer is the real part: o_t = Re(S_t^T (scale phi(q_t
 holds Re S_t over Im S_t, [B, H, 2 D_phi, Dv]. The rotation is absorbed into q and k exactly:
     Re(q^T e^(i(Theta_t - Theta_j)) k) = [q cos Theta_t, -q sin Theta_t] . [k cos Theta_j, -k sin Theta_j],
 so the chunk form is the real vector-gated one on 2 D_phi channels, in the frame of each chunk's start (angles
-turned since then, small), and the carried state turns by the chunk's total angle between chunks.
+turned since then, small), and the carried state turns by the chunk's total angle between chunks. With
+normalize=True the normalizer turns too, and the answer is the locally constant fit with the real weights
+Re(gamma_i^(t)) phi(q_t)^T phi(k_i): cosFormer's cos(theta (t - i)) re-weighting with a fixed angle theta and no decay.
 
 Association sets (ttr.weights). By default the regression at t sums over the causal prefix i <= t. A window of w
 tokens sums over t - w < i <= t only (the gate's decay inside it unchanged): the sum is no longer a running state,
@@ -142,6 +144,10 @@ def linear_attention(
         # Non-negative features: a zero normalizer means every weight is zero, and so is the numerator; the
         # answer there is 0, with gradient 0 (dividing by a clamped normalizer would give 0 * inf = NaN)
         numerator, z = o[..., :-1], o[..., -1:]
+        if theta is not None and bool((z < -NEGATIVE_MASS * z.detach().abs().amax()).any()):
+            raise ValueError("normalize=True with an angle: the real parts of the complex weights summed to a negative "
+                             "weight mass for some query (a turn past pi / 2 between a query and its keys: cosFormer's "
+                             "re-weighting holds for fewer tokens than its maximum length)")
         seen = z > 0
         if phi.strictly and g is None and not bool(seen.all()):  # every query sees its own key: z > 0 but for underflow
             raise ValueError(f"normalize=True: every weight phi(q)^T phi(k) of a query underflowed to 0 in {dt} "
@@ -150,6 +156,10 @@ def linear_attention(
     if output_final_state:
         vouch(*(state if isinstance(state, tuple) else (state,)))
     return finite_answer("linear_attention", o.to(out_dtype)), (state if output_final_state else None)
+
+
+# a weight mass below -NEGATIVE_MASS times the largest is negative weights, not rounding around zero
+NEGATIVE_MASS = 1e-6
 
 
 def _check_bonus(bonus: Tensor | None, H: int, Df: int, normalize: bool, dt: torch.dtype) -> Tensor | None:
@@ -173,9 +183,8 @@ def _check_angle(angle: Tensor | None, shape: tuple[int, ...], normalize: bool, 
     if not isinstance(angle, Tensor) or tuple(angle.shape) != shape or not angle.is_floating_point():
         raise ValueError(f"angle must be a floating-point tensor [B, T, H, D_phi] = {list(shape)}, got "
                          f"{list(angle.shape) if isinstance(angle, Tensor) else type(angle).__name__}")
-    if normalize or bonus is not None:
-        raise ValueError("angle (a complex gate) is for the unnormalized memory without a bonus: pass normalize=False "
-                         "and bonus=None")
+    if bonus is not None:
+        raise ValueError("angle (a complex gate) is for a memory without a bonus: pass bonus=None")
     if not all_finite(angle):
         raise ValueError("angle holds non-finite values")
     return angle.to(dt)
