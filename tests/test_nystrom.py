@@ -100,7 +100,7 @@ def test_the_error_falls_with_landmarks_towards_the_smoother_not_the_regression(
 
 
 @pytest.mark.parametrize("method, kwargs", [("soft", dict(n_landmarks=4)), ("skyformer", dict(n_landmarks=6)),
-                                            ("soft", dict(n_landmarks=20))])
+                                            ("soft", dict(n_landmarks=20)), ("skyformer", dict(n_landmarks=40))])
 def test_packed_sequences_and_padding_answer_each_sequence_as_alone(method, kwargs):
     op = OPS[method]
     q, k, v = make_qkv(1, 30, 2, 4, 3)

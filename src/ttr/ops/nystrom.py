@@ -126,7 +126,9 @@ def skyformer(
 
     def find(qh: Tensor, kh: Tensor, mask: Tensor | None, rows: Tensor | None) -> tuple[Tensor, Tensor | None]:
         if landmarks is None:
-            return _sampled_rows(qh, kh, mask, min(n_landmarks, 2 * kh.shape[2]), sampling, generator), None
+            # as many as asked whatever the length, rows repeating in short sequences: a cap at the padded length
+            # would give a sequence other landmarks when packed with a longer one
+            return _sampled_rows(qh, kh, mask, n_landmarks, sampling, generator), None
         given = landmarks if rows is None else landmarks[rows]
         return given.transpose(1, 2).to(kh.dtype), None
 
