@@ -17,6 +17,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 F64_ATOL = 1e-10
 
 
+def causal_presets() -> list[str]:
+    """The named systems that read only the past (all but the whole-sequence encoders, SOFT and Skyformer): the ones
+    that decode, take a state, and run in causal language models."""
+    import ttr
+    return [name for name, p in ttr.PRESETS.items() if p.recipe.causal]
+
+
 def make_qkv(B=2, T=37, H=2, Dk=8, Dv=6, dtype=torch.float64, seed=0, requires_grad=False):
     gen = torch.Generator().manual_seed(seed)
     out = [torch.randn(B, T, H, d, generator=gen, dtype=dtype) for d in (Dk, Dk, Dv)]

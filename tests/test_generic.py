@@ -17,7 +17,9 @@ TOL = 1e-9
 GRID = generic.grid()
 PLANS = {r: generic.classify(r) for r in GRID}
 RUNS = [r for r in GRID if PLANS[r].kind == "recurrent"]
-FAST = [r for r in GRID if PLANS[r].kind == "chunk" and not isinstance(r.weights, ttr.ComplexGate)]
+SETS = [r for r in GRID if PLANS[r].kind == "chunk" and (not r.causal or r.weights.kind == "uniform"
+                                                          and r.weights.window is not None)]
+FAST = [r for r in GRID if PLANS[r].kind == "chunk" and not isinstance(r.weights, ttr.ComplexGate) and r not in SETS]
 UNDEFINED = [r for r in GRID if PLANS[r].kind == "undefined"]
 
 
@@ -258,3 +260,22 @@ def test_zoo_all_lists_every_combination(capsys):
     counts = {kind: sum(p.kind == kind for p in PLANS.values()) for kind in ("chunk", "recurrent", "undefined")}
     assert f"{len(GRID)} combinations: {counts['chunk']} with a chunk form" in out
     assert "recurrent" in out and "mlstm" in out and "not a regression problem" in out
+
+
+@pytest.mark.parametrize("recipe", SETS, ids=_id)
+def test_association_sets_run_on_their_fast_ops_and_equal_the_oracle(recipe):
+    """A window or the whole sequence runs on its fast op only (the executor refuses it), equal to the literal fit over
+    that set; a Nystrom span (SOFT, Skyformer) with given landmarks equals its regression over the landmarks' span."""
+    q, k, v, inputs = make_inputs(recipe, T=9, seed=3)
+    with pytest.raises(ValueError, match="causal prefix only"):
+        generic.executor(recipe)
+    kw = {}
+    if isinstance(recipe.regressor, ttr.recipe.Nystrom):
+        kw = {"landmarks": torch.randn(B, 4, H, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64),
+              "newton_steps": None, "ridge": 0.01}
+    ours, _ = recipe.op()(q, k, v, **inputs, **kw)
+    truth = recipe.oracle(q, k, v, **inputs, **({"landmarks": kw["landmarks"]} if kw else {}))
+    assert max_rel(ours, truth) < TOL
+    if recipe.causal:
+        recurrent, _ = recipe.op()(q, k, v, **inputs, mode="recurrent")
+        assert max_rel(recurrent, truth) < TOL

@@ -9,6 +9,8 @@ from ttr.layers.conv import ShortConv
 from ttr.layers.gates import make_gate, make_inputs
 from ttr.ops import MiniBatchState
 
+from conftest import causal_presets
+
 PIECES = [(0, 1), (1, 2), (2, 19), (19, 20), (20, 64), (64, 71)]
 
 
@@ -19,7 +21,7 @@ def _tensors(memory):
     return list(memory) if isinstance(memory, tuple) else [memory]
 
 
-@pytest.mark.parametrize("name", list(ttr.PRESETS))
+@pytest.mark.parametrize("name", causal_presets())
 @pytest.mark.parametrize("conv_size", [0, 4])
 def test_pieces_equal_whole(name, conv_size):
     torch.manual_seed(0)

@@ -19,6 +19,8 @@ from ttr.recipe import PRESETS, get_preset
 from ttr.tasks.text import SEPARATOR, Windows, load_corpus
 from ttr.train import TrainConfig, train
 
+from conftest import causal_presets
+
 VOCAB = 40
 
 
@@ -36,7 +38,7 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> float:
     return err
 
 
-@pytest.mark.parametrize("memory", [*PRESETS, ("gated_deltanet", "softmax_attention"), (get_preset("gla").recipe,
+@pytest.mark.parametrize("memory", [*causal_presets(), ("gated_deltanet", "softmax_attention"), (get_preset("gla").recipe,
                                                                                       "mesanet")])
 @torch.no_grad()
 def test_prefill_then_decode_equals_one_forward(memory):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ttr
-from ttr.experiments.regress import initial_state, parameter_free_inputs
+from ttr.experiments.regress import feature_map, initial_state, parameter_free_inputs
 
 from conftest import F64_ATOL, make_qkv, max_rel
 
@@ -20,6 +20,17 @@ def test_preset_op_equals_its_recipe_oracle(name):
         gen = torch.Generator().manual_seed(4)
         k, v = (torch.randn(B, T, 1, opt.steps_per_token, D, generator=gen, dtype=torch.float64) for _ in range(2))
     inputs = parameter_free_inputs(preset, 0.9, 0.5, B, T, D)
+    phi = feature_map(preset, D)
+    if phi is not None:  # a learnable map as its layer starts it, with its parameters moved off their start
+        with torch.no_grad():
+            for p in phi.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5), dtype=p.dtype))
+        inputs["feature_map"] = phi
+    if not preset.recipe.causal:  # SOFT, Skyformer: the whole sequence, over given landmarks, exactly inverted
+        landmarks = torch.randn(B, 5, 1, D, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+        o, _ = preset.recipe.op()(q, k, v, landmarks=landmarks, newton_steps=None)
+        assert max_rel(o, preset.recipe.oracle(q, k, v, landmarks=landmarks)) < F64_ATOL
+        return
     init = initial_state(preset, B, D)
     reference = preset.recipe.oracle(q, k, v, initial_state=init, **inputs)
     for mode in ("chunk", "recurrent"):

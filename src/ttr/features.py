@@ -414,6 +414,9 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "rebased": ("heads",), "dijiang": ("n_features",), "poly": ("degree",), "dpfp": ("nu",), "cosformer": (),
 }
 _MODULES = ("hedgehog", "rebased", "dijiang")
+# the maps a layer builds as its own module (make_feature_map): learnable (RFA's bandwidth too) or, for the rest,
+# keeping their random features as buffers in the layer's checkpoint
+LAYER_MODULES = ("rfa", "hedgehog", "rebased", "dijiang")
 
 
 def _options(name: str, dim: int, given: dict[str, object]) -> dict[str, object]:
@@ -472,6 +475,13 @@ def feature_dim(name: str, dim: int, *, n_features: int | None = None, heads: in
     dims = {"prf": m, "rfa": 2 * m, "hedgehog": 2 * m, "dijiang": m, "based": 1 + dim + pairs, "rebased": pairs,
             "poly2": pairs, "poly": math.comb(dim + p - 1, p), "dpfp": 2 * dim * (nu or 1), "cosformer": 2 * dim}
     return dims.get(name, dim)
+
+
+def is_positive(feature_map: str | Callable[[Tensor], Tensor]) -> bool:
+    """Whether a map (a name, learnable ones included, or a callable) guarantees phi(q)^T phi(k) >= 0."""
+    if isinstance(feature_map, str) and feature_map in _MODULES:
+        return {"hedgehog": HedgehogFeatures, "rebased": ReBasedFeatures, "dijiang": DiJiangFeatures}[feature_map].positive
+    return get_feature_map(feature_map).positive
 
 
 def get_feature_map(feature_map: str | Callable[[Tensor], Tensor] | None) -> FeatureMap:

@@ -7,7 +7,7 @@ literature are `Preset`s in one registry, `PRESETS`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import ops, oracle
 from .ops import generic
-from .features import get_feature_map
+from .features import get_feature_map, is_positive
 from .oracle import BatchGD, Exact
 from .ops.minibatch import MiniBatchState
 from .weights import ComplexGate, EntryGate, FixedDecay, ScalarGate, Uniform, VectorGate, Weights
@@ -41,7 +41,7 @@ class LocalConstant:
     feature_map: str = "elu1"
 
     def __post_init__(self) -> None:
-        if not get_feature_map(self.feature_map).positive:
+        if not is_positive(self.feature_map):
             raise ValueError(f"LocalConstant needs a positive feature map, got {self.feature_map!r}")
 
     def describe(self) -> str:
@@ -131,7 +131,28 @@ class NormalizedGD:
         return "batch GD, 1 step, lr 1 / max(|z.q|, 1)"
 
 
-Regressor = Linear | LocalConstant | LocalPolynomial | RKHS | MLP
+@dataclass(frozen=True)
+class Nystrom:
+    """f(x) = W kappa(L, x): the span of m landmark kernels, kappa(a, b) = exp(-||a - b||^2 / (2 sqrt(D))) (Gaussian),
+    fitted over the whole sequence by one step of batch GD from 0 preconditioned by the span's own metric,
+    (kappa(L, L) + ridge I)^+: the Gaussian kernel smoother kappa(Q, K) V through the landmarks (ttr.ops.nystrom).
+    method "soft" (SOFT: landmarks the keys' segment means, Newton-Schulz pseudo-inverse) or "skyformer" (landmarks
+    from the queries and keys together, the symmetrized kernel); n_landmarks None: the paper's (49, 128)."""
+
+    method: str = "soft"
+    n_landmarks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in ("soft", "skyformer"):
+            raise ValueError(f"method must be 'soft' or 'skyformer', got {self.method!r}")
+        if self.n_landmarks is not None and not (isinstance(self.n_landmarks, int) and self.n_landmarks >= 1):
+            raise ValueError(f"n_landmarks must be None or a positive int, got {self.n_landmarks!r}")
+
+    def describe(self) -> str:
+        return f"Nystrom span of Gaussian kernels ({'SOFT' if self.method == 'soft' else 'Skyformer'})"
+
+
+Regressor = Linear | LocalConstant | LocalPolynomial | RKHS | MLP | Nystrom
 Optimizer = BatchGD | Exact | OnlineSGD | MiniBatchGD | NormalizedGD
 
 
@@ -194,10 +215,22 @@ class Recipe:
         return gate
 
     def oracle(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-               initial_state: Tensor | None = None, **inputs: Tensor) -> Tensor:
-        """The same regression solved literally, in float64, by ttr.oracle: [B, T, H, Dv]."""
+               initial_state: Tensor | None = None, feature_map: Callable[[Tensor], Tensor] | None = None,
+               **inputs: Tensor) -> Tensor:
+        """The same regression solved literally, in float64, by ttr.oracle: [B, T, H, Dv]. feature_map: the map
+        a layer built for a learnable name (make_feature_map), in place of the name. A Nystrom span takes its
+        landmarks [B, m, H, Dk] as an input."""
         r, o, w = self.regressor, self.optimizer, self.weights
+        if feature_map is not None:
+            r = replace(r, feature_map=feature_map)
         g = inputs.get("g")
+        if isinstance(r, Nystrom):
+            if "landmarks" not in inputs:
+                raise ValueError("the oracle of a Nystrom span needs its landmarks: pass landmarks [B, m, H, Dk]")
+            ridge = 0.01 if r.method == "soft" else 0.1
+            return oracle.nystrom_step(q, k, v, inputs["landmarks"], ridge=ridge, scale=scale)
+        if isinstance(w, Uniform) and (w.window is not None or not w.causal):
+            return self._set_oracle(r, q, k, v, scale=scale)
         if isinstance(o, Exact) and isinstance(r, Linear) and o.ridge > 0:
             phi = get_feature_map(r.feature_map)
             return oracle.ridge_regression(phi(q.double()), phi(k.double()), v, g, inputs.get("beta"), lamb=o.ridge,
@@ -233,7 +266,8 @@ class Recipe:
             return oracle.kernel_regression(q, k, v, kernel=r.kernel, ridge=o.ridge, scale=scale,
                                             initial_state=initial_state)
         if isinstance(o, Exact) and isinstance(r, LocalConstant) and o.ridge == 0 and scale is None:
-            return oracle.local_constant(q, k, v, g, feature_map=r.feature_map, initial_state=initial_state)
+            return oracle.local_constant(q, k, v, g, feature_map=r.feature_map, initial_state=initial_state,
+                                         angle=inputs.get("angle"))
         if isinstance(r, LocalConstant):
             return oracle.local_constant_fit(q, k, v, g, optimizer=o, feature_map=r.feature_map, scale=scale,
                                              initial_state=initial_state)
@@ -279,6 +313,24 @@ class Recipe:
                                      mlp=isinstance(r, MLP), batch_size=o.batch_size, momentum=inputs.get("momentum"),
                                      scale=scale, initial_state=initial_state)
 
+    def _set_oracle(self, r: Regressor, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None) -> Tensor:
+        """The literal fit over a window or the whole sequence (uniform weights; no carried state)."""
+        chosen = self.weights.association_set
+        if isinstance(r, Linear) and isinstance(self.optimizer, BatchGD):
+            return oracle.parametric(q, k, v, optimizer=self.optimizer, feature_map=r.feature_map, scale=scale,
+                                     **chosen)[0]
+        if isinstance(r, LocalConstant):
+            return oracle.local_constant(q, k, v, feature_map=r.feature_map, **chosen)
+        if isinstance(r, LocalPolynomial):
+            return oracle.local_polynomial(q, k, v, order=r.order, ridge=self.optimizer.ridge, scale=scale,
+                                           qk_norm=r.qk_norm, **chosen)
+        raise ValueError(f"the oracle has no solver for {self.describe()}")
+
+    @property
+    def causal(self) -> bool:
+        """Whether the answer at t reads only tokens up to t (every memory but the whole-sequence ones)."""
+        return not (isinstance(self.weights, Uniform) and not self.weights.causal)
+
     @property
     def steps_per_token(self) -> int:
         """Associations (keys, values, steps) written per token: n for DeltaProduct, else 1."""
@@ -315,8 +367,13 @@ class Preset:
     parameterization: str
     # the published parameterization of the per-token inputs where it is more than the weights ingredient's default
     # module (ttr.layers.gates.GATES): None, the default; "hgrn2", HGRN-2's forget gate with the key tied to it;
-    # "rwkv6", RWKV-6's token shift with data-dependent interpolation, decay LoRA and bonus
+    # "rwkv6", RWKV-6's token shift with data-dependent interpolation, decay LoRA and bonus; "rfa", gated RFA's
+    # forget gate weighing the new association by its complement; "cosformer", the fixed turn pi / 2M per token;
+    # "dijiang", DiJiang's per-head decays
     gate: str | None = None
+    # the key (feature) dim of each head where the system fixes it below the head dim (Based, ReBased: 16); the
+    # value heads keep d_model / n_heads
+    key_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.gate is not None and not isinstance(self.recipe.weights, PRESET_GATES.get(self.gate, ())):
@@ -326,7 +383,8 @@ class Preset:
 
 
 # the presets' own gate parameterizations (Preset.gate) and the weights ingredient each one parameterizes
-PRESET_GATES: dict[str, type] = {"hgrn2": VectorGate, "rwkv6": VectorGate}
+PRESET_GATES: dict[str, type] = {"hgrn2": VectorGate, "rwkv6": VectorGate, "rfa": ScalarGate, "cosformer": ComplexGate,
+                                 "dijiang": FixedDecay}
 
 
 _PRESET_LIST = [
@@ -385,6 +443,48 @@ _PRESET_LIST = [
            "C^T q / max(|n^T q|, 1), max-stabilized. Deviations: gates from the layer input (xLSTM: from q, k, v), "
            "TTRLayer's short convolution on q, k and v (xLSTM: on q and k), per-head RMSNorm (xLSTM: per-head "
            "LayerNorm) and SiLU output gate"),
+    Preset("rfa", "RFA (random feature attention)", Recipe(Uniform(), Linear("rfa"), BatchGD()),
+           "Peng et al., 2021", "random Fourier features phi(x) = m^-1/2 [sin(W x), cos(W x)] of unit-normalized q and k, "
+           "W = W~ / sigma with W~ ~ N(0, I) [m, Dk] drawn once from a seed (a buffer) and the bandwidth sigma [Dk] "
+           "learned (started at 1), m = Dk. Deviations: no division by phi(q)^T sum phi(k): the per-head RMSNorm is "
+           "scale invariant, so that division would change only the sign, and a random-feature estimate of the sum "
+           "can reach 0 or below; the features are drawn once (RFA redraws them during training)"),
+    Preset("rfa_gated", "Gated RFA", Recipe(ScalarGate(), Linear("rfa"), BatchGD()),
+           "Peng et al., 2021", "RFA's features with its forget gate: sigma_t = sigmoid(w . x_t + b) per head, "
+           "S_t = sigma_t S_{t-1} + (1 - sigma_t) phi(k_t) v_t^T (b started at 2: not stated in the paper); the same "
+           "deviations as rfa", gate="rfa"),
+    Preset("cosformer", "cosFormer", Recipe(ComplexGate(fixed=True), LocalConstant("relu"), Exact()),
+           "Qin et al., 2022", "ReLU features re-weighted by cos(pi / 2 (t - i) / M), normalized: the real part of a "
+           "fixed unit complex gate exp(i pi / 2M) per token (the paper's sin/cos decomposition, carried across calls "
+           "by turning the state), M = 4096 (a fixed maximum length, as causal decoding needs; a longer context is "
+           "refused)", gate="cosformer"),
+    Preset("hedgehog", "Hedgehog", Recipe(Uniform(), LocalConstant("hedgehog"), Exact()),
+           "Zhang et al., 2024", "learnable feature map phi(x) = [softmax(W x + b), softmax(-(W x + b))] per head, W started "
+           "at the identity, normalized (ttr.features.hedgehog_distillation_loss fits it to softmax weights). "
+           "Deviations: one map for q and k (Hedgehog learns one each)"),
+    Preset("based", "Based (linear attention part)", Recipe(Uniform(), LocalConstant("based"), Exact()),
+           "Arora et al., 2024", "the 2nd-order Taylor map of exp on a 16-dim key projection, phi(q)^T phi(k) = "
+           "1 + s + s^2 / 2 with s = q.k / 4, normalized; Based's sliding-window softmax attention is the "
+           "sliding_window preset (a hybrid: ttr lm --memories based/sliding_window). Deviation: the symmetric tensor "
+           "power (153 features; Based keeps all 16^2 products, 273)", key_dim=16),
+    Preset("rebased", "ReBased", Recipe(Uniform(), LocalConstant("rebased"), Exact()),
+           "Aksenov et al., 2024", "learnable affine normalization (LayerNorm with gamma, beta per head) then the "
+           "quadratic map, phi(q)^T phi(k) = (q~ . k~)^2, on a 16-dim key projection, normalized", key_dim=16),
+    Preset("dijiang", "DiJiang", Recipe(FixedDecay(), Linear("dijiang"), BatchGD()),
+           "Chen et al., 2024", "frequency-domain kernelization: phi(x) = D softmax(T C x) with C the DCT-II, T the "
+           "quasi-Monte-Carlo nodes of N(0, 1) (scrambled Sobol) and learned positive weights D, m = Dk; fixed decays "
+           "1 - lambda_h, lambda_h log-spaced from 1/32 to 1/512 over the heads", gate="dijiang"),
+    Preset("sliding_window", "Sliding-window attention", Recipe(Uniform(window=64), LocalPolynomial(0), Exact()),
+           "Beltagy et al., 2020; Arora et al., 2024", "softmax attention over the last 64 tokens (Based's window); "
+           "the cache keeps only those"),
+    Preset("soft", "SOFT (softmax-free transformer)", Recipe(Uniform(causal=False), Nystrom("soft"), BatchGD()),
+           "Lu et al., 2021", "Gaussian kernel exp(-||q - k||^2 / (2 sqrt D)), 49 landmarks (the keys' segment means), "
+           "Newton-Schulz pseudo-inverse (20 steps, ridge 0.01); an encoder (non-causal). Deviations: q and k from "
+           "their own projections (SOFT ties them); segment means, not a learned strided convolution"),
+    Preset("skyformer", "Skyformer", Recipe(Uniform(causal=False), Nystrom("skyformer"), BatchGD()),
+           "Chen et al., 2021", "Gaussian kernel, Nystrom on the symmetrized kernel over [Q; K] with 128 landmarks "
+           "(evenly spaced rows; the paper draws them at random), ridge 0.1, 6 steps of its pseudo-inverse iteration; "
+           "an encoder (non-causal)"),
     Preset("deltanet", "DeltaNet", Recipe(Uniform(), Linear("l2"), OnlineSGD()),
            "Schlag et al., 2021; Yang et al., 2024", "beta = sigmoid(W x), L2-normalized q and k"),
     Preset("gated_deltanet", "Gated DeltaNet", Recipe(ScalarGate(), Linear("l2"), OnlineSGD()),

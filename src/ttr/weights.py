@@ -24,12 +24,28 @@ from ._checks import is_int
 
 @dataclass(frozen=True)
 class Uniform:
-    """gamma_i^(t) = 1: every association counts equally (linear attention, the mesa layer)."""
+    """gamma_i^(t) = 1 over the association set: every association counts equally (linear attention, the mesa
+    layer). window: only the last w associations, t - w < i <= t (sliding-window attention); causal=False: the
+    whole sequence, every i (encoders: SOFT, Skyformer)."""
 
     kind: str = "uniform"
+    window: int | None = field(default=None, kw_only=True)
+    causal: bool = field(default=True, kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_window(self.window, self.causal)
 
     def describe(self) -> str:
-        return "uniform"
+        if self.window is not None:
+            return f"uniform, last {self.window}"
+        return "uniform" if self.causal else "uniform, whole sequence"
+
+    @property
+    def association_set(self) -> dict[str, object]:
+        """The ops' keywords for this association set ({} for the causal prefix)."""
+        if self.window is not None:
+            return {"window": self.window}
+        return {} if self.causal else {"causal": False}
 
 
 @dataclass(frozen=True)

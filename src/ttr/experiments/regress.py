@@ -38,11 +38,14 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .._files import write_atomically
+from ..features import LAYER_MODULES, make_feature_map
+from ..layers.gates import COSFORMER_MAX_LEN
 from ..oracle import BatchGD, Exact
 from ..recipe import MLP, PRESETS, MiniBatchGD, Preset
 from ..tasks.switching import switching_keys
@@ -104,16 +107,36 @@ def parameter_free_inputs(preset: Preset, decay: float, step: float, n_seq: int,
              "i": 0.0}
     inputs = {}
     for name in preset.recipe.inputs:
-        if name == "g":
+        if name == "g" and preset.gate in _OWN_GATES:
+            inputs["g"] = _OWN_GATES[preset.gate](n_seq, length, dim)
+        elif name == "g":
             inputs["g"] = parameter_free_gate(preset, decay, n_seq, length, dim)
         elif name == "bonus":
             inputs["bonus"] = torch.ones(1, dim, dtype=torch.float64)
         elif name == "angle":
-            inputs["angle"] = torch.full((n_seq, length, 1, dim), 1.0 - decay, dtype=torch.float64)
+            turn = math.pi / (2 * COSFORMER_MAX_LEN) if preset.gate == "cosformer" else 1.0 - decay
+            inputs["angle"] = torch.full((n_seq, length, 1, dim), turn, dtype=torch.float64)
         else:
             shape = (n_seq, length, 1) + ((n,) if name == "beta" and n > 1 else ())
             inputs[name] = torch.full(shape, const[name], dtype=torch.float64)
     return inputs
+
+
+# presets whose published gate is parameter-free: cosFormer's (no decay, a fixed turn) and DiJiang's (its first
+# head's fixed decay)
+_OWN_GATES = {
+    "cosformer": lambda n_seq, length, dim: torch.zeros(n_seq, length, 1, dim, dtype=torch.float64),
+    "dijiang": lambda n_seq, length, dim: torch.full((n_seq, length, 1), math.log1p(-1 / 32), dtype=torch.float64),
+}
+
+
+def feature_map(preset: Preset, dim: int) -> Callable[[Tensor], Tensor] | None:
+    """The map a preset's layer would build for a learnable (or random-feature) name, as initialized (seed 0), in
+    float64; None where the op resolves the name itself."""
+    name = getattr(preset.recipe.regressor, "feature_map", None)
+    if name not in LAYER_MODULES:
+        return None
+    return make_feature_map(name, dim, **({"heads": 1} if name in ("hedgehog", "rebased") else {})).double()
 
 
 def initial_state(preset: Preset, n_seq: int, dim: int) -> tuple[Tensor, Tensor] | None:
@@ -139,6 +162,9 @@ def memory_errors(preset: Preset, keys: Tensor, values: Tensor, decay: float, st
     inputs = {name: None if x is None else x.float()
               for name, x in parameter_free_inputs(preset, decay, step, n_seq, length, dim).items()}
     init = initial_state(preset, n_seq, dim)
+    phi = feature_map(preset, dim)
+    if phi is not None:
+        inputs["feature_map"] = phi.float()
     # float32, as a layer runs: the data need no more, and the float64 batched triangular solve of some
     # BLAS builds is orders of magnitude slower
     y, _ = preset.recipe.op()(keys[:, :, None].float(), k_mem.float(), v_mem.float(), **inputs, scale=1.0,
@@ -168,10 +194,16 @@ def summarize(name: str, preset: Preset, mse: Tensor, cos: Tensor) -> Row:
                peak + int(settled[0]) if len(settled) else None)
 
 
+def causal_presets() -> dict[str, Preset]:
+    """The memories this regression runs: at step t each may read the associations up to t only; SOFT's and
+    Skyformer's whole-sequence memories (encoders) have no such prefix."""
+    return {name: p for name, p in PRESETS.items() if p.recipe.causal}
+
+
 def run(cfg: RegressConfig, progress=None) -> tuple[list[Row], dict[str, dict[str, list[float]]]]:
     keys, values = switching_keys(cfg.n_seq, cfg.length, cfg.dim, seed=cfg.seed)
     rows, curves = [], {}
-    for name, preset in PRESETS.items():
+    for name, preset in causal_presets().items():
         mse, cos = (e.mean(0) for e in memory_errors(preset, keys, values, cfg.decay, cfg.step))
         if not bool(torch.isfinite(mse).all() and torch.isfinite(cos).all()):
             raise RuntimeError(f"{name}: non-finite error, the memory diverged")

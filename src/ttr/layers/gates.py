@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..recipe import MLP, Recipe
+from ..recipe import MLP, PRESET_GATES, Recipe
 from ..weights import ComplexGate, EntryGate, FixedDecay, ScalarGate, Uniform, VectorGate, Weights
 
 
@@ -270,7 +270,63 @@ class MLSTMGate(nn.Module):
 
 
 # the presets' own gate modules (Preset.gate), by name
-GATES = {"hgrn2": HGRN2Gate, "rwkv6": RWKV6Gate}
+class RFAGate(nn.Module):
+    """Gated RFA (Peng et al., 2021): a scalar forget gate per head, sigma_t = sigmoid(w . x_t + b), whose complement
+    weighs the new association, S_t = sigma_t S_{t-1} + (1 - sigma_t) phi(k_t) v_t^T: g = log sigma, v <- (1 - sigma) v
+    (on the value, since phi acts on the key inside the op). b starts at 2 (sigma = 0.88, a memory of about 8 tokens;
+    the paper states no initialization)."""
+
+    joint = True
+    provides = ("g",)
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_model, n_heads)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, 2.0)
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        z = self.proj(x)
+        return q, k, v * torch.sigmoid(-z)[..., None], {"g": F.logsigmoid(z)}
+
+
+class CosformerGate(nn.Module):
+    """cosFormer (Qin et al., 2022): the re-weighting cos(pi / 2 (t - i) / M) as the real part of a fixed complex gate
+    of unit modulus, alpha = exp(i pi / (2 M)) on every key channel (g = 0, angle pi / (2 M)): the locally constant fit
+    with weights Re(alpha^(t - i)) relu(q_t)^T relu(k_i). It holds for t - i < M: max_len = M, which the layer checks."""
+
+    joint = True
+    provides = ("g", "angle")
+
+    def __init__(self, head_dim: int, max_len: int) -> None:
+        super().__init__()
+        self.head_dim, self.max_len = head_dim, max_len
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        shape = (*k.shape[:3], self.head_dim)
+        angle = k.new_full(shape, math.pi / (2 * self.max_len))
+        return q, k, v, {"g": k.new_zeros(shape), "angle": angle}
+
+
+class DiJiangDecay(nn.Module):
+    """DiJiang (Chen et al., 2024): a fixed decay per head, 1 - lambda_h with lambda_h log-spaced from 1/32 to 1/512
+    over the heads (its reference code's schedule; RetNet's is 2^(-5 - h))."""
+
+    joint = True
+    provides = ("g",)
+
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
+        lam = torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), n_heads, dtype=torch.float64))
+        self.register_buffer("log_gamma", torch.log1p(-lam).float())
+
+    def forward(self, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        return q, k, v, {"g": self.log_gamma.to(k.dtype).expand(*k.shape[:2], -1)}
+
+
+GATES = {"hgrn2": HGRN2Gate, "rwkv6": RWKV6Gate, "rfa": RFAGate, "cosformer": CosformerGate, "dijiang": DiJiangDecay}
+# cosFormer's fixed maximum length M: the re-weighting cos(pi / 2 (t - i) / M) stays >= 0 over M tokens
+COSFORMER_MAX_LEN = 4096
 
 
 # Mamba-2's initial dt range: exp(-A dt) with A in [1, 16] forgets within about 1 / (A dt) tokens at
@@ -337,8 +393,9 @@ def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int,
     if gate is not None:
         if gate not in GATES:
             raise ValueError(f"unknown gate {gate!r}; known: {', '.join(GATES)}")
-        if not isinstance(recipe.weights, VectorGate) or "g" not in recipe.inputs or n_steps != 1:
-            raise ValueError(f"gate {gate!r} parameterizes a per-key-channel gate of one key per token, got "
+        kind = PRESET_GATES[gate]
+        if not isinstance(recipe.weights, kind) or "g" not in recipe.inputs or n_steps != 1:
+            raise ValueError(f"gate {gate!r} parameterizes {kind.__name__} weights of one key per token, got "
                              f"{recipe.describe()}")
     kv_heads = num_kv_heads or n_heads
     joint = _joint_module(recipe.weights, gate, d_model, kv_heads, head_dim, value_dim or head_dim, dt_range,
@@ -362,6 +419,12 @@ def make_inputs(recipe: Recipe, d_model: int, n_heads: int, head_dim: int,
 
 def _joint_module(weights: Weights, gate: str | None, d_model: int, kv_heads: int, head_dim: int, value_dim: int,
                   dt_range: tuple[float, float], layer_idx: int | None, n_layers: int | None) -> nn.Module | None:
+    if gate == "rfa":
+        return RFAGate(d_model, kv_heads)
+    if gate == "cosformer":
+        return CosformerGate(head_dim, COSFORMER_MAX_LEN)
+    if gate == "dijiang":
+        return DiJiangDecay(kv_heads)
     if gate == "hgrn2":
         return HGRN2Gate(kv_heads, head_dim, layer_idx, n_layers)
     if gate == "rwkv6":

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .._checks import is_int
 from ..ops import MiniBatchState
 from ..ops.kv_cache import KVCache
+from ..features import LAYER_MODULES, make_feature_map
 from ..ops._varlen import check_cu_seqlens
 from ..recipe import MLP, LocalPolynomial, MiniBatchGD, Preset, Recipe, get_preset
 from .cache import LayerState, dtype_name
@@ -61,9 +62,9 @@ class TTRLayer(nn.Module):
         self.d_model, self.n_heads = _positive_int("d_model", d_model), _positive_int("n_heads", n_heads)
         if isinstance(memory, str):
             memory = get_preset(memory)
-        gate = None
+        gate = key_dim = None
         if isinstance(memory, Preset):
-            memory, gate = memory.recipe, memory.gate
+            memory, gate, key_dim = memory.recipe, memory.gate, memory.key_dim
         elif not isinstance(memory, Recipe):
             raise ValueError(f"memory must be a preset name, a Preset or a Recipe, got {type(memory).__name__} "
                              f"{memory!r}")
@@ -71,6 +72,8 @@ class TTRLayer(nn.Module):
         if head_dim is None and d_model % n_heads:
             raise ValueError(f"n_heads = {n_heads} does not divide d_model = {d_model}; pass head_dim")
         self.head_dim = d_model // n_heads if head_dim is None else _positive_int("head_dim", head_dim)
+        if key_dim is not None and head_dim is None:  # the preset's own key (feature) dim; values keep the head dim
+            expand_v, self.head_dim = expand_v * self.head_dim / key_dim, key_dim
         self.num_kv_heads = n_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
         if n_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads = {num_kv_heads} must divide n_heads = {n_heads}")
@@ -107,6 +110,12 @@ class TTRLayer(nn.Module):
         self.out_gate = nn.Linear(d_model, H * Dv, bias=False) if output_gate else None
         self.out = nn.Linear(H * Dv, d_model, bias=False)
         self.op = memory.op()
+        self.causal = memory.causal
+        fm = getattr(memory.regressor, "feature_map", None)
+        if fm in LAYER_MODULES:  # a learnable map (or one with random features) is the layer's own module
+            self.feature_map = make_feature_map(fm, Dk, **({"heads": H} if fm in ("hedgehog", "rebased") else {}))
+        # a joint module valid over a fixed number of tokens (cosFormer's M) says so by its max_len
+        self.max_len = min((getattr(m, "max_len") for m in self.inputs.values() if hasattr(m, "max_len")), default=None)
         self.takes_chunk_size = "chunk_size" in inspect.signature(self.op.func).parameters
         self.chunk_size, self.mode = chunk_size, mode
         # what a state must come from: this memory, these heads and this convolution
@@ -177,22 +186,23 @@ class TTRLayer(nn.Module):
             # a joint module's inputs are at the key heads: per token [B, T, Hkv, ...], per layer [Hkv, ...]
             shared = {name: t.repeat_interleave(H // Hkv, dim=0 if t.dim() == 2 else 2) for name, t in shared.items()}
         inputs.update(shared)
-        memory = state.memory
-        if memory is None and hasattr(self, "W1"):
-            memory = (self.W1.expand(rows, -1, -1, -1), self.W2.expand(rows, -1, -1, -1))
-        cache_op = self.op.func.__name__ in _CACHE_OPS
-        if cache_op:  # keys and values in preallocated buffers, appended in place (a cache given as tuples is wrapped)
-            memory = KVCache.empty() if memory is None else KVCache.wrap(memory, "state.memory")
-        longest = int((cu[1:] - cu[:-1]).max()) if cu is not None else T
-        mode = "recurrent" if longest == 1 else self.mode
-        kwargs = {"chunk_size": self.chunk_size} if mode == "chunk" and self.takes_chunk_size else {}
-        if hasattr(self, "log_qk_scale"):
-            kwargs["scale"] = self.log_qk_scale.exp()
+        if self.max_len is not None:
+            lengths = torch.full((rows,), T, device=x.device) if cu is None else cu[1:] - cu[:-1]
+            longest = int((lengths + (0 if state.lengths is None else state.lengths)).max())
+            if longest > self.max_len:
+                raise ValueError(f"memory {self.recipe.describe()!r} holds for {self.max_len} tokens per sequence; a "
+                                 f"sequence reached {longest}")
+        kwargs = {} if not hasattr(self, "feature_map") else {"feature_map": self.feature_map}
         if cu is not None:
             kwargs["cu_seqlens"] = cu
-        o, memory = self.op(q, k, v, **inputs, initial_state=memory, output_final_state=True, mode=mode, **kwargs)
-        if cache_op and isinstance(memory, list):  # packed sequences' caches, one per row: one batched buffer
-            memory = KVCache.stack(memory, checked=True)
+        if not self.causal:  # the whole sequence at once: no state before or after
+            if state.lengths is not None:
+                raise ValueError(f"memory {self.recipe.describe()!r} reads the whole sequence (non-causal): it has no "
+                                 "state to continue from; call the layer once per sequence, without a state")
+            o, _ = self.op(q, k, v, **inputs, **kwargs)
+            memory = None
+        else:
+            o, memory = self._memory(q, k, v, inputs, state, rows, cu, T, kwargs)
         if self.norm is not None:
             o = self.norm(o)
         o = o.reshape(B, T, -1)
@@ -203,6 +213,26 @@ class TTRLayer(nn.Module):
         else:
             seen = cu[1:] - cu[:-1] if state.lengths is None else state.lengths + (cu[1:] - cu[:-1])
         return self.out(o), LayerState(conv_cache, memory, seen, self.kind, dtype_name(x.dtype), shift)
+
+    def _memory(self, q: Tensor, k: Tensor, v: Tensor, inputs: dict[str, Tensor], state: LayerState, rows: int,
+                cu: Tensor | None, T: int, kwargs: dict) -> tuple[Tensor, object]:
+        """The causal memory's op from the state's memory: (o, the memory after these tokens)."""
+        memory = state.memory
+        if memory is None and hasattr(self, "W1"):
+            memory = (self.W1.expand(rows, -1, -1, -1), self.W2.expand(rows, -1, -1, -1))
+        cache_op = self.op.func.__name__ in _CACHE_OPS
+        if cache_op:  # keys and values in preallocated buffers, appended in place (a cache given as tuples is wrapped)
+            memory = KVCache.empty() if memory is None else KVCache.wrap(memory, "state.memory")
+        longest = int((cu[1:] - cu[:-1]).max()) if cu is not None else T
+        mode = "recurrent" if longest == 1 else self.mode
+        if mode == "chunk" and self.takes_chunk_size:
+            kwargs["chunk_size"] = self.chunk_size
+        if hasattr(self, "log_qk_scale"):
+            kwargs["scale"] = self.log_qk_scale.exp()
+        o, memory = self.op(q, k, v, **inputs, initial_state=memory, output_final_state=True, mode=mode, **kwargs)
+        if cache_op and isinstance(memory, list):  # packed sequences' caches, one per row: one batched buffer
+            memory = KVCache.stack(memory, checked=True)
+        return o, memory
 
     def _check_input(self, x: Tensor) -> tuple[int, int]:
         if not isinstance(x, Tensor):

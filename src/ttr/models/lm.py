@@ -92,6 +92,9 @@ class LMConfig:
                 raise ValueError(f"memory of layer {i}: unknown preset {m!r}; known: {', '.join(PRESETS)}")
             if not isinstance(m, (str, Recipe)):
                 raise ValueError(f"memory of layer {i} must be a preset name or a Recipe, got {type(m).__name__}")
+            if not (PRESETS[m].recipe if isinstance(m, str) else m).causal:
+                raise ValueError(f"memory of layer {i}: {m if isinstance(m, str) else m.describe()!r} reads the whole "
+                                 "sequence (an encoder): a language model predicting the next token must not see it")
         return memories
 
     @property

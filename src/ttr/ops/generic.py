@@ -111,7 +111,12 @@ def classify(recipe) -> Plan:
     if fast is not None:
         return Plan("chunk", op=fast)
     from ..recipe import RKHS, MiniBatchGD, OnlineSGD, Linear, LocalConstant, LocalPolynomial, MLP
-    r, o = recipe.regressor, recipe.optimizer
+    from ..weights import Uniform
+    r, o, w = recipe.regressor, recipe.optimizer, recipe.weights
+    if isinstance(w, Uniform) and w.association_set:
+        return Plan("todo", reason=f"no op runs {w.describe()} with {r.describe()} yet: windows run on linear and "
+                                   "softmax attention and the normalized linear form, the whole sequence on those and "
+                                   "on SOFT and Skyformer")
     if isinstance(o, (OnlineSGD, MiniBatchGD)):
         if isinstance(r, RKHS):
             return Plan("todo", reason="online learning in an RKHS (kernel LMS) keeps a coefficient per cached key; "
@@ -128,14 +133,24 @@ def _undefined(recipe) -> str:
     from ..oracle import BatchGD, Exact
     from ..recipe import MLP, RKHS, Linear, LocalConstant, LocalPolynomial, MiniBatchGD, NormalizedGD, OnlineSGD
     from ..weights import ComplexGate, EntryGate, ScalarGate, VectorGate
+    from ..recipe import Nystrom
+    from ..weights import Uniform
     w, r, o = recipe.weights, recipe.regressor, recipe.optimizer
     online = isinstance(o, (OnlineSGD, MiniBatchGD))
     bonus = isinstance(w, VectorGate) and w.bonus
     per_channel = isinstance(w, (VectorGate, EntryGate))
-    if isinstance(w, ComplexGate) and not (isinstance(r, Linear) and isinstance(o, BatchGD) and o.steps == 1
-                                           and o.lr == 1.0):
+    whole = isinstance(w, Uniform) and not w.causal
+    if isinstance(r, Nystrom) and not (whole and isinstance(o, BatchGD) and o.steps == 1 and o.lr == 1.0):
+        return ("a Nystrom span (SOFT, Skyformer) is fitted over the whole sequence by one preconditioned step of batch "
+                "GD from zero: their papers define no causal form and no other weights or optimizer")
+    if whole and online:
+        return "an online learner takes the associations in order: the whole sequence at once has none"
+    unit_step = isinstance(r, Linear) and isinstance(o, BatchGD) and o.steps == 1 and o.lr == 1.0
+    local_fit = isinstance(r, LocalConstant) and isinstance(o, Exact) and o.ridge == 0
+    if isinstance(w, ComplexGate) and not (unit_step or local_fit):
         return ("complex weights give no real loss to minimize: they define one unit step of batch GD from zero on a "
-                "linear memory, read out by its real part (GateLoop, LRU), and nothing else")
+                "linear memory, read out by its real part (GateLoop, LRU), and the locally constant fit weighted by "
+                "their real parts (cosFormer), and nothing else")
     if isinstance(w, ScalarGate) and w.input_gate and not (isinstance(o, NormalizedGD)
                                                            and isinstance(r, (Linear, LocalConstant))):
         return ("the exp input gate exp(i) is an unbounded weight, defined only inside mLSTM's normalized step "
@@ -180,7 +195,23 @@ def _fast_op(recipe) -> Callable | None:
     from ..oracle import BatchGD, Exact
     from ..recipe import MLP, RKHS, Linear, LocalConstant, LocalPolynomial, MiniBatchGD, NormalizedGD, OnlineSGD
     from ..weights import FixedDecay, ScalarGate, Uniform, VectorGate
+    from ..recipe import Nystrom
+    from ..weights import ComplexGate
     r, o, w = recipe.regressor, recipe.optimizer, recipe.weights
+    if isinstance(r, Nystrom):  # over the whole sequence only (_undefined)
+        fn = ops.soft_attention if r.method == "soft" else ops.skyformer
+        return functools.partial(fn, **({} if r.n_landmarks is None else {"n_landmarks": r.n_landmarks}))
+    chosen = w.association_set if isinstance(w, Uniform) else {}
+    if chosen:  # a window or the whole sequence: linear and softmax attention, and the normalized linear form
+        if isinstance(o, BatchGD) and isinstance(r, Linear) and o.steps == 1 and o.lr == 1.0:
+            return functools.partial(ops.linear_attention, feature_map=r.feature_map, **chosen)
+        if isinstance(o, Exact) and isinstance(r, LocalConstant) and o.ridge == 0.0:
+            return functools.partial(ops.linear_attention, feature_map=r.feature_map, normalize=True, **chosen)
+        if isinstance(o, Exact) and isinstance(r, LocalPolynomial) and r.order == 0:
+            return functools.partial(ops.local_polynomial_attention, order=0, qk_norm=r.qk_norm, **chosen)
+        return None
+    if isinstance(w, ComplexGate) and isinstance(r, LocalConstant) and isinstance(o, Exact) and o.ridge == 0.0:
+        return functools.partial(ops.linear_attention, feature_map=r.feature_map, normalize=True)  # cosFormer
     if isinstance(w, ScalarGate) and w.input_gate:
         ok = isinstance(o, NormalizedGD) and isinstance(r, Linear) and r.feature_map == "identity"
         return functools.partial(ops.mlstm) if ok else None
@@ -223,9 +254,13 @@ _NOTIFIED: set = set()
 
 def executor(recipe) -> Callable:
     """The generic recurrent op of a recipe the executor runs (whether or not a fast op exists: tests force it)."""
+    from ..recipe import Nystrom
     plan = classify(recipe)
     if plan.kind in ("undefined", "todo"):
         raise ValueError(f"{recipe.describe()}: {plan.label}")
+    if getattr(recipe.weights, "association_set", None) or isinstance(recipe.regressor, Nystrom):
+        raise ValueError(f"{recipe.describe()}: the generic executor runs the causal prefix only; "
+                         "this association set runs on its fast op")
     family = plan.family or _family_of(recipe)
     return functools.partial(generic_recurrent, recipe=recipe, family=family)
 
@@ -643,12 +678,14 @@ def grid() -> list:
     """Every combination of ingredients with small default parameters (`ttr zoo --all`, tests): weights x function
     class x optimizer, as Recipes."""
     from ..oracle import BatchGD, Exact
-    from ..recipe import MLP, RKHS, Linear, LocalConstant, LocalPolynomial, MiniBatchGD, NormalizedGD, OnlineSGD, Recipe
+    from ..recipe import (MLP, RKHS, Linear, LocalConstant, LocalPolynomial, MiniBatchGD, NormalizedGD, Nystrom,
+                          OnlineSGD, Recipe)
     from ..weights import ComplexGate, EntryGate, FixedDecay, ScalarGate, Uniform, VectorGate
-    weights = [Uniform(), FixedDecay(), ScalarGate(), ScalarGate(input_gate=True), VectorGate(), VectorGate(bonus=True),
-               ComplexGate(), ComplexGate(fixed=True), EntryGate()]
+    weights = [Uniform(), Uniform(window=4), Uniform(causal=False), FixedDecay(), ScalarGate(),
+               ScalarGate(input_gate=True), VectorGate(), VectorGate(bonus=True), ComplexGate(), ComplexGate(fixed=True),
+               EntryGate()]
     regressors = [Linear(), Linear("l2"), Linear("elu1"), LocalConstant("elu1"), LocalPolynomial(0),
-                  LocalPolynomial(1), RKHS("exp"), MLP(2)]
+                  LocalPolynomial(1), RKHS("exp"), MLP(2), Nystrom("soft", 4)]
     optimizers = [BatchGD(), BatchGD(steps=2), Exact(), Exact(ridge=1.0), NormalizedGD(), OnlineSGD(),
                   OnlineSGD(steps_per_token=2), OnlineSGD(step="implicit"), MiniBatchGD(4), MiniBatchGD(4, momentum=True)]
     return [Recipe(w, r, o) for w in weights for r in regressors for o in optimizers]
