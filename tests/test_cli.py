@@ -16,6 +16,25 @@ def test_zoo_lists_every_preset(capsys):
         assert name in out
 
 
+def test_zoo_all_fits_80_columns(monkeypatch):
+    """`ttr zoo --all` was about 160 columns wide, wrapped into an unreadable mess at 80."""
+    import io
+
+    from rich.console import Console
+
+    from ttr import cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=80))
+    assert cli.main(["zoo", "--all"]) == 0
+    lines = out.getvalue().splitlines()
+    tables = [i for i, line in enumerate(lines) if "function class:" in line]
+    # every table's rows stay on one line each: a header, a rule, then one line per optimizer
+    assert all(len(line) <= 80 for line in lines) and len(tables) > 1
+    header = lines[tables[0] + 2].split()
+    assert header[:2] == ["optimizer", "U"] and lines[tables[0] + 4].split()[:3] == ["GD", "1", "la"]
+
+
 def test_regress_writes_table_plot_and_results(tmp_path, capsys):
     assert main(["regress", "--length", "256", "--sequences", "8", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "regress.png").stat().st_size > 10_000
@@ -33,13 +52,19 @@ def test_bench_small_grid_writes_json(tmp_path):
                  "--conditioning-length", "300", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["matmul_gflops"] > 0
-    from ttr.bench import CASES, LOCAL_ORDERS
+    from ttr.bench import CASES, NYSTROM_LANDMARKS, has_recurrent, has_reference
 
-    assert len(res["rows"]) == 2 * sum(len(g) for g in CASES.values())  # every op and gate, 2 lengths
+    assert len(res["rows"]) == 2 * sum(len(g) for g in CASES.values())  # every op and gate (or variant), 2 lengths
     assert {r["op"] for r in res["rows"]} == set(CASES)
     for row in res["rows"]:
         assert row["chunk_fwdbwd_ms"] > 0 and row["sdpa_fwdbwd_ms"] > 0 and row["peak_mb"] is not None
-        assert (row["recurrent_fwdbwd_ms"] is not None) == (row["T"] == 100 and row["op"] not in LOCAL_ORDERS)
+        assert (row["recurrent_fwdbwd_ms"] is not None) == (row["T"] == 100 and has_recurrent(row["op"], row["gate"]))
+        assert (row["ref_fwdbwd_ms"] is not None) == has_reference(row["op"], row["gate"])
+    assert {r["gate"] for r in res["rows"] if r["op"] == "feature_map"} == set(CASES["feature_map"])
+    nystrom = {(e["method"], e["n_landmarks"]): e for e in res["nystrom_error"]}
+    assert set(nystrom) == {(m, n) for m in ("soft", "skyformer") for n in NYSTROM_LANDMARKS}
+    for method in ("soft", "skyformer"):  # more landmarks, closer to the smoother the method approximates
+        assert nystrom[method, NYSTROM_LANDMARKS[-1]]["smoother"] < nystrom[method, NYSTROM_LANDMARKS[0]]["smoother"]
     errors = {s["solver"]: s["rel_error_vs_float64"] for s in res["mesa_solvers"]}
     assert errors["exact float32"] < 1e-4 and errors["cg 32"] < errors["cg 1"]  # CG converges towards exact
     assert errors["cg default"] < 1e-4

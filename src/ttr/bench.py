@@ -4,6 +4,11 @@ For every op, gate kind, head dim and length it times the chunk and recurrent fo
 forward + backward), torch's causal scaled_dot_product_attention as the quadratic reference, and a
 large matmul for the machine's attainable GFLOP/s. Peak memory is the growth over the call: on CUDA
 max_memory_allocated, on Linux CPUs the process's peak RSS (reset through /proc/self/clear_refs).
+
+Three more ops time variants rather than gates (VARIANT_OPS): linear attention with each feature map, the sliding
+windows against the full causal forms, and the non-causal ops (SOFT, Skyformer, linear attention over the whole
+sequence) against non-causal SDPA; with them, the Nystrom ops' errors against the exact kernel smoother and
+regression at a few landmark counts.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 
 from . import ops
 from ._files import write_atomically
+from .features import get_feature_map, make_feature_map
 from .ops._varlen import Layout
 
 # the weight structures timed: no gate, a scalar or vector log-gate, RWKV-6's bonus (a vector gate with u),
@@ -39,11 +45,24 @@ CASES: dict[str, tuple[str, ...]] = {
     "mesa": ("none", "scalar"),
     "softmax": ("none",),
     "local_linear": ("none",),
+    # the variants below take the gate column's place
+    "feature_map": ("rfa", "hedgehog", "rebased", "dijiang", "based", "dpfp", "poly2"),  # linear attention, no gate
+    "window": ("linear_attention", "softmax"),  # the op (bench name) timed in a window of WINDOW tokens
+    "noncausal": ("soft", "skyformer", "linear_attention"),  # over the whole sequence
 }
+VARIANT_OPS = ("feature_map", "window", "noncausal")  # not filtered by --gates
+# key dim of the quadratic maps (D (D + 1) / 2 features): Based's projected feature dim, and ReBased's (it keeps
+# Based's); the other maps take Dk = D. Values keep Dv = D.
+FEATURE_KEY_DIM = {"based": 16, "rebased": 16, "poly2": 16}
+WINDOW = 64  # Based's sliding window
+NYSTROM_LANDMARKS = (16, 64, 256)
+NYSTROM_LENGTH = 1024  # at most; T x T float64 kernel solves
 # bench names of local_polynomial_attention's orders; their recurrent form answers one query against the
 # cache (decoding), not a training path, so it is not timed; order 1 costs T^2 D^2 and is timed at D <= 64
 LOCAL_ORDERS = {"softmax": 0, "local_linear": 1}
-LOCAL_MAX_DIM = {"local_linear": 64}
+# ops timed at head dims up to a bound only: local_linear for its cost, the variants (VARIANT_OPS) to keep what
+# they add to the default grid to minutes on a 2-core CPU
+MAX_DIM = {"local_linear": 64, "feature_map": 64, "window": 64, "noncausal": 64}
 # a per-entry gate is a [B, T, H, D, D] tensor (2 GB at T = 8192, D = 128, H = 4): timed at D <= 64
 ENTRY_MAX_DIM = 64
 CG_STEPS = (1, 2, 4, 8, 16, 32)
@@ -82,6 +101,9 @@ class BenchRow:
     sdpa_fwdbwd_ms: float
     chunk_gflops: float | None  # None where no flop count is kept (the exact memory's factorizations)
     peak_mb: float | None = None  # measured after all timings; None where it cannot be
+    # forward+backward of what a variant is measured against (has_reference): the window's full causal form, or
+    # linear_attention(causal=False) for SOFT and Skyformer; None for the other rows
+    ref_fwdbwd_ms: float | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -90,6 +112,26 @@ class BenchRow:
     @property
     def vs_sdpa(self) -> float:
         return self.sdpa_fwdbwd_ms / self.chunk_fwdbwd_ms
+
+    @property
+    def vs_ref(self) -> float | None:
+        return None if self.ref_fwdbwd_ms is None else self.ref_fwdbwd_ms / self.chunk_fwdbwd_ms
+
+
+def has_recurrent(op: str, gate: str) -> bool:
+    """Whether the op has a recurrent training form to time: local softmax's recurrent form answers one query
+    against the cache (decoding), and the non-causal ops have none."""
+    return op not in LOCAL_ORDERS and op != "noncausal" and (op, gate) != ("window", "softmax")
+
+
+def has_reference(op: str, gate: str) -> bool:
+    """Whether the row is also timed against a reference form (BenchRow.ref_fwdbwd_ms)."""
+    return op == "window" or (op == "noncausal" and gate != "linear_attention")
+
+
+def causal_sdpa(op: str) -> bool:
+    """Whether the op's SDPA reference is causal: the non-causal ops compare with non-causal SDPA."""
+    return op != "noncausal"
 
 
 def _sync(device: torch.device) -> None:
@@ -162,7 +204,8 @@ def matmul_gflops(device: torch.device, repeats: int, n: int = 2048) -> float:
 
 def chunk_flops(op: str, T: int, C: int, Dk: int, Dv: int, heads: int, batch: int, gate: str = "none") -> float | None:
     """Matrix-product flops of an op's chunk form, forward (the products as computed, masks included)."""
-    if op == "mesa" or op in LOCAL_ORDERS or gate == "entry":  # factorizations, SDPA's, elementwise
+    # factorizations, SDPA's, elementwise products; the variants are compared by time only
+    if op == "mesa" or op in LOCAL_ORDERS or op in VARIANT_OPS or gate == "entry":
         return None
     if gate == "complex":  # real and imaginary key channels
         Dk *= 2
@@ -201,7 +244,8 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
         return torch.randn(*shape, device=device, generator=gen)
 
     n = (2,) if op == "delta_product" else ()
-    q, k, v = rand(B, T, H, D), rand(B, T, H, *n, D), rand(B, T, H, *n, D)
+    Dk = FEATURE_KEY_DIM.get(gate, D) if op == "feature_map" else D
+    q, k, v = rand(B, T, H, Dk), rand(B, T, H, *n, Dk), rand(B, T, H, *n, D)
     shape = {"none": None, "scalar": (B, T, H), "entry": (B, T, H, D, D)}.get(gate, (B, T, H, D))
     g = None if shape is None else F.logsigmoid(rand(*shape) + 4)
     extra = {
@@ -219,6 +263,9 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
         "mesa": lambda: {"g": g, "beta": None if g is None else torch.sigmoid(rand(B, T, H)), "lamb": 1.0},
         "softmax": lambda: {"order": 0},
         "local_linear": lambda: {"order": 1},
+        "feature_map": lambda: _feature_map_keywords(gate, Dk, device),
+        "window": lambda: {"window": WINDOW, **({"order": 0} if gate == "softmax" else {})},
+        "noncausal": lambda: {"causal": False} if gate == "linear_attention" else {},
     }[op]()
     if op == "mesa":  # unit keys, as the layers feed it
         k = F.normalize(k, dim=-1)
@@ -227,23 +274,46 @@ def _problem(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch
     tensors = [t for x in (q, k, v, *extra.values()) if isinstance(x, (torch.Tensor, tuple))
                for t in (x if isinstance(x, tuple) else (x,))]
     leaves = [t.requires_grad_() for t in tensors]
-    fn = ops.local_polynomial_attention if op in LOCAL_ORDERS else getattr(ops, op)
+    fn = _implementation(op, gate)
 
-    def call(mode: str, cu_seqlens: torch.Tensor | None = None,
-             tensors: list[torch.Tensor] | None = None) -> Callable[[], torch.Tensor]:
-        """The op's forward in `mode`, on the leaves or on `tensors` in their place (same order)."""
-        chunk = {"chunk_size": cfg.chunk_size} if mode == "chunk" and op in CHUNKED else {}
-        if op in MINI_BATCH_OPS:
-            chunk = {"batch_size": MINI_BATCH}
-        if cu_seqlens is not None:
-            chunk["cu_seqlens"] = cu_seqlens
+    def call(mode: str, cu_seqlens: torch.Tensor | None = None, tensors: list[torch.Tensor] | None = None,
+             reference: bool = False) -> Callable[[], torch.Tensor]:
+        """The op's forward in `mode`, on the leaves or on `tensors` in their place (same order); with `reference`,
+        the form the row is measured against (see has_reference)."""
         given = iter(leaves if tensors is None else tensors)
         q_, k_, v_ = next(given), next(given), next(given)
-        extra_ = {name: tuple(next(given) for _ in x) if isinstance(x, tuple) else
-                  next(given) if isinstance(x, torch.Tensor) else x for name, x in extra.items()}
-        return lambda: fn(q_, k_, v_, **extra_, mode=mode, **chunk)[0]
+        kw = {name: tuple(next(given) for _ in x) if isinstance(x, tuple) else
+              next(given) if isinstance(x, torch.Tensor) else x for name, x in extra.items()}
+        f = fn
+        if reference:
+            f, kw = ((fn, {name: x for name, x in kw.items() if name != "window"}) if op == "window"
+                     else (ops.linear_attention, {"causal": False}))
+        if mode == "chunk" and f.__name__ in CHUNKED:
+            kw["chunk_size"] = cfg.chunk_size
+        if op in MINI_BATCH_OPS:
+            kw["batch_size"] = MINI_BATCH
+        if cu_seqlens is not None:
+            kw["cu_seqlens"] = cu_seqlens
+        return lambda: f(q_, k_, v_, **kw, mode=mode)[0]
 
     return call, leaves
+
+
+def _implementation(op: str, gate: str) -> Callable:
+    """The function of ttr.ops a row times: a variant op's gate column names it (by its bench name)."""
+    name = gate if op in ("window", "noncausal") else "linear_attention" if op == "feature_map" else op
+    if name in LOCAL_ORDERS:
+        return ops.local_polynomial_attention
+    return ops.soft_attention if name == "soft" else getattr(ops, name)
+
+
+def _feature_map_keywords(name: str, dim: int, device: torch.device) -> dict:
+    """linear_attention's keywords for feature map `name` (seeded) on keys of dim `dim`: normalized where the map
+    is positive, as the presets use them."""
+    fmap = make_feature_map(name, dim)
+    if isinstance(fmap, torch.nn.Module):
+        fmap.to(device)
+    return {"feature_map": fmap, "normalize": get_feature_map(fmap).positive}
 
 
 CHUNKED = ("linear_attention", "mlstm", "delta_rule", "longhorn", "delta_product", "mesa")  # take chunk_size
@@ -258,10 +328,10 @@ def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return run
 
 
-def time_sdpa(cfg: BenchConfig, T: int, D: int, device: torch.device) -> tuple[float, float]:
-    """Causal scaled_dot_product_attention, forward and forward+backward, ms: the quadratic reference."""
+def time_sdpa(cfg: BenchConfig, T: int, D: int, device: torch.device, causal: bool = True) -> tuple[float, float]:
+    """scaled_dot_product_attention, forward and forward+backward, ms: the quadratic reference."""
     qs, ks, vs = (torch.randn(cfg.batch, cfg.heads, T, D, device=device, requires_grad=True) for _ in range(3))
-    sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
+    sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)  # noqa: E731
     return time_ms(_no_grad(sdpa), device, cfg.repeats), time_ms(_fwd_bwd(sdpa, [qs, ks, vs]), device, cfg.repeats)
 
 
@@ -270,13 +340,15 @@ def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.
     call, leaves = _problem(cfg, op, gate, T, D, device)
     chunk_fwd = time_ms(_no_grad(call("chunk")), device, cfg.repeats)
     chunk_fb = time_ms(_fwd_bwd(call("chunk"), leaves), device, cfg.repeats)
-    rec_fwd = rec_fb = None
-    if T in cfg.recurrent_lengths and op not in LOCAL_ORDERS:  # thousands of small steps: no warm-up needed
+    rec_fwd = rec_fb = ref_fb = None
+    if T in cfg.recurrent_lengths and has_recurrent(op, gate):  # thousands of small steps: no warm-up needed
         rec_fwd = time_ms(_no_grad(call("recurrent")), device, 1, warmup=False)
         rec_fb = time_ms(_fwd_bwd(call("recurrent"), leaves), device, 1, warmup=False)
+    if has_reference(op, gate):
+        ref_fb = time_ms(_fwd_bwd(call("chunk", reference=True), leaves), device, cfg.repeats)
     flops = chunk_flops(op, T, cfg.chunk_size, D, D, cfg.heads, cfg.batch, gate)
     gflops = None if flops is None else 3 * flops / chunk_fb / 1e6
-    return BenchRow(op, gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, *sdpa, gflops)
+    return BenchRow(op, gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, *sdpa, gflops, ref_fwdbwd_ms=ref_fb)
 
 
 def mesa_solvers(cfg: BenchConfig, device: torch.device) -> list[dict]:
@@ -335,6 +407,19 @@ def mesa_over_gated_delta(rows: list[BenchRow]) -> list[dict]:
     gdn = {(r.D, r.T): r.chunk_fwdbwd_ms for r in rows if r.op == "delta_rule" and r.gate == "scalar"}
     return [{"gate": r.gate, "D": r.D, "T": r.T, "ratio": r.chunk_fwdbwd_ms / gdn[r.D, r.T]}
             for r in rows if r.op == "mesa" and (r.D, r.T) in gdn]
+
+
+def nystrom_errors(cfg: BenchConfig, device: torch.device) -> list[dict]:
+    """SOFT's and Skyformer's relative errors (ops.nystrom_error) against the exact Gaussian kernel smoother they
+    approximate and the exact kernel ridge regression (ridge 1), at each of NYSTROM_LANDMARKS landmarks, their other
+    options the published ones. One head, T = min(NYSTROM_LENGTH, longest length), the first head dim, q, k ~
+    N(0, I / 4): at D = 64 a typical kernel value is e^-2 (unit variance gives e^-8, a nearly diagonal kernel that
+    no few landmarks approximate)."""
+    T, D = min(NYSTROM_LENGTH, max(cfg.lengths)), cfg.head_dims[0]
+    gen = torch.Generator(device=device).manual_seed(T * D)
+    q, k, v = (torch.randn(1, T, 1, D, device=device, generator=gen) * s for s in (0.5, 0.5, 1.0))
+    return [{"method": method, "n_landmarks": m, "T": T, "D": D, **ops.nystrom_error(q, k, v, method, m)}
+            for method in ("soft", "skyformer") for m in NYSTROM_LANDMARKS]
 
 
 VARLEN_OPS = {"linear_attention": "scalar", "delta_rule": "scalar", "mesa": "scalar", "ttt_linear": "none",
@@ -410,12 +495,12 @@ def grid(cfg: BenchConfig) -> list[tuple[str, str, int, int]]:
     for op in cfg.ops:
         if op not in CASES:
             raise ValueError(f"ops must be among {tuple(CASES)}, got {op!r}")
-    return [(op, gate, D, T) for op in cfg.ops for gate in CASES[op] if gate in cfg.gates
-            for D in cfg.head_dims for T in cfg.lengths if D <= LOCAL_MAX_DIM.get(op, ENTRY_MAX_DIM if gate == "entry" else D)]
+    return [(op, gate, D, T) for op in cfg.ops for gate in CASES[op] if gate in cfg.gates or op in VARIANT_OPS
+            for D in cfg.head_dims for T in cfg.lengths if D <= MAX_DIM.get(op, ENTRY_MAX_DIM if gate == "entry" else D)]
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
-        ) -> tuple[float, list[BenchRow], list[dict], list[dict], list[dict]]:
+        ) -> tuple[float, list[BenchRow], list[dict], list[dict], list[dict], list[dict]]:
     """All timings first, then all peak-memory measurements: on the CPU the latter change how the
     allocator returns memory (see _release_freed_memory), which must not touch the timings.
     The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
@@ -431,13 +516,15 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
             progress(f"time {op} g={gate} D={D} T={T}")
         row = done.get((op, gate, D, T))
         if row is None:
-            if (T, D) not in sdpa:  # timed once per size, shared by every op of that size
-                sdpa[T, D] = time_sdpa(cfg, T, D, device)
-            row = time_op(cfg, op, gate, T, D, device, sdpa[T, D])
+            key = T, D, causal_sdpa(op)
+            if key not in sdpa:  # timed once per size, shared by every op of that size
+                sdpa[key] = time_sdpa(cfg, T, D, device, causal=key[2])
+            row = time_op(cfg, op, gate, T, D, device, sdpa[key])
         rows.append(row)
         save(cfg, mm, rows + kept)
     solvers = mesa_solvers(cfg, device) if "mesa" in cfg.ops else []
     conditioning = mesa_conditioning(cfg, device) if "mesa" in cfg.ops else []
+    nystrom = nystrom_errors(cfg, device) if "noncausal" in cfg.ops else []
     if progress is not None:
         progress("packed sequences")
     varlen = varlen_costs(cfg, device)
@@ -447,22 +534,66 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         if row.peak_mb is None:
             call, leaves = _problem(cfg, row.op, row.gate, row.T, row.D, device)
             row.peak_mb = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
-            save(cfg, mm, rows + kept, solvers, conditioning, varlen)
-    save(cfg, mm, rows + kept, solvers, conditioning, varlen)
-    return mm, rows, solvers, conditioning, varlen
+            save(cfg, mm, rows + kept, solvers, conditioning, varlen, nystrom)
+    save(cfg, mm, rows + kept, solvers, conditioning, varlen, nystrom)
+    return mm, rows, solvers, conditioning, varlen, nystrom
 
 
 def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[dict] | None = None,
-         conditioning: list[dict] | None = None, varlen: list[dict] | None = None) -> Path:
+         conditioning: list[dict] | None = None, varlen: list[dict] | None = None,
+         nystrom: list[dict] | None = None) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     payload = {
         "config": asdict(cfg), "device": device, "torch": torch.__version__, "matmul_gflops": matmul,
-        "rows": [asdict(r) | {"speedup_vs_recurrent": r.speedup, "sdpa_over_chunk": r.vs_sdpa} for r in rows],
+        "rows": [asdict(r) | {"speedup_vs_recurrent": r.speedup, "sdpa_over_chunk": r.vs_sdpa, "ref_over_chunk": r.vs_ref}
+                 for r in rows],
         "mesa_solvers": solvers or [],
         "mesa_conditioning": conditioning or [],
         "mesa_over_gated_delta": mesa_over_gated_delta(rows),
         "packed_sequences": varlen or [],
+        "nystrom_error": nystrom or [],
     }
     return write_atomically(out, lambda f: f.write_text(json.dumps(payload, indent=1)))
+
+
+VARIANT_SHORT = {"feature_map": "fm", "window": "win", "noncausal": "nc", "linear_attention": "la", "softmax": "sm"}
+VARIANT_LEGEND = (
+    f"fm: linear attention with feature map `variant` (no gate; {', '.join(FEATURE_KEY_DIM)} at Dk = "
+    f"{min(FEATURE_KEY_DIM.values())}, the others at Dk = D; Dv = D; normalized where the map is positive). win: "
+    f"the op (la linear attention, sm softmax) in a sliding window of {WINDOW} tokens; ref: its full causal form. "
+    "nc: over the whole sequence (SOFT, Skyformer and linear attention at their defaults); sdpa: non-causal SDPA; "
+    "ref: linear_attention(causal=False). fwd, f+b: the row's chunk form, ms; sdpa, ref: forward+backward, ms; "
+    "x: the other form's forward+backward over the row's (>1: the row is faster).")
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}" if x < 1 else f"{x:.1f}" if x < 10 else f"{x:.0f}"
+
+
+def variant_table(rows: list[BenchRow]) -> list[str]:
+    """The variant ops' rows (VARIANT_OPS), 78 columns: one line each (VARIANT_LEGEND says what is what)."""
+    line = "{:<4} {:<9} {:>3} {:>5} {:>6} {:>6} {:>5} {:>6} {:>6} {:>6} {:>5} {:>5}".format
+    lines = [line("op", "variant", "D", "T", "fwd", "f+b", "xrec", "sdpa", "xsdpa", "ref", "xref", "MB")]
+    for r in rows:
+        if r.op in VARIANT_OPS:
+            lines.append(line(VARIANT_SHORT[r.op], VARIANT_SHORT.get(r.gate, r.gate), r.D, r.T, _ms(r.chunk_fwd_ms),
+                              _ms(r.chunk_fwdbwd_ms), _ratio(r.speedup), _ms(r.sdpa_fwdbwd_ms), _ratio(r.vs_sdpa),
+                              _ms(r.ref_fwdbwd_ms), _ratio(r.vs_ref), _ms(r.peak_mb)))
+    return lines
+
+
+def nystrom_table(errors: list[dict]) -> list[str]:
+    """nystrom_errors' rows, one line per method and landmark count."""
+    e0 = errors[0]
+    lines = [f"Nystrom relative error, T={e0['T']}, D={e0['D']}: against the exact Gaussian kernel smoother and kernel "
+             "ridge regression (ridge 1); floor: the smoother's own error against the regression",
+             f"{'method':<10} {'m':>4} {'smoother':>9} {'regression':>11} {'floor':>9}"]
+    lines += [f"{e['method']:<10} {e['n_landmarks']:>4} {e['smoother']:>9.2e} {e['regression']:>11.2e} "
+              f"{e['smoother_vs_regression']:>9.2e}" for e in errors]
+    return lines

@@ -84,47 +84,87 @@ def cmd_zoo(args: argparse.Namespace) -> None:
                       f"{p.parameterization}")
 
 
+# cell codes of the fast ops in `ttr zoo --all`: the bench's short names, plus the ops the bench does not time
+_ZOO_OP_SHORT = {**_OP_SHORT, "mlstm": "ml", "local_polynomial_attention": "lpa", "kernel_regression": "kr",
+                 "soft_attention": "soft", "skyformer": "sky"}
+# weights column headers: a letter per kind, then a mark per option that sets two weights of a kind apart
+_WEIGHTS_SHORT = {"uniform": "U", "fixed": "F", "scalar": "S", "vector": "V", "complex": "C", "entry": "E"}
+
+
+def _weights_short(w) -> str:
+    head = _WEIGHTS_SHORT.get(w.kind, w.kind[:2])
+    window, causal = getattr(w, "window", None), getattr(w, "causal", True)
+    return (head + ("+i" if getattr(w, "input_gate", False) else "") + ("+u" if getattr(w, "bonus", False) else "")
+            + ("f" if getattr(w, "fixed", False) else "") + (f"w{window}" if window is not None else "")
+            + ("nc" if not causal else ""))
+
+
+def _optimizer_short(opt) -> str:
+    from .oracle import BatchGD, Exact
+    from .recipe import MiniBatchGD, NormalizedGD, OnlineSGD
+
+    if isinstance(opt, BatchGD):
+        return f"GD {opt.steps}" + (f" lr{opt.lr:g}" if opt.lr != 1 else "")
+    if isinstance(opt, Exact):
+        return "exact" + (f" r{opt.ridge:g}" if opt.ridge else "")
+    if isinstance(opt, NormalizedGD):
+        return "norm GD"
+    if isinstance(opt, OnlineSGD):
+        return "SGD" + (" impl" if opt.step == "implicit" else "") + (f" {opt.steps_per_token}/t"
+                                                                       if opt.steps_per_token > 1 else "")
+    if isinstance(opt, MiniBatchGD):
+        return f"MB {opt.batch_size}" + (" mom" if opt.momentum else "")
+    return type(opt).__name__
+
+
 def _zoo_all() -> None:
-    """Every combination of ingredients (ttr.ops.generic.grid): one table per function class, weights down,
-    optimizers across; each cell the fast op (a chunk form), "recurrent" (the generic executor) or a numbered
-    reason why it is no regression problem."""
+    """Every combination of ingredients (ttr.ops.generic.grid): one table per function class, optimizers down,
+    weights across, in short codes so that each table fits 80 columns; the legends spell the codes out. Each cell
+    is the fast op (a chunk form), R (the generic recurrent executor) or -n, reason n why it does not run."""
     from collections import Counter
 
     from .ops import generic
     from .recipe import _describe_optimizer
 
     grid = generic.grid()
-    plans = {r: generic.classify(r) for r in grid}
-    reasons: dict[str, int] = {}
     regressors = list(dict.fromkeys(r.regressor for r in grid))
     optimizers = list(dict.fromkeys(r.optimizer for r in grid))
     weights = list(dict.fromkeys(r.weights for r in grid))
-    short = {"uniform": "uniform", "fixed": "fixed", "scalar": "scalar", "vector": "vector", "entry": "entry",
-             "complex": "complex"}
-    headers = [short[w.kind] + (" +input" if getattr(w, "input_gate", False) else "") +
-               (" +bonus" if getattr(w, "bonus", False) else "") + (" fixed" if getattr(w, "fixed", False) else "")
-               for w in weights]
+    headers = [_weights_short(w) for w in weights]
+    plans = {(r.weights, r.regressor, r.optimizer): generic.classify(r) for r in grid}
+    reasons: dict[str, int] = {}
+    ops_seen: dict[str, str] = {}  # code -> op name, for the legend
+    cells: dict[tuple, tuple[str, str]] = {}  # (weights, regressor, optimizer) -> (code, style)
+    for key in ((w, reg, opt) for reg in regressors for opt in optimizers for w in weights):  # in reading order
+        plan = plans[key]
+        if plan.kind == "chunk":
+            name = plan.op.func.__name__
+            code = _ZOO_OP_SHORT.get(name) or "".join(word[0] for word in name.split("_"))
+            ops_seen.setdefault(code, name)
+            cells[key] = (code, "green")
+        elif plan.kind == "recurrent":
+            cells[key] = ("R", "yellow")
+        else:
+            cells[key] = (f"-{reasons.setdefault(plan.label, len(reasons) + 1)}", "dim")
+    # headers padded to the widest cell of any table, so that every table has the same columns
+    width = max(len(text) for text in [*headers, *(code for code, _ in cells.values())])
+    label_width = max(len(_optimizer_short(o)) for o in optimizers)
     for reg in regressors:
-        table = Table(title=f"function class: {reg.describe()}", box=box.SIMPLE_HEAD, padding=(0, 1))
-        table.add_column("optimizer \\ weights", overflow="fold")
+        # one space between columns: room for a dozen weights columns in 80
+        table = Table(title=f"function class: {reg.describe()}", box=box.SIMPLE_HEAD, padding=(0, 0))
+        table.add_column("optimizer".ljust(label_width), no_wrap=True)
         for head in headers:
-            table.add_column(head, overflow="fold")
+            table.add_column(head.ljust(width), no_wrap=True)
         for opt in optimizers:
-            cells = []
-            for w in weights:
-                plan = next(p for r, p in plans.items() if r.weights == w and r.regressor == reg and r.optimizer == opt)
-                if plan.kind == "chunk":
-                    cells.append(f"[green]{plan.op.func.__name__}[/green]")
-                elif plan.kind == "recurrent":
-                    cells.append("[yellow]recurrent[/yellow]")
-                else:
-                    n = reasons.setdefault(plan.label, len(reasons) + 1)
-                    cells.append(f"[dim]- ({n})[/dim]")
-            table.add_row(_describe_optimizer(opt), *cells)
+            table.add_row(_optimizer_short(opt), *(f"[{style}]{code}[/{style}]"
+                                                   for code, style in (cells[w, reg, opt] for w in weights)))
         console.print(table)
     console.print("Weights: " + "; ".join(f"{h} = {w.describe()}" for h, w in zip(headers, weights)))
-    console.print("Cells: an op's name = a fast op with a chunk form (ttr.ops); recurrent = the generic recurrent executor "
-                  "(ttr.ops.generic, no chunk form); - (n) = not a regression problem (or not run yet), because:")
+    spelled = {_optimizer_short(o): _describe_optimizer(o) for o in optimizers}
+    console.print("Optimizers: " + "; ".join(f"{s} = {d}" for s, d in spelled.items() if s != d))
+    console.print("Cells: a fast op with a chunk form (ttr.ops): " + ", ".join(c if c == n else f"{c} = {n}" for c, n in ops_seen.items())
+                  + "; R = the generic recurrent executor (ttr.ops.generic, no chunk form); -n = it does not run, "
+                  "for reason n:")
     for label, n in reasons.items():
         console.print(f"({n}) {label}")
     counts = Counter(p.kind for p in plans.values())
@@ -141,7 +181,7 @@ def cmd_regress(args: argparse.Namespace) -> None:
                                 decay=args.decay, step=args.step, out=args.out)
     _writable(Path(cfg.out))
     with _progress() as bar:
-        task = bar.add_task("memories", total=len(PRESETS))
+        task = bar.add_task("memories", total=len(regress.causal_presets()))
         rows, curves = regress.run(cfg, progress=lambda: bar.advance(task))
     results, plot = regress.save(cfg, rows, curves)
     table = Table(title=f"Switching regression: d={cfg.dim}, T={cfg.length}, switch at {cfg.length // 4}, "
@@ -153,6 +193,9 @@ def cmd_regress(args: argparse.Namespace) -> None:
                       f"{r.cos_peak:.3g}", f"{r.cos_final:.3g}",
                       "never" if r.recovery_steps is None else str(r.recovery_steps))
     console.print(table)
+    skipped = sorted(set(PRESETS) - set(regress.causal_presets()))
+    if skipped:
+        console.print(f"Not run: {', '.join(skipped)} (whole-sequence memories, encoders: no prefix to regress on).")
     console.print("mse: squared error; 1-cos: direction error. before: t in [T/8, T/4); final: the last quarter; "
                   "peak: the first T/8 after the switch; recover: steps after the switch until the direction "
                   "error (smoothed over 16), past its peak, is within 10% of its final level.")
@@ -225,6 +268,10 @@ def cmd_mqar(args: argparse.Namespace) -> None:
         unknown = [m for m in chosen if m not in PRESETS]
         if unknown:
             raise ValueError(f"--memories: unknown {', '.join(unknown)}; choose among {', '.join(PRESETS)}")
+        whole = [m for m in chosen if m not in mqar.CAUSAL]
+        if whole:
+            raise ValueError(f"--memories: {', '.join(whole)} read the whole sequence (encoders) and would see the "
+                             "answers; choose among the causal memories")
         sweep = replace(sweep, memories=chosen, no_conv=tuple(m for m in sweep.no_conv if m in chosen))
     if args.steps is not None:
         sweep = replace(sweep, steps=args.steps)
@@ -295,6 +342,10 @@ def cmd_lm(args: argparse.Namespace) -> None:
             if unknown:
                 raise ValueError(f"--memories: unknown preset {unknown[0]!r} in {m!r}; choose among "
                                  f"{', '.join(PRESETS)} (a/b alternates two over the layers)")
+            whole = [part for part in m.split("/") if not PRESETS[part].recipe.causal]
+            if whole:
+                raise ValueError(f"--memories: {whole[0]!r} in {m!r} reads the whole sequence (an encoder); a "
+                                 "language model predicting the next token must not see it")
     sweep = lm.overrides(sweep, memories=memories, steps=args.steps, d_model=args.d_model, n_layers=args.layers,
                          n_heads=args.heads, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                          corpus=args.corpus, max_bytes=args.max_bytes)
@@ -428,20 +479,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
             bar.update(task, description=desc)
             bar.advance(task)
 
-        matmul, rows, solvers, conditioning, varlen = bench.run(cfg, progress=step)
+        matmul, rows, solvers, conditioning, varlen, nystrom = bench.run(cfg, progress=step)
     path = Path(cfg.out)
-    table = Table(title=f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch "
-                        f"{bench.MINI_BATCH}), {cfg.device}; matmul {matmul:.0f} GFLOP/s", box=box.SIMPLE_HEAD,
-                  padding=(0, 1), collapse_padding=True)
+    title = (f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch {bench.MINI_BATCH}), "
+             f"{cfg.device}; matmul {matmul:.0f} GFLOP/s")
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
     for c in ("op", "g", "D", "T", "fwd", "f+b", "rec", "xrec", "sdpa", "xsdpa", "GF/s", "%mm", "MB"):
         table.add_column(c, justify="left" if c == "op" else "right", no_wrap=True)
-    for r in rows:
+    timed = [r for r in rows if r.op not in bench.VARIANT_OPS]  # the variants have their own table
+    for r in timed:
         table.add_row(_OP_SHORT.get(r.op, r.op), r.gate[0], str(r.D), str(r.T), _ms(r.chunk_fwd_ms), _ms(r.chunk_fwdbwd_ms),
                       _ms(r.recurrent_fwdbwd_ms), "-" if r.speedup is None else f"{r.speedup:.0f}",
                       _ms(r.sdpa_fwdbwd_ms), f"{r.vs_sdpa:.1f}",
                       "-" if r.chunk_gflops is None else f"{r.chunk_gflops:.0f}",
                       "-" if r.chunk_gflops is None else f"{100 * r.chunk_gflops / matmul:.0f}", "-" if r.peak_mb is None else f"{r.peak_mb:.0f}")
-    console.print(table)
+    console.print(table if timed else title)
+    variants = bench.variant_table(rows)
+    if len(variants) > 1:
+        for line in variants:
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(bench.VARIANT_LEGEND, highlight=False)
+    if nystrom:
+        for line in bench.nystrom_table(nystrom):
+            console.print(line, highlight=False)
     ratios = bench.mesa_over_gated_delta(rows)
     if ratios:
         ratio_table = Table(title="mesa over the gated delta rule, chunk f+b",
@@ -479,15 +539,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
                                  *(f"{_ms(v[f'{n}_min_ms'])}/{_ms(v[f'{n}_median_ms'])}" for n in ("packed", "padded", "loop")),
                                  f"{v['padded_min_ms'] / v['packed_min_ms']:.2f}", f"{v['loop_min_ms'] / v['packed_min_ms']:.2f}")
         console.print(varlen_table)
-    console.print("op: la linear_attention, dr delta_rule, lh longhorn, dp delta_product, ttt ttt_linear, "
-                  "mlp ttt_mlp, tit titans, sm softmax (local polynomial order 0), ll local_linear (order 1), mlstm; "
-                  "g: gate (n none, s scalar, v vector, b vector with RWKV-6's bonus, c complex (GateLoop), "
-                  "e per state entry (Mamba)). "
-                  "fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
-                  "SDPA forward+backward, ms; xrec, xsdpa: their time over the chunk form's (>1: chunk faster). "
-                  "GF/s: the chunk form's matrix-product flops (forward x3) per second of forward+backward, "
-                  "%mm: of the matmul. MB: memory the chunk forward+backward adds at its peak.\n"
-                  f"saved {path}")
+    if timed:
+        console.print("op: la linear_attention, dr delta_rule, lh longhorn, dp delta_product, ttt ttt_linear, "
+                      "mlp ttt_mlp, tit titans, sm softmax (local polynomial order 0), ll local_linear (order 1), mlstm; "
+                      "g: gate (n none, s scalar, v vector, b vector with RWKV-6's bonus, c complex (GateLoop), "
+                      "e per state entry (Mamba)). "
+                      "fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
+                      "SDPA forward+backward, ms; xrec, xsdpa: their time over the chunk form's (>1: chunk faster). "
+                      "GF/s: the chunk form's matrix-product flops (forward x3) per second of forward+backward, "
+                      "%mm: of the matmul. MB: memory the chunk forward+backward adds at its peak.")
+    console.print(f"saved {path}")
 
 
 def cmd_decode_bench(args: argparse.Namespace) -> None:
@@ -531,9 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     shows_defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
     p = sub.add_parser("zoo", help="print the named systems: weights, function class, optimizer, op, forms")
-    p.add_argument("--all", action="store_true", help="every combination of ingredients instead: which have a "
-                   "chunk form (a fast op), which run on the generic recurrent executor, and which define no "
-                   "regression problem, and why")
+    p.add_argument("--all", action="store_true", help="every combination of ingredients instead, one table per "
+                   "function class in short codes with legends: which have a chunk form (a fast op), which run on "
+                   "the generic recurrent executor, and which define no regression problem, and why")
     p.set_defaults(func=cmd_zoo)
 
     p = sub.add_parser("regress", help="every memory on the slides' switching-process regression, no learned "
@@ -609,7 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gate kinds among none, scalar, vector, bonus (RWKV-6), complex (GateLoop), entry (Mamba; "
                    "timed at head dims <= 64)")
     p.add_argument("--ops", default="all", help="ops to time, comma-separated, among linear_attention, mlstm, "
-                   "delta_rule, longhorn, delta_product, ttt_linear, ttt_mlp, titans, mesa, softmax, local_linear")
+                   "delta_rule, longhorn, delta_product, ttt_linear, ttt_mlp, titans, mesa, softmax, local_linear, "
+                   "and the variants, whatever the gates: feature_map (linear attention with RFA, Hedgehog, "
+                   "ReBased, DiJiang, Based, DPFP, poly2 features), window (sliding windows against the full causal "
+                   "forms), noncausal (SOFT, Skyformer, non-causal linear attention against non-causal SDPA, and "
+                   "the Nystrom errors)")
     p.add_argument("--heads", type=_at_least(1), default=4, help="heads")
     p.add_argument("--batch", type=_at_least(1), default=1, help="batch size")
     p.add_argument("--chunk-size", type=_at_least(1), default=64, help="chunk size of the chunk form")
