@@ -15,3 +15,6 @@ def test_readme_example_runs():
     assert scope["y"].shape == (2, 1000, 256) and scope["y_ref"].shape == (2, 64, 4, 64)
     assert scope["cache"].batch_size == 2 and scope["cache"].lengths.tolist() == [10, 13]
     assert scope["o_f"].shape == (1, 12, 2, 16) and scope["s_f"].shape == (1, 2, 16, 16)
+    # the three combinations without a fast op, on the generic executor
+    assert scope["o_mb"].shape == scope["o_lh"].shape == scope["o_te"].shape == (2, 64, 4, 16)
+    assert scope["H_kk"].shape[-2:] == (153, 153) and scope["S"].shape == (2, 4, 16, 16)
