@@ -298,3 +298,15 @@ def test_mesa_bad_input(kwargs, match):
     q, k, v = make_qkv(1, 10, 2, 4, 4, dtype=torch.float32)
     with pytest.raises(ValueError, match=match):
         mesa(q, k, v, **kwargs)
+
+
+def test_the_threaded_eigh_leaves_lapack_working_for_the_rest_of_the_process():
+    """The gated exact form splits its eigendecompositions over threads; setting torch's thread count from a worker
+    thread once broke MKL's LU for the process: a later batched solve of a well-conditioned system raised."""
+    from ttr.ops.newton import _eigh
+
+    A = torch.randn(64, 16, 16, dtype=torch.float64)
+    _eigh(A @ A.mT)
+    M = torch.eye(153).expand(8, 153, 153) + 0.01 * torch.randn(8, 153, 153)
+    x = torch.randn(8, 153, 16)
+    assert torch.allclose(M @ torch.linalg.solve(M, x), x, atol=1e-4)

@@ -100,8 +100,8 @@ def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
     """torch.linalg.eigh of a batch of symmetric matrices [..., d, d], the batch split over torch's CPU threads.
     On the CPU torch decomposes a batch one matrix after another, each with every thread, which small matrices
     cannot use; these decompositions are most of the gated exact form's cost. So each thread decomposes its part
-    of the batch alone (LAPACK releases the GIL), with torch's thread count 1 inside it and restored after, and
-    the caller's grad and inference modes (which torch keeps per thread)."""
+    of the batch alone (LAPACK releases the GIL), with the caller's grad and inference modes (which torch keeps per
+    thread)."""
     flat = A.reshape(-1, *A.shape[-2:])
     threads, grad, inference = torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     parts = min(threads, flat.shape[0])
@@ -110,12 +110,11 @@ def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
     mu, U = flat.new_empty(flat.shape[:-1]), torch.empty_like(flat)
 
     def part(a: Tensor, out: tuple[Tensor, Tensor]) -> None:
-        torch.set_num_threads(1)
-        try:
-            with torch.set_grad_enabled(grad), torch.inference_mode(inference):
-                torch.linalg.eigh(a, out=out)
-        finally:
-            torch.set_num_threads(threads)
+        # no torch.set_num_threads here: called from a worker thread it leaves MKL's LAPACK broken for the rest of
+        # the process (a later batched torch.linalg.solve fails on its pivots); small matrices run on one thread
+        # each anyway
+        with torch.set_grad_enabled(grad), torch.inference_mode(inference):
+            torch.linalg.eigh(a, out=out)
 
     with ThreadPoolExecutor(parts) as pool:
         done = [pool.submit(part, a, (m, u)) for a, m, u in zip(flat.chunk(parts), mu.chunk(parts), U.chunk(parts))]
