@@ -248,6 +248,21 @@ def _literal_set_only(window: int | None, causal: bool, initial_state: object) -
                          "not an initial_state")
 
 
+def _uniform_set(window: int | None, causal: bool, g: Tensor | None, initial_state: object) -> None:
+    """A window or the whole sequence, written out literally: uniform weights and the whole sequence given."""
+    check_window(window, causal)
+    _literal_set_only(window, causal, initial_state)
+    if g is not None and (window is not None or not causal):
+        raise ValueError("a window or the whole sequence takes uniform weights here: pass g=None")
+
+
+def _set_range(first: int, t: int, T: int, window: int | None, causal: bool) -> tuple[int, int]:
+    """The associations [lo, at) of the regression at call token t, after `first` cached ones: the prefix, its last
+    `window`, or every one (causal=False)."""
+    at = first + t + 1 if causal else first + T
+    return (0 if window is None else max(0, at - window)), at
+
+
 def _keep_graph(*xs: Tensor) -> bool:
     """Differentiate through the steps (create_graph) only when someone will take gradients: otherwise
     every per-token problem's graph would stay alive and the oracle's memory grow with T^2."""
@@ -465,6 +480,22 @@ def local_polynomial(q: Tensor, k: Tensor, v: Tensor, *, order: int, ridge: floa
     return ys
 
 
+def _pair_kernel(kernel: str, scale: float, degree: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """Kern(a, c) for one pair of vectors, written out: "exp" exp(scale a . c), "rbf" exp(-scale ||a - c||^2 / 2),
+    "poly" (1 + scale a . c)^degree."""
+    if kernel not in ("exp", "rbf", "poly"):
+        raise ValueError(f"kernel must be 'exp', 'rbf' or 'poly', got {kernel!r}")
+
+    def kern(a: Tensor, c: Tensor) -> Tensor:
+        if kernel == "exp":
+            return torch.exp(scale * torch.dot(a, c))
+        if kernel == "rbf":
+            return torch.exp(-0.5 * scale * torch.sum((a - c) ** 2))
+        return (1.0 + scale * torch.dot(a, c)) ** degree
+
+    return kern
+
+
 def kernel_regression(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, ridge: float, scale: float | None = None,
                       degree: int = 2, initial_state: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Kernel ridge regression, literally: at every t, f_t = argmin_f sum_{i<=t} ||v_i - f(k_i)||^2 + ridge ||f||_H^2,
@@ -478,14 +509,7 @@ def kernel_regression(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, ridge: fl
     first = k.shape[1] - T
     scale = Dk ** -0.5 if scale is None else scale
 
-    def kern(a: Tensor, c: Tensor) -> Tensor:
-        if kernel == "exp":
-            return torch.exp(scale * torch.dot(a, c))
-        if kernel == "rbf":
-            return torch.exp(-0.5 * scale * torch.sum((a - c) ** 2))
-        if kernel == "poly":
-            return (1.0 + scale * torch.dot(a, c)) ** degree
-        raise ValueError(f"kernel must be 'exp', 'rbf' or 'poly', got {kernel!r}")
+    kern = _pair_kernel(kernel, scale, degree)
 
     ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
     for b in range(B):
@@ -528,8 +552,9 @@ def nystrom_step(q: Tensor, k: Tensor, v: Tensor, landmarks: Tensor, *, ridge: f
     return ys
 
 
-def mlstm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, g: Tensor, *, scale: float | None = None,
-          initial_state: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+def mlstm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, g: Tensor | None, *, scale: float | None = None,
+          initial_state: tuple[Tensor, Tensor, Tensor] | None = None, window: int | None = None,
+          causal: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """mLSTM's memory (Beck et al. 2024), literally: at every t, the regression with weights
     gamma_i^(t) = exp(i_i) exp(g_{i+1} + ... + g_t) (an input gate times forget gates) is fitted by one step of batch
     GD from 0 with the query-dependent step 1 / max(|z_t^T s q_t|, 1), z_t = sum_i gamma_i^(t) k_i the weight mass the
@@ -537,12 +562,14 @@ def mlstm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, g: Tensor, *, scale: float
 
     initial_state (C, n, m), stabilized as the op carries it, holds earlier associations' C e^m (a prior gradient, as
     parametric() takes it) and n e^m (their weight mass), both decayed by the forget gates since. Returns (y, final
-    state (C_T, n_T, 0)): unstabilized, m = 0.
+    state (C_T, n_T, 0)): unstabilized, m = 0. window, causal: the association set, as in parametric() (g None).
     """
+    _literal_set_only(window, causal, initial_state)
     q, k, v, i, g = _float64(q, k, v, i, g)
     B, T, H, Dk = q.shape
     scale = Dk ** -0.5 if scale is None else scale
-    gamma = gamma_matrix(g, T, batch=(B, H)) * torch.exp(i).transpose(1, 2)[:, :, None, :, None]  # [B, H, T, T, 1]
+    gamma = gamma_matrix(g, T, batch=(B, H), window=window, causal=causal) * torch.exp(i).transpose(1, 2)[
+        :, :, None, :, None]  # [B, H, T, T, 1]
     start = _start_decay(g, B, T, H)[..., 0]  # exp(g_1 + ... + g_t): what survives of the carried state
     if initial_state is not None:
         C0, n0, m0 = _float64(*initial_state)
@@ -553,13 +580,14 @@ def mlstm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, g: Tensor, *, scale: float
     for b in range(B):
         for h in range(H):
             for t in range(T):
-                X, w = k[b, : t + 1, h], gamma[b, h, t, : t + 1]
+                n = t + 1 if causal else T  # the associations the set may hold; gamma is 0 on the others
+                X, w = k[b, :n, h], gamma[b, h, t, :n]
                 z = (w * X).sum(0)
                 prior = None
                 if initial_state is not None:
                     prior = -(start[b, t, h] * C0[b, h]).T
                     z = z + start[b, t, h] * n0[b, h]
-                M = BatchGD().fit(Problem(X, v[b, : t + 1, h], w, prior))
+                M = BatchGD().fit(Problem(X, v[b, :n, h], w, prior))
                 x = scale * q[b, t, h]
                 ys[b, t, h] = M @ x / torch.clamp_min((z @ x).abs(), 1.0)
             C_T[b, h], n_T[b, h] = M.T, z
@@ -571,17 +599,20 @@ def mlstm(q: Tensor, k: Tensor, v: Tensor, i: Tensor, g: Tensor, *, scale: float
 
 def local_constant_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, optimizer: Optimizer | None,
                        feature_map: str | Callable[[Tensor], Tensor] | None = None, scale: float | None = None,
-                       i: Tensor | None = None, initial_state: Tensor | None = None) -> Tensor:
+                       i: Tensor | None = None, initial_state: Tensor | None = None, window: int | None = None,
+                       causal: bool = True) -> Tensor:
     """The locally constant fit under any batch optimizer: at every t, c_t = argmin_c 1/2 sum_i w_ti ||v_i - c||^2
     with w_ti = scale phi(q_t)^T (gamma_i^(t) e^(i_i) phi(k_i)) (scale 1 by default; gamma per association or per key
     channel), fitted by `optimizer` (BatchGD, Exact) on the constant design, or, with optimizer None, by NormalizedGD:
     one step from zero at rate 1 / max(|sum_i w_ti|, 1). `initial_state` [B, H, D_phi, Dv + 1] (sum gamma phi(k) v^T,
-    sum gamma phi(k)) enters as one more association, its weight and its weighted-mean value."""
+    sum gamma phi(k)) enters as one more association, its weight and its weighted-mean value. window, causal: the
+    association set, as in parametric()."""
+    _literal_set_only(window, causal, initial_state)
     q, k, v, g, i, initial_state = _float64(q, k, v, g, i, initial_state)
     phi = get_feature_map(feature_map)
     B, T, H, _ = q.shape
     fq, fk = phi(q) * (1.0 if scale is None else scale), phi(k)
-    gamma = gamma_matrix(g, T, batch=(B, H))
+    gamma = gamma_matrix(g, T, batch=(B, H), window=window, causal=causal)
     if i is not None:
         gamma = gamma * torch.exp(i).transpose(1, 2)[:, :, None, :, None]
     start = _start_decay(g, B, T, H)
@@ -589,7 +620,8 @@ def local_constant_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None,
     for b in range(B):
         for h in range(H):
             for t in range(T):
-                w, Y = (gamma[b, h, t, : t + 1] * fk[b, : t + 1, h]) @ fq[b, t, h], v[b, : t + 1, h]
+                n = t + 1 if causal else T
+                w, Y = (gamma[b, h, t, :n] * fk[b, :n, h]) @ fq[b, t, h], v[b, :n, h]
                 if initial_state is not None:
                     carried = (start[b, t, h][:, None] * initial_state[b, h]).T @ fq[b, t, h]
                     if carried[-1] != 0:
@@ -672,11 +704,14 @@ def online_learner(q: Tensor, k: Tensor, v: Tensor, rate: Tensor, g: Tensor | No
 
 def local_polynomial_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, order: int,
                          optimizer: Optimizer, scale: float | None = None, qk_norm: bool = False,
-                         initial_state: tuple[Tensor, ...] | None = None) -> Tensor:
+                         initial_state: tuple[Tensor, ...] | None = None, window: int | None = None,
+                         causal: bool = True) -> Tensor:
     """Local polynomial regression around every query with decaying weights, literally: at every t the design rows
     [1, monomials(k_i - q_t)], weights w_ti = exp(scale q_t . k_i) gamma_i^(t) (scalar gamma), fitted by Exact (ridge
     times the weight mass on the slope, as local_polynomial) or by BatchGD (optimizer.fit); the answer is the
-    intercept. initial_state: a cache (K, V) or (K, V, L) of earlier associations, L their log-weights so far."""
+    intercept. initial_state: a cache (K, V) or (K, V, L) of earlier associations, L their log-weights so far.
+    window, causal: the association set, as in parametric() (uniform weights)."""
+    _uniform_set(window, causal, g, initial_state)
     q, k, v, g = _float64(q, k, v, g)
     B, T, H, Dk = q.shape
     L = torch.zeros(B, 0, H, dtype=torch.float64)
@@ -693,9 +728,10 @@ def local_polynomial_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = Non
     for b in range(B):
         for h in range(H):
             for t in range(T):
-                K, V, x = k[b, : first + t + 1, h], v[b, : first + t + 1, h], q[b, t, h]
+                lo, at = _set_range(first, t, T, window, causal)
+                K, V, x = k[b, lo:at, h], v[b, lo:at, h], q[b, t, h]
                 # gamma_i^(t) = exp(G_t + L_i) for the cached associations, exp(G_t - G_i) for this call's
-                log_gamma = torch.cat([G[b, t, h] + L[b, :first, h], G[b, t, h] - G[b, : t + 1, h]])
+                log_gamma = torch.cat([G[b, t, h] + L[b, :first, h], G[b, t, h] - G[b, :, h]])[lo:at]
                 w = torch.exp(scale * (K @ x) + log_gamma)
                 X = torch.stack([_centred_monomials(key - x, order) for key in K])
                 if isinstance(optimizer, Exact):
@@ -708,13 +744,16 @@ def local_polynomial_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = Non
 
 
 def kernel_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, kernel: str, optimizer: Optimizer,
-               scale: float | None = None, degree: int = 2, initial_state: tuple[Tensor, ...] | None = None) -> Tensor:
+               scale: float | None = None, degree: int = 2, initial_state: tuple[Tensor, ...] | None = None,
+               window: int | None = None, causal: bool = True) -> Tensor:
     """Weighted kernel regression, literally: at every t, f_t = argmin_f 1/2 sum_i w_i ||v_i - f(k_i)||^2 + ridge/2
     ||f||_H^2 with w_i = gamma_i^(t) (scalar). By the representer theorem f = sum_i alpha_i Kern(k_i, .), and the
     normal equations Kern (W Kern + ridge I) alpha = Kern W V give alpha = (W Kern + ridge I)^-1 W V (Exact). BatchGD
     takes functional gradient steps from f = 0: the gradient of the loss in the RKHS is sum_i w_i (f(k_i) - v_i)
     Kern(k_i, .), so alpha <- alpha - lr W (Kern alpha - V). The kernels are written out per pair. initial_state: a
-    cache (K, V) or (K, V, L), L the log-weights so far."""
+    cache (K, V) or (K, V, L), L the log-weights so far. window, causal: the association set, as in parametric()
+    (uniform weights)."""
+    _uniform_set(window, causal, g, initial_state)
     q, k, v, g = _float64(q, k, v, g)
     B, T, H, Dk = q.shape
     L = torch.zeros(B, 0, H, dtype=torch.float64)
@@ -726,19 +765,15 @@ def kernel_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, kern
     G = torch.zeros(B, T, H, dtype=torch.float64) if g is None else g.cumsum(1)
     scale = Dk ** -0.5 if scale is None else scale
 
-    def kern(a: Tensor, c: Tensor) -> Tensor:
-        if kernel == "exp":
-            return torch.exp(scale * torch.dot(a, c))
-        if kernel == "rbf":
-            return torch.exp(-0.5 * scale * torch.sum((a - c) ** 2))
-        return (1.0 + scale * torch.dot(a, c)) ** degree
+    kern = _pair_kernel(kernel, scale, degree)
 
     ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
     for b in range(B):
         for h in range(H):
             for t in range(T):
-                K, V = k[b, : first + t + 1, h], v[b, : first + t + 1, h]
-                w = torch.exp(torch.cat([G[b, t, h] + L[b, :, h], G[b, t, h] - G[b, : t + 1, h]]))[:, None]
+                lo, at = _set_range(first, t, T, window, causal)
+                K, V = k[b, lo:at, h], v[b, lo:at, h]
+                w = torch.exp(torch.cat([G[b, t, h] + L[b, :, h], G[b, t, h] - G[b, :, h]])[lo:at])[:, None]
                 gram = torch.stack([torch.stack([kern(a, c) for c in K]) for a in K])
                 if isinstance(optimizer, Exact):
                     alpha = torch.linalg.solve(w * gram + optimizer.ridge * torch.eye(len(K), dtype=torch.float64), w * V)
@@ -747,4 +782,63 @@ def kernel_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, kern
                     for _ in range(optimizer.steps):
                         alpha = alpha - optimizer.lr * w * (gram @ alpha - V)
                 ys[b, t, h] = alpha.T @ torch.stack([kern(a, q[b, t, h]) for a in K])
+    return ys
+
+
+def kernel_lms(q: Tensor, k: Tensor, v: Tensor, rate: Tensor, g: Tensor | None = None, *, kernel: str,
+               implicit: bool = False, batch_size: int | None = None, momentum: Tensor | None = None,
+               scale: float | None = None, degree: int = 2) -> Tensor:
+    """Online learning in the RKHS of `kernel` (kernel LMS), literally: f is a list of terms c Kern(key, .), starts at
+    0, and follows the module's online learners with the gate as weight decay, a = exp(g) (scalar per head).
+
+    batch_size None (online SGD): per token f' = a f, then for each of its n associations (k [B, T, H, n, Dk]) the
+    functional gradient step f <- f - rate (f(k) - v) Kern(k, .), the gradient of 1/2 ||v - f(k)||^2 through the
+    evaluation f(k) (by autograd) times the representer Kern(k, .); implicit=True: the proximal step
+    f <- argmin_f 1/2 ||f - f'||_H^2 + rate/2 ||v - f(k)||^2, whose minimizer is f' + c Kern(k, .) (any part
+    orthogonal to Kern(k, .) only adds to the norm), c solving the written-out quadratic's normal equations
+    (Kern(k, k) + rate Kern(k, k)^2) c = rate Kern(k, k) (v - f'(k)) (torch.linalg.solve).
+    batch_size b (mini-batch GD): gradients at the mini-batch's first function f_0, m_t = momentum_t m_{t-1} - rate_t
+    (f_0(k_t) - v_t) Kern(k_t, .) (momentum None: m_t is that step alone), f_t = a_t f_{t-1} + m_t.
+    y_t = f_t(q_t); scale defaults to Dk^-1/2 inside the kernel. The whole sequence from f = 0: no initial state.
+    """
+    q, k, v, rate, g, momentum = _float64(q, k, v, rate, g, momentum)
+    if k.dim() == 4:
+        k, v, rate = k.unsqueeze(3), v.unsqueeze(3), rate.unsqueeze(3)
+    B, T, H, n, Dk = k.shape
+    kern = _pair_kernel(kernel, Dk ** -0.5 if scale is None else scale, degree)
+
+    def at(f: list[tuple[Tensor, Tensor]], x: Tensor) -> Tensor:
+        return sum((c * kern(key, x) for c, key in f), torch.zeros(v.shape[-1], dtype=torch.float64))
+
+    def scaled(f: list[tuple[Tensor, Tensor]], a: Tensor | float) -> list[tuple[Tensor, Tensor]]:
+        return [(a * c, key) for c, key in f]
+
+    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            f: list[tuple[Tensor, Tensor]] = []
+            m: list[tuple[Tensor, Tensor]] = []
+            f_0 = f
+            for t in range(T):
+                a = 1.0 if g is None else torch.exp(g[b, t, h])
+                if batch_size is None:
+                    f = scaled(f, a)
+                    for j in range(n):
+                        x, y, lr = k[b, t, h, j], v[b, t, h, j], rate[b, t, h, j]
+                        if implicit:
+                            kxx = kern(x, x)
+                            c = torch.linalg.solve((kxx + lr * kxx ** 2).reshape(1, 1),
+                                                   (lr * kxx * (y - at(f, x)))[None])[0]
+                            f = f + [(c, x)]
+                            continue
+                        error = _loss_gradient(lambda fx: 0.5 * ((y - fx) ** 2).sum(), at(f, x), y)
+                        f = f + [(-lr * error, x)]
+                else:
+                    if t % batch_size == 0:
+                        f_0 = f
+                    x, y = k[b, t, h, 0], v[b, t, h, 0]
+                    error = _loss_gradient(lambda fx: 0.5 * ((y - fx) ** 2).sum(), at(f_0, x), y)
+                    m = (scaled(m, momentum[b, t, h]) if momentum is not None else []) + [(-rate[b, t, h, 0] * error, x)]
+                    f = scaled(f, a) + m
+                ys[b, t, h] = at(f, q[b, t, h])
     return ys

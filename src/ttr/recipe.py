@@ -190,8 +190,6 @@ class Recipe:
             return plan.op
         if plan.kind == "recurrent":
             return generic.executor(self)
-        if plan.kind == "todo":
-            raise ValueError(f"no op implements {self.describe()} yet: {plan.reason}")
         raise ValueError(f"{self.describe()} is not a regression problem: {plan.reason}")
 
     @property
@@ -260,6 +258,8 @@ class Recipe:
         if isinstance(o, Exact) and isinstance(r, LocalPolynomial):
             return oracle.local_polynomial(q, k, v, order=r.order, ridge=o.ridge, scale=scale, qk_norm=r.qk_norm,
                                            initial_state=initial_state)
+        if isinstance(r, RKHS) and isinstance(o, (OnlineSGD, MiniBatchGD)):
+            return self._kernel_lms_oracle(q, k, v, scale=scale, initial_state=initial_state, **inputs)
         if isinstance(r, RKHS) and not (isinstance(w, Uniform) and isinstance(o, Exact)):
             return oracle.kernel_fit(q, k, v, g, kernel=r.kernel, optimizer=o, scale=scale, initial_state=initial_state)
         if isinstance(o, Exact) and isinstance(r, RKHS):
@@ -313,17 +313,44 @@ class Recipe:
                                      mlp=isinstance(r, MLP), batch_size=o.batch_size, momentum=inputs.get("momentum"),
                                      scale=scale, initial_state=initial_state)
 
+    def _kernel_lms_oracle(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None, initial_state,
+                           **inputs: Tensor) -> Tensor:
+        """oracle.kernel_lms: online learning in an RKHS, from f = 0."""
+        if initial_state is not None:
+            raise ValueError("the oracle runs kernel LMS from f = 0: pass the whole sequence, not an initial_state")
+        o = self.optimizer
+        if isinstance(o, OnlineSGD):
+            return oracle.kernel_lms(q, k, v, inputs["delta" if o.step == "implicit" else "beta"], inputs.get("g"),
+                                     kernel=self.regressor.kernel, implicit=o.step == "implicit", scale=scale)
+        return oracle.kernel_lms(q, k, v, inputs["theta" if o.momentum else "lr"], inputs.get("g"),
+                                 kernel=self.regressor.kernel, batch_size=o.batch_size, momentum=inputs.get("momentum"),
+                                 scale=scale)
+
     def _set_oracle(self, r: Regressor, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None) -> Tensor:
         """The literal fit over a window or the whole sequence (uniform weights; no carried state)."""
-        chosen = self.weights.association_set
-        if isinstance(r, Linear) and isinstance(self.optimizer, BatchGD):
-            return oracle.parametric(q, k, v, optimizer=self.optimizer, feature_map=r.feature_map, scale=scale,
-                                     **chosen)[0]
-        if isinstance(r, LocalConstant):
+        chosen, o = self.weights.association_set, self.optimizer
+        if isinstance(r, Linear) and isinstance(o, NormalizedGD):
+            phi = get_feature_map(r.feature_map)
+            fq, fk = phi(q.double()), phi(k.double())
+            return oracle.mlstm(fq, fk, v, torch.zeros(fq.shape[:3], dtype=torch.float64), None,
+                                scale=q.shape[-1] ** -0.5 if scale is None else scale, **chosen)[0]
+        if isinstance(r, Linear):
+            if isinstance(o, Exact) and o.ridge > 0 and scale is None:
+                scale = 1.0  # the mesa layer and MesaNet read the memory at q itself
+            return oracle.parametric(q, k, v, optimizer=o, feature_map=r.feature_map, scale=scale, **chosen)[0]
+        if isinstance(r, LocalConstant) and isinstance(o, Exact) and o.ridge == 0:
             return oracle.local_constant(q, k, v, feature_map=r.feature_map, **chosen)
+        if isinstance(r, LocalConstant):
+            return oracle.local_constant_fit(q, k, v, optimizer=None if isinstance(o, NormalizedGD) else o,
+                                             feature_map=r.feature_map, scale=scale, **chosen)
+        if isinstance(r, LocalPolynomial) and isinstance(o, Exact):
+            return oracle.local_polynomial(q, k, v, order=r.order, ridge=o.ridge, scale=scale, qk_norm=r.qk_norm,
+                                           **chosen)
         if isinstance(r, LocalPolynomial):
-            return oracle.local_polynomial(q, k, v, order=r.order, ridge=self.optimizer.ridge, scale=scale,
-                                           qk_norm=r.qk_norm, **chosen)
+            return oracle.local_polynomial_fit(q, k, v, order=r.order, optimizer=o, scale=scale, qk_norm=r.qk_norm,
+                                               **chosen)
+        if isinstance(r, RKHS):
+            return oracle.kernel_fit(q, k, v, kernel=r.kernel, optimizer=o, scale=scale, **chosen)
         raise ValueError(f"the oracle has no solver for {self.describe()}")
 
     @property
@@ -343,8 +370,11 @@ class Recipe:
     @property
     def forms(self) -> tuple[str, ...]:
         """The forms its op runs in: ("chunk", "recurrent") for a fast op, ("recurrent",) for the generic executor,
-        () where the recipe defines no regression problem (or no op runs it yet)."""
+        ("chunk",) over the whole sequence (no token-by-token form), () where the recipe defines no regression
+        problem."""
         kind = generic.classify(self).kind
+        if kind != "undefined" and not self.causal:
+            return ("chunk",)
         return {"chunk": ("chunk", "recurrent"), "recurrent": ("recurrent",)}.get(kind, ())
 
     @property

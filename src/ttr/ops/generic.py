@@ -1,13 +1,15 @@
-"""The generic recurrent executor: any Recipe that defines a regression problem, one token at a time.
+"""The generic recurrent executor: any Recipe that defines a regression problem, one token at a time (the whole
+sequence: every query at once).
 
-Objective   m_t = argmin_m 1/2 sum_{i<=t} gamma_i^(t) || v_i - m(k_i) ||^2   (with each optimizer's own reading
-            of it), answer y_t = m_t(scale q_t)
-Weights     every real weights ingredient: uniform, fixed or gated decay per head, per key channel (with RWKV-6's
-            bonus), per state entry, mLSTM's exp input gate (with NormalizedGD)
+Objective   m_t = argmin_m 1/2 sum_{i in set(t)} gamma_i^(t) || v_i - m(k_i) ||^2   (with each optimizer's own
+            reading of it), answer y_t = m_t(scale q_t); set(t) the causal prefix i <= t, a window t - w < i <= t,
+            or the whole sequence
+Weights     every real weights ingredient: uniform (over any of the three sets), fixed or gated decay per head, per
+            key channel (with RWKV-6's bonus), per state entry, mLSTM's exp input gate (with NormalizedGD)
 Function    linear in features phi(k), locally constant (kernel weights phi(q)^T phi(k)), local polynomial
             (softmax-kernel weights), RKHS (kernel regression), two-layer MLP
 Optimizer   batch GD (n steps, lr), exact (ridge), NormalizedGD, online SGD (learned, implicit, n steps per token),
-            mini-batch GD (with momentum)
+            mini-batch GD (with momentum); in an RKHS the online ones too (kernel LMS)
 
 `classify(recipe)` is the one table of which combinations run how (Recipe.op, Recipe.forms, `ttr zoo --all`):
 
@@ -19,6 +21,10 @@ Optimizer   batch GD (n steps, lr), exact (ridge), NormalizedGD, online SGD (lea
   linear(phi) or MLP x OnlineSGD / MiniBatchGD            recurrent, online: the weights (and momentum)
   local polynomial / RKHS x Exact / BatchGD, scalar       recurrent, cache: the keys, values and log-weights
     weights
+  RKHS x OnlineSGD / MiniBatchGD (kernel LMS)             recurrent, cache: the keys and their coefficients
+  a window or the whole sequence, batch optimizers        recurrent, statistics or cache, over the set
+  a window with an online optimizer                       not a regression problem (no step can be taken back)
+  the whole sequence with an online optimizer             not a regression problem (no order)
   complex gate beyond one unit GD step on a linear memory not a regression problem (no real loss)
   exp input gate beyond NormalizedGD                      not a regression problem (unbounded weight)
   per-channel weights on a kernel, local or MLP fit;      not a regression problem (no such channels / no
@@ -26,7 +32,9 @@ Optimizer   batch GD (n steps, lr), exact (ridge), NormalizedGD, online SGD (lea
   query-dependent weights with an online optimizer        not a regression problem (the fit follows the query)
   MLP x BatchGD (from 0) / Exact / implicit step          not a regression problem (stuck at 0 / non-convex)
   no ridge where the solve needs one                      not a regression problem (ill-posed)
-  RKHS x online optimizers (kernel LMS)                   well defined, not run yet: ValueError says so
+  Nystrom span beyond one whole-sequence GD step          not a regression problem (no such layer defined)
+
+Every well-defined combination runs: no combination of generic.grid() is left without an op.
 
 What the executor carries, per optimizer (S = M^T, [B, H, D_phi, Dv]; x = phi(k), w the association's weight):
   statistics  H_kk = sum gamma x x^T, H_kv = sum gamma x v^T, z = sum gamma x, updated as
@@ -44,7 +52,21 @@ What the executor carries, per optimizer (S = M^T, [B, H, D_phi, Dv]; x = phi(k)
               U = H_kv^T q and W = z^T q: c = U / (W + ridge), or n steps c <- c - lr (W c - U), or U / max(|W|, 1).
   online      the weights: S for a linear memory (MiniBatchGD: also its mini-batch's first weights, the momentum
               and the place in the mini-batch, as ttr.ops.MiniBatchState), (W1, W2) for the MLP.
-  cache       the keys, values and log-weights L_i = G_t - G_i seen, and a solve at each query.
+  cache       the keys, values and log-weights L_i = G_t - G_i seen, and a solve at each query. Kernel LMS: the keys
+              K_j and a coefficient row A_j each, f = sum_j A_j Kern(K_j, .) (mini-batch GD: also the coefficients
+              A0 of its mini-batch's first function, 0 on later keys, its place in the mini-batch, the momentum's M).
+
+Association sets (uniform weights; ttr.weights). A window of w tokens: the statistics family carries the ring of the
+last w associations (K [rows, H, w, D_phi], V [rows, H, w, Dv], oldest first, zero slots none, as
+ops.linear_attention's window) and sums H_kk, H_kv, z over it afresh at every token, O(w) a token. Uniform weights
+would let a running sum subtract the association that leaves; that is O(1) but keeps every rounding error for good
+(in float32 a large association leaves eps times itself behind, and the errors random-walk with t), and a difference
+of prefix sums S_t - S_{t-w} is worse still (it loses digits as t / w grows): of those two, subtracting is the sound
+one, and summing the ring is exact to w roundings whatever t. The cache family keeps its last w keys (K, V, L).
+Either state is the last w associations, so a sequence fed in pieces equals the sequence fed whole. The whole
+sequence: every query reads the statistics, or the cache, of all the tokens; it has no recurrent form (mode="chunk",
+its default) and no state (a ValueError says so), and each packed sequence is its own set. An online learner has no
+window: its weights sum steps each taken at the weights the earlier ones left, so none can be taken back.
 
 Derivations.
   Online SGD with a gate: the gate is weight decay, applied as its proximal step before the gradient step (Gated
@@ -58,6 +80,16 @@ Derivations.
   that, M_t = a_t * M_{t-1} + momentum_t; without momentum (TTT) momentum_t = -lr_t grad_t.
   MLP memories: grad W2 = e h^T, grad W1 = ((W2^T e) * gelu'(z)) x^T with z = W1 x, h = gelu(z), e = W2 h - v;
   a scalar gate decays both layers.
+  Kernel LMS: the loss 1/2 ||v - f(k)||^2 reads f only through f(k) = <f, Kern(k, .)>_H, so its gradient in the RKHS
+  is (f(k) - v) Kern(k, .): with the gate's proximal step first, f' = a f_{t-1}, f_t = f' - beta_t (f'(k_t) - v_t)
+  Kern(k_t, .), one new key in the cache with coefficient -beta_t (f'(k_t) - v_t) and every older coefficient times a
+  (n steps per token: n keys, each step at the function the previous left). The implicit step
+  f_t = argmin_f 1/2 ||f - f'||_H^2 + delta/2 ||v - f(k)||^2: its optimality condition f - f' = delta (v - f(k))
+  Kern(k, .) puts f = f' + c Kern(k, .); evaluating at k, c = delta (v - f'(k) - c Kern(k, k)), so
+  c = beta (v - f'(k)) with beta = delta / (1 + delta Kern(k, k)): the explicit step at that beta (Longhorn's, with
+  Kern(k, k) for ||k||^2). Mini-batch GD takes each gradient at the mini-batch's first function f_0:
+  m_t = eta_t m_{t-1} - theta_t (f_0(k_t) - v_t) Kern(k_t, .) (without momentum m_t is that step alone),
+  f_t = a_t f_{t-1} + m_t, all of them coefficient vectors on the same cache of keys.
 
 The executor runs in float32 (float64 for float64 inputs), every step a differentiable torch operation, so autograd
 runs through the loop. mode="chunk" runs the same recurrence, with a one-time notice per recipe.
@@ -85,8 +117,8 @@ from ._varlen import check_cu_seqlens, run_packed
 
 @dataclass(frozen=True)
 class Plan:
-    """How a recipe runs: kind "chunk" (op: the fast op), "recurrent" (family: "statistics", "online" or "cache"),
-    "undefined" (reason: why it is no regression problem) or "todo" (reason: well defined, not run yet)."""
+    """How a recipe runs: kind "chunk" (op: the fast op), "recurrent" (family: "statistics", "online" or "cache")
+    or "undefined" (reason: why it is no regression problem)."""
 
     kind: str
     op: Callable | None = None
@@ -99,7 +131,7 @@ class Plan:
             return f"chunk ({self.op.func.__name__})"
         if self.kind == "recurrent":
             return "recurrent executor"
-        return ("not a regression problem: " if self.kind == "undefined" else "not run yet: ") + self.reason
+        return "not a regression problem: " + self.reason
 
 
 def classify(recipe) -> Plan:
@@ -110,22 +142,7 @@ def classify(recipe) -> Plan:
     fast = _fast_op(recipe)
     if fast is not None:
         return Plan("chunk", op=fast)
-    from ..recipe import RKHS, MiniBatchGD, OnlineSGD, Linear, LocalConstant, LocalPolynomial, MLP
-    from ..weights import Uniform
-    r, o, w = recipe.regressor, recipe.optimizer, recipe.weights
-    if isinstance(w, Uniform) and w.association_set:
-        return Plan("todo", reason=f"no op runs {w.describe()} with {r.describe()} yet: windows run on linear and "
-                                   "softmax attention and the normalized linear form, the whole sequence on those and "
-                                   "on SOFT and Skyformer")
-    if isinstance(o, (OnlineSGD, MiniBatchGD)):
-        if isinstance(r, RKHS):
-            return Plan("todo", reason="online learning in an RKHS (kernel LMS) keeps a coefficient per cached key; "
-                                       "the generic executor does not run it yet")
-        return Plan("recurrent", family="online")
-    if isinstance(r, (Linear, LocalConstant)):
-        return Plan("recurrent", family="statistics")
-    assert isinstance(r, (LocalPolynomial, RKHS)) and not isinstance(r, MLP)
-    return Plan("recurrent", family="cache")
+    return Plan("recurrent", family=_family_of(recipe))
 
 
 def _undefined(recipe) -> str:
@@ -145,6 +162,9 @@ def _undefined(recipe) -> str:
                 "GD from zero: their papers define no causal form and no other weights or optimizer")
     if whole and online:
         return "an online learner takes the associations in order: the whole sequence at once has none"
+    if isinstance(w, Uniform) and w.window is not None and online:
+        return ("an online learner's weights are a running sum of steps, each taken where the earlier ones left "
+                "them: no step can be taken back w tokens later, so a window defines no online problem")
     unit_step = isinstance(r, Linear) and isinstance(o, BatchGD) and o.steps == 1 and o.lr == 1.0
     local_fit = isinstance(r, LocalConstant) and isinstance(o, Exact) and o.ridge == 0
     if isinstance(w, ComplexGate) and not (unit_step or local_fit):
@@ -256,32 +276,40 @@ def executor(recipe) -> Callable:
     """The generic recurrent op of a recipe the executor runs (whether or not a fast op exists: tests force it)."""
     from ..recipe import Nystrom
     plan = classify(recipe)
-    if plan.kind in ("undefined", "todo"):
+    if plan.kind == "undefined":
         raise ValueError(f"{recipe.describe()}: {plan.label}")
-    if getattr(recipe.weights, "association_set", None) or isinstance(recipe.regressor, Nystrom):
-        raise ValueError(f"{recipe.describe()}: the generic executor runs the causal prefix only; "
-                         "this association set runs on its fast op")
-    family = plan.family or _family_of(recipe)
-    return functools.partial(generic_recurrent, recipe=recipe, family=family)
+    if isinstance(recipe.regressor, Nystrom):
+        raise ValueError(f"{recipe.describe()}: a Nystrom span (SOFT, Skyformer) runs on its fast op only; the "
+                         "executor has no family for its preconditioned step")
+    return functools.partial(generic_recurrent, recipe=recipe, family=_family_of(recipe))
 
 
 def _family_of(recipe) -> str:
-    """The executor family of a combination that also has a fast op."""
-    from ..recipe import MiniBatchGD, OnlineSGD, Linear, LocalConstant
-    if isinstance(recipe.optimizer, (OnlineSGD, MiniBatchGD)):
-        return "online"
-    return "statistics" if isinstance(recipe.regressor, (Linear, LocalConstant)) else "cache"
+    """The executor family of a well-defined combination (module docstring)."""
+    from ..recipe import RKHS, LocalPolynomial, MiniBatchGD, OnlineSGD
+    if isinstance(recipe.regressor, (LocalPolynomial, RKHS)):  # kernel LMS too: a cache of keys, a coefficient each
+        return "cache"
+    return "online" if isinstance(recipe.optimizer, (OnlineSGD, MiniBatchGD)) else "statistics"
 
 
 def generic_recurrent(q: Tensor, k: Tensor, v: Tensor, *, recipe, family: str, scale: float | None = None,
-                      initial_state: Any = None, output_final_state: bool = False, mode: str = "recurrent",
+                      initial_state: Any = None, output_final_state: bool = False, mode: str | None = None,
                       cu_seqlens: Tensor | None = None, **inputs: Tensor) -> tuple[Tensor, Any]:
     """Runs `recipe`'s optimizer token by token. q [B, T, H, Dk], k [B, T, H, (n,) Dk], v [B, T, H, (n,) Dv] (n steps
     per token for steps_per_token > 1); `inputs` are the per-token tensors recipe.inputs names. Returns (o [B, T, H,
     Dv] in the input dtype, the final state (module docstring) or None). cu_seqlens [N + 1] (B = 1) packs N sequences:
-    states are then [N, ...] (a list of N caches for the cache family)."""
+    states are then [N, ...] (a list of N caches for the cache family). mode None: "recurrent", or for the whole
+    sequence (causal=False) "chunk", its only form: every answer reads the whole sequence's statistics or keys."""
+    whole = not recipe.causal
+    mode = ("chunk" if whole else "recurrent") if mode is None else mode
     check_mode(mode, ("chunk", "recurrent"))
-    if mode == "chunk" and recipe not in _NOTIFIED:
+    if whole and mode == "recurrent":
+        raise ValueError("the whole sequence (causal=False) has no recurrent form: every answer reads tokens not yet "
+                         "seen; use mode='chunk'")
+    if whole and (initial_state is not None or output_final_state):
+        raise ValueError("the whole sequence (causal=False) carries no state between calls (its set is one whole "
+                         "sequence): pass initial_state=None, output_final_state=False")
+    if mode == "chunk" and not whole and recipe not in _NOTIFIED:
         _NOTIFIED.add(recipe)
         warnings.warn(f"no chunk form exists for {recipe.describe()}: mode='chunk' runs the generic recurrent "
                       "executor token by token", stacklevel=2)
@@ -362,7 +390,10 @@ class _Core:
     def __init__(self, recipe, family: str, dt: torch.dtype, Dk: int, bonus: Tensor | None) -> None:
         from ..oracle import BatchGD, Exact
         from ..recipe import MLP, LocalConstant, MiniBatchGD, NormalizedGD, OnlineSGD
+        from ..weights import Uniform
         self.recipe, self.family, self.dt = recipe, family, dt
+        self.window = recipe.weights.window if isinstance(recipe.weights, Uniform) else None
+        self.whole = not recipe.causal
         r, o = recipe.regressor, recipe.optimizer
         self.local_constant = isinstance(r, LocalConstant)
         self.mlp = isinstance(r, MLP)
@@ -371,6 +402,7 @@ class _Core:
         self.batch_gd, self.exact = isinstance(o, BatchGD), isinstance(o, Exact)
         self.normalized = isinstance(o, NormalizedGD)
         self.sgd, self.minibatch = isinstance(o, OnlineSGD), isinstance(o, MiniBatchGD)
+        self.lms = family == "cache" and (self.sgd or self.minibatch)  # kernel LMS
         # which statistics the answer needs: the key Gram matrix for n GD steps or a solve on a linear memory
         self.needs_kk = family == "statistics" and not self.local_constant and (self.exact or (
             self.batch_gd and o.steps > 1))
@@ -402,6 +434,8 @@ class _Core:
 
     def _state_in(self, s: Any, rows: int) -> Any:
         if self.family == "statistics":
+            if self.window is not None:  # the ring (K, V)
+                return tuple(x.to(self.dt) for x in s)
             if self.local_constant:
                 return (s[..., :-1].to(self.dt), s[..., -1].to(self.dt))
             if self.normalized:
@@ -422,12 +456,18 @@ class _Core:
                 offset = torch.as_tensor(s.offset, dtype=torch.long).expand(rows).clone()
                 return tuple(x.to(self.dt) for x in (*s.weights, *s.start)) + (offset,)
             return tuple(x.to(self.dt) for x in s) if isinstance(s, (tuple, list)) else (s.to(self.dt),)
+        if self.lms:  # (K, A) or (K, A, A0, offset[, M])
+            return tuple(x.to(self.dt) if x.is_floating_point() else x for x in s)
         K, V, *L = s
         return (K.to(self.dt), V.to(self.dt), L[0].to(self.dt) if L else torch.zeros(K.shape[:3], dtype=self.dt,
                                                                                       device=K.device))
 
     def state_out(self, st: tuple[Tensor, ...]) -> Any:
+        if self.whole:
+            return None
         if self.family == "statistics":
+            if self.window is not None:
+                return st
             if self.local_constant:
                 return torch.cat([st[0], st[1][..., None]], -1)
             if self.normalized:
@@ -454,6 +494,8 @@ class _Core:
 
     # -- statistics: linear and locally constant memories under batch optimizers
     def _statistics(self, q, k, v, live, inputs, state):
+        if self.window is not None or self.whole:
+            return self._set_statistics(q, k, v, live, state)
         B, T, H, p = k.shape
         Dv = v.shape[-1]
         g = inputs.get("g")
@@ -498,6 +540,28 @@ class _Core:
                 outs.append(self._answer(x_q, kk, kv, z))
         state = ((kk if entry else kk[..., 0]), kv) if self.needs_kk else ((kv, z) if self.needs_z else (kv,))
         return torch.stack(outs, 1), state
+
+    def _set_statistics(self, q, k, v, live, state):
+        """A window's or the whole sequence's statistics (uniform weights), summed over the set's associations."""
+        B, T, H, p = k.shape
+        if self.whole:  # one set for every query; padding (live 0) weighs nothing
+            stats = self._sums((k * live[..., None, None]).transpose(1, 2), v.transpose(1, 2))
+            return torch.stack([self._answer(q[:, t], *stats) for t in range(T)], 1), ()
+        w = self.window
+        K, V = (k.new_zeros(B, H, w, p), v.new_zeros(B, H, w, v.shape[-1])) if state is None else state
+        outs = []
+        for t in range(T):  # the ring: this token in, the one w tokens back out (a padded token leaves it)
+            keep = live[:, t].bool().view(B, 1, 1, 1)
+            K = torch.where(keep, torch.cat([K[:, :, 1:], k[:, t, :, None]], 2), K)
+            V = torch.where(keep, torch.cat([V[:, :, 1:], v[:, t, :, None]], 2), V)
+            outs.append(self._answer(q[:, t], *self._sums(K, V)))
+        return torch.stack(outs, 1), (K, V)
+
+    def _sums(self, K: Tensor, V: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """(H_kk, H_kv, z) of the associations K [B, H, n, p], V [B, H, n, Dv], as _answer takes them; a zero key adds
+        nothing (the ring's empty slots)."""
+        kk = (K.transpose(-1, -2) @ K)[..., None] if self.needs_kk else None
+        return kk, K.transpose(-1, -2) @ V, (K.sum(-2) if self.needs_z else None)
 
     def _answer(self, x_q: Tensor, kk: Tensor | None, kv: Tensor, z: Tensor | None) -> Tensor:
         """One token's answer from the statistics at its time (module docstring). x_q: [B, H, p] (scaled)."""
@@ -605,7 +669,9 @@ class _Core:
     # -- cache: local polynomial and RKHS fits with scalar weights, solved at each query
     def _cache(self, q, k, v, live, inputs, state):
         from ..recipe import LocalPolynomial
-        r, o = self.recipe.regressor, self.o
+        if self.lms:
+            return self._kernel_lms(q, k, v, inputs, state)
+        r = self.recipe.regressor
         B, T, H, Dk = q.shape
         g = inputs.get("g")
         K = k.new_zeros(B, 0, H, Dk) if state is None else state[0]
@@ -614,18 +680,73 @@ class _Core:
         local = isinstance(r, LocalPolynomial)
         unit = F.normalize if local and r.qk_norm else (lambda x, dim: x)
         s = self.scale
+        answer = (functools.partial(self._local_answer, s=s, order=r.order) if local else
+                  functools.partial(self._kernel_answer, s=s, kernel=r.kernel))
+        if self.whole:  # every query's set is the whole sequence: one cache of all its keys
+            Kh, Vh = unit(k, dim=-1).transpose(1, 2), v.transpose(1, 2)
+            return torch.stack([answer(Kh, Vh, k.new_zeros(B, H, T), unit(q[:, t], dim=-1)[..., None, :])
+                                for t in range(T)], 1), ()
         outs = []
         for t in range(T):
             decay = 0.0 if g is None else g[:, t, None, :] * live[:, t, None, None]
             K, V = torch.cat([K, k[:, t, None]], 1), torch.cat([V, v[:, t, None]], 1)
             L = torch.cat([L + decay, torch.where(live[:, t, None, None] > 0, 0.0, -math.inf).expand(B, 1, H)], 1)
+            if self.window is not None:  # the set: the last w associations
+                K, V, L = K[:, -self.window:], V[:, -self.window:], L[:, -self.window:]
             Kh, Vh, Lh = unit(K, dim=-1).transpose(1, 2), V.transpose(1, 2), L.transpose(1, 2)  # [B, H, n, .]
-            x = unit(q[:, t], dim=-1)[..., None, :]                                  # [B, H, 1, Dk]
-            if local:
-                outs.append(self._local_answer(Kh, Vh, Lh, x, s, r.order))
-            else:
-                outs.append(self._kernel_answer(Kh, Vh, Lh, x, s, r.kernel))
+            outs.append(answer(Kh, Vh, Lh, unit(q[:, t], dim=-1)[..., None, :]))    # x [B, H, 1, Dk]
         return torch.stack(outs, 1), (K, V, L)
+
+    def _kernel_lms(self, q, k, v, inputs, state):
+        """Online learners in an RKHS (module docstring): f = sum_j A_j Kern(K_j, .) over a cache of keys K
+        [B, H, n, Dk] with a coefficient row A_j each; mini-batch GD also keeps its first function's coefficients A0
+        (0 on later keys), its place in the mini-batch and, with momentum, the momentum's coefficients M."""
+        o, s, kernel = self.o, self.scale, self.recipe.regressor.kernel
+        B, T, H, Dk = q.shape
+        g = inputs.get("g")
+
+        def at(K: Tensor, A: Tensor, x: Tensor) -> Tensor:  # f(x), x [B, H, Dk] -> [B, H, Dv]
+            return (A * kern(K, x[..., None, :], kernel, s, 2)).sum(-2)
+
+        none = q.new_zeros(B, H, 0, v.shape[-1])  # no key yet: f = 0
+        K, A, A0, M, offset = q.new_zeros(B, H, 0, Dk), none, none, none, torch.zeros(B, dtype=torch.long,
+                                                                                      device=q.device)
+        if state is not None:
+            K, A = state[0].transpose(1, 2), state[1].transpose(1, 2)
+            if self.minibatch:
+                A0, offset = state[2].transpose(1, 2), state[3]
+                M = state[4].transpose(1, 2) if o.momentum else M
+        outs = []
+        for t in range(T):
+            a = 1.0 if g is None else torch.exp(g[:, t])[..., None, None]          # the gate: weight decay
+            if self.sgd:
+                A = a * A  # the decay's proximal step first
+                steps = [(k[:, t], v[:, t], inputs["delta" if o.step == "implicit" else "beta"][:, t])] \
+                    if k.dim() == 4 else [(k[:, t, :, j], v[:, t, :, j], inputs["beta"][:, t, :, j])
+                                          for j in range(k.shape[3])]
+                for x, y, rate in steps:
+                    if o.step == "implicit":  # the proximal step is the gradient step at beta = d / (1 + d Kern(k, k))
+                        rate = rate / (1.0 + rate * kern(x[..., None, :], x[..., None, :], kernel, s, 2)[..., 0, 0])
+                    step = -rate[..., None] * (at(K, A, x) - y)                       # on the new key Kern(k, .)
+                    K, A = torch.cat([K, x[..., None, :]], -2), torch.cat([A, step[..., None, :]], -2)
+            else:
+                A0 = torch.where((offset % o.batch_size == 0).view(B, 1, 1, 1), A, A0)  # a mini-batch starts here
+                x, y = k[:, t], v[:, t]
+                rate = inputs["theta" if o.momentum else "lr"][:, t][..., None, None]
+                step = -rate * (at(K, A0, x) - y)[..., None, :]         # the gradient at f_0, on the new key
+                zero = torch.zeros_like(step)
+                if o.momentum:
+                    M = torch.cat([inputs["momentum"][:, t][..., None, None] * M, step], -2)
+                    A = torch.cat([a * A, zero], -2) + M
+                else:
+                    A = torch.cat([a * A, step], -2)
+                K, A0 = torch.cat([K, x[..., None, :]], -2), torch.cat([A0, zero], -2)
+                offset = offset + 1
+            outs.append(at(K, A, q[:, t]))
+        final = (K.transpose(1, 2), A.transpose(1, 2))
+        if self.minibatch:
+            final = final + (A0.transpose(1, 2), offset) + ((M.transpose(1, 2),) if o.momentum else ())
+        return torch.stack(outs, 1), final
 
     def _local_answer(self, K, V, L, x, s, order):
         o = self.o
