@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from ttr.cli import main
 
@@ -56,8 +57,10 @@ def test_bench_small_grid_writes_json(tmp_path):
 
     assert len(res["rows"]) == 2 * sum(len(g) for g in CASES.values())  # every op and gate (or variant), 2 lengths
     assert {r["op"] for r in res["rows"]} == set(CASES)
+    assert res["config"]["threads"] == torch.get_num_threads()
     for row in res["rows"]:
         assert row["chunk_fwdbwd_ms"] > 0 and row["sdpa_fwdbwd_ms"] > 0 and row["peak_mb"] is not None
+        assert 0 < row["chunk_fwdbwd_min_ms"] <= row["chunk_fwdbwd_ms"] and row["spread"] >= 0
         assert (row["recurrent_fwdbwd_ms"] is not None) == (row["T"] == 100 and has_recurrent(row["op"], row["gate"]))
         assert (row["ref_fwdbwd_ms"] is not None) == has_reference(row["op"], row["gate"])
     assert {r["gate"] for r in res["rows"] if r["op"] == "feature_map"} == set(CASES["feature_map"])
@@ -95,3 +98,18 @@ def test_interrupted_bench_resumes_from_what_it_saved(tmp_path):
 def test_bad_argument_is_a_clear_error(tmp_path, capsys):
     assert main(["regress", "--decay", "1.5", "--length", "64", "--out", str(tmp_path)]) == 2
     assert "decay must be in (0, 1)" in capsys.readouterr().out
+
+
+def test_bench_timing_interleaves_repeats_and_warns_of_a_loaded_machine():
+    from ttr import bench
+
+    order = []
+    t = bench.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, torch.device("cpu"), 3)
+    assert order == ["a", "b"] * 4  # a warm-up round, then three rounds taking each form in turn
+    assert all(x.min <= x.median <= x.max for x in t.values())
+    quiet = bench.BenchRow("la", "none", 64, 16, 1.0, 2.0, None, None, 1.0, 4.0, None, chunk_fwdbwd_min_ms=1.9,
+                           spread=0.05)
+    assert bench.load_warning([quiet]) is None and quiet.vs_sdpa == pytest.approx(4.0 / 1.9)
+    loaded = bench.BenchRow("la", "vector", 64, 16, 3.0, 2.0, None, None, 1.0, 4.0, None, spread=0.6)
+    warning = bench.load_warning([quiet, loaded])
+    assert "1 of 2 rows" in warning and "60%" in warning and "forward slower than its forward+backward" in warning

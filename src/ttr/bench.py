@@ -85,6 +85,7 @@ class BenchConfig:
     device: str = "cpu"
     out: str = "runs/bench/bench.json"
     resume: bool = False
+    threads: int | None = None  # torch's CPU threads (None: as torch has them)
 
 
 @dataclass
@@ -104,18 +105,53 @@ class BenchRow:
     # forward+backward of what a variant is measured against (has_reference): the window's full causal form, or
     # linear_attention(causal=False) for SOFT and Skyformer; None for the other rows
     ref_fwdbwd_ms: float | None = None
+    # the *_ms figures above are medians of their repeats; these the minimums, and the largest spread
+    # max / min - 1 among the row's repeated figures (a loaded machine shows in it)
+    chunk_fwd_min_ms: float | None = None
+    chunk_fwdbwd_min_ms: float | None = None
+    sdpa_fwdbwd_min_ms: float | None = None
+    ref_fwdbwd_min_ms: float | None = None
+    spread: float | None = None
 
     @property
     def speedup(self) -> float | None:
-        return None if self.recurrent_fwdbwd_ms is None else self.recurrent_fwdbwd_ms / self.chunk_fwdbwd_ms
+        """Recurrent over chunk forward+backward (the recurrent form is timed once: seconds per call)."""
+        return None if self.recurrent_fwdbwd_ms is None else self.recurrent_fwdbwd_ms / self._chunk
 
     @property
     def vs_sdpa(self) -> float:
-        return self.sdpa_fwdbwd_ms / self.chunk_fwdbwd_ms
+        return _least(self.sdpa_fwdbwd_min_ms, self.sdpa_fwdbwd_ms) / self._chunk
 
     @property
     def vs_ref(self) -> float | None:
-        return None if self.ref_fwdbwd_ms is None else self.ref_fwdbwd_ms / self.chunk_fwdbwd_ms
+        return None if self.ref_fwdbwd_ms is None else _least(self.ref_fwdbwd_min_ms, self.ref_fwdbwd_ms) / self._chunk
+
+    @property
+    def _chunk(self) -> float:
+        """The ratios' denominator: the least disturbed run (the minimum) where the row has one."""
+        return _least(self.chunk_fwdbwd_min_ms, self.chunk_fwdbwd_ms)
+
+    @property
+    def inconsistent(self) -> bool:
+        """A forward slower than forward+backward: only a load on the machine can do that."""
+        return self.chunk_fwd_ms > self.chunk_fwdbwd_ms
+
+
+def _least(minimum: float | None, median: float) -> float:
+    return median if minimum is None else minimum
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One figure's repeats, ms."""
+
+    min: float
+    median: float
+    max: float
+
+    @property
+    def spread(self) -> float:
+        return self.max / self.min - 1.0
 
 
 def has_recurrent(op: str, gate: str) -> bool:
@@ -139,23 +175,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> float:
-    """Median wall time of fn, after one warm-up call unless the call is long enough not to need it, in ms.
-    A warm-up call of LONG_CALL_S or more is the measurement: at that length warm-up effects are lost in
-    the call, and repeats would take minutes."""
-    if warmup:
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        if time.perf_counter() - start >= LONG_CALL_S:
-            return 1e3 * (time.perf_counter() - start)
-    times = []
+def _wall_ms(fn: Callable[[], object], device: torch.device) -> float:
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return 1e3 * (time.perf_counter() - start)
+
+
+def interleaved(forms: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, Timing]:
+    """Each form timed `repeats` times in rounds that take every form in turn, so that a change in the machine's
+    load falls on all of them alike, after one warm-up round. A form whose warm-up takes LONG_CALL_S or more is not
+    repeated: that call is its measurement (warm-up effects are lost in it, and repeats would take minutes)."""
+    warm = {name: _wall_ms(fn, device) for name, fn in forms.items()}
+    times: dict[str, list[float]] = {name: [] for name in forms}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for name, fn in forms.items():
+            if warm[name] < 1e3 * LONG_CALL_S:
+                times[name].append(_wall_ms(fn, device))
+    return {name: Timing(min(ts), statistics.median(ts), max(ts)) if ts else Timing(warm[name], warm[name], warm[name])
+            for name, ts in times.items()}
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: bool = True) -> float:
+    """Median wall time of fn in ms (interleaved's rules for one form); warmup=False: one call, no warm-up."""
+    if not warmup:
+        return _wall_ms(fn, device)
+    return interleaved({"fn": fn}, device, repeats)["fn"].median
 
 
 def _rss_mb(field_name: str) -> float:
@@ -328,27 +373,51 @@ def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return run
 
 
-def time_sdpa(cfg: BenchConfig, T: int, D: int, device: torch.device, causal: bool = True) -> tuple[float, float]:
-    """scaled_dot_product_attention, forward and forward+backward, ms: the quadratic reference."""
+def time_sdpa(cfg: BenchConfig, T: int, D: int, device: torch.device, causal: bool = True) -> dict[str, Timing]:
+    """scaled_dot_product_attention, forward ("fwd") and forward+backward ("fwdbwd"): the quadratic reference."""
     qs, ks, vs = (torch.randn(cfg.batch, cfg.heads, T, D, device=device, requires_grad=True) for _ in range(3))
     sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)  # noqa: E731
-    return time_ms(_no_grad(sdpa), device, cfg.repeats), time_ms(_fwd_bwd(sdpa, [qs, ks, vs]), device, cfg.repeats)
+    return interleaved({"fwd": _no_grad(sdpa), "fwdbwd": _fwd_bwd(sdpa, [qs, ks, vs])}, device, cfg.repeats)
 
 
 def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.device,
-            sdpa: tuple[float, float]) -> BenchRow:
+            sdpa: dict[str, Timing]) -> BenchRow:
+    """The chunk form's forward and forward+backward and the reference form interleaved; the recurrent form once
+    (thousands of small steps: seconds, no warm-up needed); SDPA's timings as measured once for this size."""
     call, leaves = _problem(cfg, op, gate, T, D, device)
-    chunk_fwd = time_ms(_no_grad(call("chunk")), device, cfg.repeats)
-    chunk_fb = time_ms(_fwd_bwd(call("chunk"), leaves), device, cfg.repeats)
-    rec_fwd = rec_fb = ref_fb = None
-    if T in cfg.recurrent_lengths and has_recurrent(op, gate):  # thousands of small steps: no warm-up needed
+    forms = {"fwd": _no_grad(call("chunk")), "fwdbwd": _fwd_bwd(call("chunk"), leaves)}
+    if has_reference(op, gate):
+        forms["ref"] = _fwd_bwd(call("chunk", reference=True), leaves)
+    t = interleaved(forms, device, cfg.repeats)
+    rec_fwd = rec_fb = None
+    if T in cfg.recurrent_lengths and has_recurrent(op, gate):
         rec_fwd = time_ms(_no_grad(call("recurrent")), device, 1, warmup=False)
         rec_fb = time_ms(_fwd_bwd(call("recurrent"), leaves), device, 1, warmup=False)
-    if has_reference(op, gate):
-        ref_fb = time_ms(_fwd_bwd(call("chunk", reference=True), leaves), device, cfg.repeats)
     flops = chunk_flops(op, T, cfg.chunk_size, D, D, cfg.heads, cfg.batch, gate)
-    gflops = None if flops is None else 3 * flops / chunk_fb / 1e6
-    return BenchRow(op, gate, T, D, chunk_fwd, chunk_fb, rec_fwd, rec_fb, *sdpa, gflops, ref_fwdbwd_ms=ref_fb)
+    gflops = None if flops is None else 3 * flops / t["fwdbwd"].min / 1e6
+    ref = t.get("ref")
+    return BenchRow(op, gate, T, D, t["fwd"].median, t["fwdbwd"].median, rec_fwd, rec_fb, sdpa["fwd"].median,
+                    sdpa["fwdbwd"].median, gflops, ref_fwdbwd_ms=None if ref is None else ref.median,
+                    chunk_fwd_min_ms=t["fwd"].min, chunk_fwdbwd_min_ms=t["fwdbwd"].min,
+                    sdpa_fwdbwd_min_ms=sdpa["fwdbwd"].min, ref_fwdbwd_min_ms=None if ref is None else ref.min,
+                    spread=max(x.spread for x in [*t.values(), *sdpa.values()]))
+
+
+# a spread of repeats above this says the machine was loaded while the row was timed
+LOADED_SPREAD = 0.25
+
+
+def load_warning(rows: list[BenchRow]) -> str | None:
+    """A warning naming the rows whose repeats spread beyond LOADED_SPREAD or whose forward outran its
+    forward+backward, or None where every row looks undisturbed."""
+    loaded = [r for r in rows if (r.spread is not None and r.spread > LOADED_SPREAD) or r.inconsistent]
+    if not loaded:
+        return None
+    worst = max(loaded, key=lambda r: r.spread or 0.0)
+    return (f"warning: {len(loaded)} of {len(rows)} rows look disturbed by other load (repeats spread up to "
+            f"{100 * (worst.spread or 0):.0f}% at {worst.op} {worst.gate} D={worst.D} T={worst.T}"
+            f"{', or a forward slower than its forward+backward' if any(r.inconsistent for r in loaded) else ''}); "
+            "ratios use each figure's minimum; rerun them on a quiet machine or with more --repeats")
 
 
 def mesa_solvers(cfg: BenchConfig, device: torch.device) -> list[dict]:
@@ -431,7 +500,7 @@ def varlen_costs(cfg: BenchConfig, device: torch.device) -> list[dict]:
     """Packed sequences: VARLEN_SEQUENCES sequences of lengths spread evenly from T / 8 to T (T = the longest
     length up to 2048, the first head dim), forward+backward three ways: one packed call (cu_seqlens), the
     padded batch [N, T] (what a call without cu_seqlens costs: 44% of it padding), and one call per sequence.
-    The three are interleaved, repeats + 2 rounds; min and median in ms."""
+    The three are interleaved, repeats + 1 rounds after a warm-up; min and median in ms."""
     T, D, N = min(2048, max(cfg.lengths)), cfg.head_dims[0], VARLEN_SEQUENCES
     lengths = torch.linspace(T / 8, T, N).round().long()
     cu = F.pad(lengths.cumsum(0), (1, 0)).to(device)
@@ -448,22 +517,14 @@ def varlen_costs(cfg: BenchConfig, device: torch.device) -> list[dict]:
             "loop": _fwd_bwd(lambda: torch.cat([call("chunk", tensors=[x[:, a:b] for x in leaves])()
                                                 for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1), leaves),
         }
-        times: dict[str, list[float]] = {name: [] for name in forms}
-        for round_ in range(cfg.repeats + 2):  # the first round warms up
-            for name, fn in forms.items():
-                start = time.perf_counter()
-                fn()
-                _sync(device)
-                if round_:
-                    times[name].append(1e3 * (time.perf_counter() - start))
         row = {"op": op, "gate": gate, "N": N, "T_max": T, "tokens": int(cu[-1]), "D": D}
-        for name, ts in times.items():
-            row[f"{name}_min_ms"], row[f"{name}_median_ms"] = min(ts), statistics.median(ts)
+        for name, t in interleaved(forms, device, cfg.repeats + 1).items():
+            row[f"{name}_min_ms"], row[f"{name}_median_ms"] = t.min, t.median
         rows.append(row)
     return rows
 
 
-_SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_lengths")
+_SAME_RUN = ("heads", "batch", "chunk_size", "repeats", "device", "recurrent_lengths", "threads")
 
 
 def _resumable_rows(cfg: BenchConfig) -> dict[tuple[str, str, int, int], BenchRow]:
@@ -506,6 +567,9 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
     The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
     rows_to_time = grid(cfg)
     device = torch.device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    cfg = replace(cfg, threads=torch.get_num_threads())  # what the JSON says ran
     torch.manual_seed(0)
     done = _resumable_rows(cfg)
     kept = [row for key, row in done.items() if key not in set(rows_to_time)]  # finished rows of other sizes stay

@@ -169,8 +169,7 @@ def _zoo_all() -> None:
         console.print(f"({n}) {label}")
     counts = Counter(p.kind for p in plans.values())
     console.print(f"{len(grid)} combinations: {counts['chunk']} with a chunk form (a fast op), {counts['recurrent']} "
-                  f"run by the generic recurrent executor, {counts['undefined']} not a regression problem, "
-                  f"{counts['todo']} well defined but not run yet")
+                  f"run by the generic recurrent executor, {counts['undefined']} not a regression problem")
 
 
 def cmd_regress(args: argparse.Namespace) -> None:
@@ -460,6 +459,8 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
     from . import bench
 
     args.device = _device(args.device)
@@ -469,7 +470,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                             ops=tuple(bench.CASES) if args.ops == "all" else tuple(args.ops.split(",")),
                             heads=args.heads, batch=args.batch, chunk_size=args.chunk_size,
                             recurrent_lengths=args.recurrent_lengths, repeats=args.repeats, device=args.device,
-                            conditioning_length=args.conditioning_length, out=args.out, resume=args.resume)
+                            conditioning_length=args.conditioning_length, out=args.out, resume=args.resume,
+                            threads=args.threads)
     _writable(Path(cfg.out).parent)
     total = 2 * len(bench.grid(cfg)) + 1  # timing and memory per row, and the packed sequences
     with _progress() as bar:
@@ -481,19 +483,25 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         matmul, rows, solvers, conditioning, varlen, nystrom = bench.run(cfg, progress=step)
     path = Path(cfg.out)
+    threads = f"{torch.get_num_threads()} threads" if cfg.device == "cpu" else cfg.device
     title = (f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch {bench.MINI_BATCH}), "
-             f"{cfg.device}; matmul {matmul:.0f} GFLOP/s")
+             f"{threads}; matmul {matmul:.0f} GFLOP/s")
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
-    for c in ("op", "g", "D", "T", "fwd", "f+b", "rec", "xrec", "sdpa", "xsdpa", "GF/s", "%mm", "MB"):
+    for c in ("op", "g", "D", "T", "fwd", "f+b", "med", "spr", "rec", "xrec", "sdpa", "xsdpa", "GF/s", "%mm", "MB"):
         table.add_column(c, justify="left" if c == "op" else "right", no_wrap=True)
     timed = [r for r in rows if r.op not in bench.VARIANT_OPS]  # the variants have their own table
     for r in timed:
-        table.add_row(_OP_SHORT.get(r.op, r.op), r.gate[0], str(r.D), str(r.T), _ms(r.chunk_fwd_ms), _ms(r.chunk_fwdbwd_ms),
+        table.add_row(_OP_SHORT.get(r.op, r.op), r.gate[0], str(r.D), str(r.T), _ms(r.chunk_fwd_ms),
+                      _ms(r.chunk_fwdbwd_min_ms), _ms(r.chunk_fwdbwd_ms),
+                      "-" if r.spread is None else f"{100 * r.spread:.0f}",
                       _ms(r.recurrent_fwdbwd_ms), "-" if r.speedup is None else f"{r.speedup:.0f}",
-                      _ms(r.sdpa_fwdbwd_ms), f"{r.vs_sdpa:.1f}",
+                      _ms(r.sdpa_fwdbwd_min_ms), f"{r.vs_sdpa:.1f}",
                       "-" if r.chunk_gflops is None else f"{r.chunk_gflops:.0f}",
                       "-" if r.chunk_gflops is None else f"{100 * r.chunk_gflops / matmul:.0f}", "-" if r.peak_mb is None else f"{r.peak_mb:.0f}")
     console.print(table if timed else title)
+    warning = bench.load_warning(rows)
+    if warning:
+        console.print(f"[yellow]{warning}[/yellow]")
     variants = bench.variant_table(rows)
     if len(variants) > 1:
         for line in variants:
@@ -544,10 +552,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       "mlp ttt_mlp, tit titans, sm softmax (local polynomial order 0), ll local_linear (order 1), mlstm; "
                       "g: gate (n none, s scalar, v vector, b vector with RWKV-6's bonus, c complex (GateLoop), "
                       "e per state entry (Mamba)). "
-                      "fwd, f+b: chunk form forward and forward+backward, ms. rec, sdpa: recurrent form and causal "
-                      "SDPA forward+backward, ms; xrec, xsdpa: their time over the chunk form's (>1: chunk faster). "
-                      "GF/s: the chunk form's matrix-product flops (forward x3) per second of forward+backward, "
-                      "%mm: of the matmul. MB: memory the chunk forward+backward adds at its peak.")
+                      "fwd: chunk form forward, ms (median); f+b, med: its forward+backward, min and median of the "
+                      "repeats (interleaved with the forward); spr: the row's largest spread of repeats, max / min - 1, "
+                      "%. rec: recurrent form forward+backward (one call), sdpa: causal SDPA forward+backward (min), "
+                      "ms; xrec, xsdpa: their time over the chunk form's minimum (>1: chunk faster). GF/s: the chunk "
+                      "form's matrix-product flops (forward x3) per second of its fastest forward+backward, %mm: of "
+                      "the matmul. MB: memory the chunk forward+backward adds at its peak.")
     console.print(f"saved {path}")
 
 
@@ -682,7 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T values at which the (slow) recurrent form is timed too")
     p.add_argument("--conditioning-length", type=_at_least(1), default=16384,
                    help="T of mesa's float32 accuracy check on ill-conditioned keys")
-    p.add_argument("--repeats", type=_at_least(1), default=3, help="timed repeats per measurement (median)")
+    p.add_argument("--repeats", type=_at_least(1), default=3, help="timed repeats per measurement, interleaved "
+                   "across the forms a row compares (min, median and spread)")
+    p.add_argument("--threads", type=_at_least(1), default=None, help="torch CPU threads (None: torch's own)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto: cuda if present")
     p.add_argument("--out", default="runs/bench/bench.json", help="JSON output path, rewritten after every row")
     p.add_argument("--resume", action="store_true", help="reuse the rows an interrupted run with the same "
