@@ -702,6 +702,22 @@ def online_learner(q: Tensor, k: Tensor, v: Tensor, rate: Tensor, g: Tensor | No
     return ys
 
 
+def _after_cache(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, cache: tuple[Tensor, ...] | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+    """A cache-carrying fit's inputs in float64: q, the cached keys and values before this call's (k, v), the
+    cumulative log-gate G [B, T, H] of this call, the cached associations' log-weights L [B, first, H] so far, and
+    first, the number cached."""
+    q, k, v, g = _float64(q, k, v, g)
+    B, T, H, _ = q.shape
+    L = torch.zeros(B, 0, H, dtype=torch.float64)
+    if cache is not None:
+        K0, V0, *L0 = _float64(*cache)
+        L = L0[0] if L0 else torch.zeros(K0.shape[:3], dtype=torch.float64)
+        k, v = torch.cat([K0, k], 1), torch.cat([V0, v], 1)
+    G = torch.zeros(B, T, H, dtype=torch.float64) if g is None else g.cumsum(1)
+    return q, k, v, G, L, k.shape[1] - T
+
+
 def local_polynomial_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, order: int,
                          optimizer: Optimizer, scale: float | None = None, qk_norm: bool = False,
                          initial_state: tuple[Tensor, ...] | None = None, window: int | None = None,
@@ -712,15 +728,8 @@ def local_polynomial_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = Non
     intercept. initial_state: a cache (K, V) or (K, V, L) of earlier associations, L their log-weights so far.
     window, causal: the association set, as in parametric() (uniform weights)."""
     _uniform_set(window, causal, g, initial_state)
-    q, k, v, g = _float64(q, k, v, g)
+    q, k, v, G, L, first = _after_cache(q, k, v, g, initial_state)
     B, T, H, Dk = q.shape
-    L = torch.zeros(B, 0, H, dtype=torch.float64)
-    if initial_state is not None:
-        K0, V0, *L0 = _float64(*initial_state)
-        L = L0[0] if L0 else torch.zeros(K0.shape[:3], dtype=torch.float64)
-        k, v = torch.cat([K0, k], 1), torch.cat([V0, v], 1)
-    first = k.shape[1] - T
-    G = torch.zeros(B, T, H, dtype=torch.float64) if g is None else g.cumsum(1)
     if qk_norm:
         q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
     scale = Dk ** -0.5 if scale is None else scale
@@ -754,15 +763,8 @@ def kernel_fit(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, kern
     cache (K, V) or (K, V, L), L the log-weights so far. window, causal: the association set, as in parametric()
     (uniform weights)."""
     _uniform_set(window, causal, g, initial_state)
-    q, k, v, g = _float64(q, k, v, g)
+    q, k, v, G, L, first = _after_cache(q, k, v, g, initial_state)
     B, T, H, Dk = q.shape
-    L = torch.zeros(B, 0, H, dtype=torch.float64)
-    if initial_state is not None:
-        K0, V0, *L0 = _float64(*initial_state)
-        L = L0[0] if L0 else torch.zeros(K0.shape[:3], dtype=torch.float64)
-        k, v = torch.cat([K0, k], 1), torch.cat([V0, v], 1)
-    first = k.shape[1] - T
-    G = torch.zeros(B, T, H, dtype=torch.float64) if g is None else g.cumsum(1)
     scale = Dk ** -0.5 if scale is None else scale
 
     kern = _pair_kernel(kernel, scale, degree)
