@@ -214,6 +214,12 @@ def test_report_reads_claim_b_off_the_pair_counts():
     assert "gla 0.95 -> 0.70 (1024 floats)" in claim_b(rows)
     flat = [tested("softmax_attention", 1.0, 0.99), tested("gla", 0.95, 0.94)]
     assert claim_b(flat).startswith("(b) not reproduced")
+    # a fixed state large enough for the pairs keeps up: named with its size, the claim holds in part
+    big = {**tested("rebased", 1.0, 1.0), "state_floats": 9248}
+    window = tested("sliding_window", 0.99, 0.99)  # a cache of the last 64 tokens: all of them here
+    part = claim_b(rows + [big, window, tested("deltanet", 0.97, 0.80)])
+    assert part.startswith("(b) reproduced in part") and "keep up with the caches, rebased (9248 floats)" in part
+    assert "sliding_window" not in part.split("lose a median")[1]
 
 
 def test_a_diverging_run_is_a_row_of_the_sweep_not_its_end():
