@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import ttr
 from ttr import ops
 
-from conftest import make_gate, make_qkv, max_rel
+from conftest import causal_presets, make_gate, make_qkv, max_rel
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def test_gated_delta_rule_very_long_float32():
     assert torch.isfinite(o_c).all() and max_rel(o_c, o_r) < 1e-4 and max_rel(s_c, s_r) < 1e-4
 
 
-@pytest.mark.parametrize("name", list(ttr.PRESETS))
+@pytest.mark.parametrize("name", causal_presets())
 def test_every_layer_decodes_token_by_token(name):
     """Prefill 200 tokens in chunk form, then decode 40 one at a time: equal to one pass over 240."""
     torch.manual_seed(0)
