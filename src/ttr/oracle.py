@@ -500,26 +500,9 @@ def kernel_regression(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, ridge: fl
                       degree: int = 2, initial_state: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Kernel ridge regression, literally: at every t, f_t = argmin_f sum_{i<=t} ||v_i - f(k_i)||^2 + ridge ||f||_H^2,
     by the representer theorem alpha = (Kern(K, K) + ridge I)^-1 V solved for that prefix alone, answer
-    y_t = alpha^T Kern(K, q_t). The kernels are written out per pair."""
-    q, k, v = _float64(q, k, v)
-    if initial_state is not None:
-        k = torch.cat([initial_state[0].double(), k], 1)
-        v = torch.cat([initial_state[1].double(), v], 1)
-    B, T, H, Dk = q.shape
-    first = k.shape[1] - T
-    scale = Dk ** -0.5 if scale is None else scale
-
-    kern = _pair_kernel(kernel, scale, degree)
-
-    ys = torch.zeros(B, T, H, v.shape[-1], dtype=torch.float64)
-    for b in range(B):
-        for h in range(H):
-            for t in range(T):
-                K, V = k[b, : first + t + 1, h], v[b, : first + t + 1, h]
-                gram = torch.stack([torch.stack([kern(a, c) for c in K]) for a in K])
-                alpha = torch.linalg.solve(gram + ridge * torch.eye(len(K), dtype=torch.float64), V)
-                ys[b, t, h] = alpha.T @ torch.stack([kern(a, q[b, t, h]) for a in K])
-    return ys
+    y_t = alpha^T Kern(K, q_t): kernel_fit with every weight 1 and the exact solve."""
+    return kernel_fit(q, k, v, kernel=kernel, optimizer=Exact(ridge), scale=scale, degree=degree,
+                      initial_state=initial_state)
 
 
 def nystrom_step(q: Tensor, k: Tensor, v: Tensor, landmarks: Tensor, *, ridge: float = 0.0,
