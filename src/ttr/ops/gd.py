@@ -117,7 +117,7 @@ def linear_attention(
     if normalize:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     rows = B if cu is None else cu.numel() - 1
-    theta = _check_angle(angle, (B, T, H, Df), normalize, bonus, dt)
+    theta = _check_angle(angle, (B, T, H, Df), bonus, dt)
     prefix = window is None and causal
     if prefix:
         check_state("initial_state", initial_state, (rows, H, Df if theta is None else 2 * Df, v.shape[-1]))
@@ -176,7 +176,7 @@ def _check_bonus(bonus: Tensor | None, H: int, Df: int, normalize: bool, dt: tor
     return bonus.to(dt)
 
 
-def _check_angle(angle: Tensor | None, shape: tuple[int, ...], normalize: bool, bonus: Tensor | None,
+def _check_angle(angle: Tensor | None, shape: tuple[int, ...], bonus: Tensor | None,
                  dt: torch.dtype) -> Tensor | None:
     if angle is None:
         return None
@@ -335,13 +335,7 @@ def _banded(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, C: int, w: int, v
         G = to_chunks(g, C).cumsum(-2)
         G_read = G if u is None else F.pad(G[..., :-1, :], (0, 0, 1, 0))
         q_in, k_end = qc * torch.exp(G_read), kc * torch.exp(G[..., -1:, :] - G)
-        leaf = _leaf_size(G) if vector else None
-        if leaf == C:  # the chunk's start is every pair's reference (_chunked)
-            scores = (q_in @ (kc * torch.exp(-G)).transpose(-1, -2)).masked_fill(~mask, 0.0)
-        elif vector:  # the whole causal block, its diagonal included, then the band
-            scores = _vector_gate_scores(qc, kc, G, G_read, _newest(qc, kc, u), leaf).masked_fill(~band, 0.0)
-        else:
-            scores = (qc @ kc.transpose(-1, -2)) * masked_exp(G_read[..., :, None, 0] - G[..., None, :, 0], mask)
+        scores, leaf, _ = _gated_scores(qc, kc, q_in, G, G_read, mask, vector, u)
     if u is not None and leaf in (None, C):
         scores = scores + torch.diag_embed(_newest(qc, kc, u))
     o = scores @ vc
@@ -430,18 +424,10 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
         chunk_decay = torch.exp(G_last).transpose(-1, -2)  # [B, H, N, 1 or Dk, 1]: rows of the state
         if theta is not None and vector:  # the real and imaginary rows decay alike
             chunk_decay = chunk_decay.repeat(1, 1, 1, 2, 1)
-        leaf = _leaf_size(G) if vector else None
-        if leaf == C:  # the chunk's start is every pair's reference: exp(R_i - G_j) = exp(R_i) exp(-G_j)
-            k_start = framed(kc * torch.exp(-G))  # token j -> start of chunk, <= exp(SPAN)
-            scores = (q_in @ k_start.transpose(-1, -2)).masked_fill(~mask, 0.0)
-            updates = chunk_decay * (k_start.transpose(-1, -2) @ vc)  # exp(G_last - G_j) = exp(G_last) exp(-G_j)
+        scores, leaf, k_start = _gated_scores(qc, kc, q_in, G, G_read, mask, vector, u, framed)
+        if k_start is not None:  # exp(G_last - G_j) = exp(G_last) exp(-G_j)
+            updates = chunk_decay * (k_start.transpose(-1, -2) @ vc)
         else:
-            qf, kf = framed(qc), framed(kc)
-            if vector:
-                G2, R2 = (G, G_read) if theta is None else (G.repeat(1, 1, 1, 1, 2), G_read.repeat(1, 1, 1, 1, 2))
-                scores = _vector_gate_scores(qf, kf, G2, R2, _newest(qf, kf, u), leaf)
-            else:
-                scores = (qf @ kf.transpose(-1, -2)) * masked_exp(G_read[..., :, None, 0] - G[..., None, :, 0], mask)
             updates = framed(kc * torch.exp(G_last - G)).transpose(-1, -2) @ vc  # token j -> end of chunk
     if u is not None and leaf in (None, C):  # the scores above leave the diagonal to u
         scores = scores + torch.diag_embed(_newest(qc, kc, u))
@@ -457,6 +443,27 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
             state = _rotate(state, *turn)
     o = o + q_in @ torch.stack(starts, dim=2)
     return from_chunks(o, T), state
+
+
+def _gated_scores(qc: Tensor, kc: Tensor, q_in: Tensor, G: Tensor, R: Tensor, mask: Tensor, vector: bool,
+                  u: Tensor | None, framed: Callable[[Tensor], Tensor] | None = None
+                  ) -> tuple[Tensor, int | None, Tensor | None]:
+    """A chunk's decayed scores sum_d q_id k_jd exp(R_id - G_jd) on `mask` (the pairs j of query i: causal or a band;
+    without the diagonal where a bonus u weighs it, which the caller adds), chunks [..., C, D], q_in = q exp(R)
+    (framed). Returns (scores, the vector gate's leaf (None for a scalar gate), k exp(-G) where the chunk's start is
+    every pair's reference (leaf == C), else None)."""
+    framed = framed or _identity
+    leaf = _leaf_size(G) if vector else None
+    if leaf == qc.shape[-2]:  # exp(R_i - G_j) = exp(R_i) exp(-G_j), the second <= exp(SPAN)
+        k_start = framed(kc * torch.exp(-G))
+        return (q_in @ k_start.transpose(-1, -2)).masked_fill(~mask, 0.0), leaf, k_start
+    qf, kf = framed(qc), framed(kc)
+    if not vector:
+        return (qf @ kf.transpose(-1, -2)) * masked_exp(R[..., :, None, 0] - G[..., None, :, 0], mask), None, None
+    if qf.shape[-1] != qc.shape[-1]:  # a complex frame: the real and imaginary channels decay alike
+        G, R = G.repeat(1, 1, 1, 1, 2), R.repeat(1, 1, 1, 1, 2)
+    own = mask | torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)  # the leaves fill the diagonal too
+    return _vector_gate_scores(qf, kf, G, R, _newest(qf, kf, u), leaf).masked_fill(~own, 0.0), leaf, None
 
 
 def _identity(x: Tensor) -> Tensor:
