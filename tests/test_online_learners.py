@@ -177,31 +177,42 @@ def _minibatch_cases(B, T, H, D):
     }
 
 
-@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans"])
-def test_minibatch_learners_equal_literal_minibatch_gd(name):
+# TTT-Linear's and Titans' chunk forms hold chunk_size // 4 mini-batches a chunk: one, two, and all of them
+SPANS = {"ttt_linear": [4, 8, 64], "ttt_mlp": [None], "titans": [4, 8, 64]}
+SPAN_CASES = [(name, span) for name, spans in SPANS.items() for span in spans]
+
+
+def _span(span):
+    return {} if span is None else {"chunk_size": span}
+
+
+@pytest.mark.parametrize("name,span", SPAN_CASES)
+def test_minibatch_learners_equal_literal_minibatch_gd(name, span):
     B, T, H, D = 2, 21, 2, 6  # 5 mini-batches of 4 and one token
     q, k, v = make_qkv(B, T, H, D, D)
     op, init, literal = _minibatch_cases(B, T, H, D)[name]
     y_o, w_o = literal(q, k, v)
     for mode in ("chunk", "recurrent"):
-        y, state = op(q, k, v, slice(None), batch_size=4, initial_state=init, output_final_state=True, mode=mode)
+        y, state = op(q, k, v, slice(None), batch_size=4, initial_state=init, output_final_state=True, mode=mode,
+                      **_span(span))
         assert (y - y_o).abs().max() < F64_ATOL
         for a, b in zip(state.weights, w_o):
             assert (a - b).abs().max() < F64_ATOL
         assert state.offset.tolist() == [1] * B
 
 
-@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans"])
+@pytest.mark.parametrize("name,span", SPAN_CASES)
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
-def test_minibatch_state_carried_mid_batch_equals_whole(name, mode):
+def test_minibatch_state_carried_mid_batch_equals_whole(name, span, mode):
     B, T, H, D = 2, 21, 2, 6
     q, k, v = make_qkv(B, T, H, D, D)
     op, init, _ = _minibatch_cases(B, T, H, D)[name]
-    whole, s_whole = op(q, k, v, slice(None), batch_size=4, initial_state=init, output_final_state=True, mode=mode)
+    whole, s_whole = op(q, k, v, slice(None), batch_size=4, initial_state=init, output_final_state=True, mode=mode,
+                        **_span(span))
     outs, state = [], init
     for a, b in [(0, 1), (1, 6), (6, 7), (7, 16), (16, 21)]:  # cuts inside and on mini-batch boundaries
         o, state = op(q[:, a:b], k[:, a:b], v[:, a:b], slice(a, b), batch_size=4, initial_state=state,
-                      output_final_state=True, mode=mode)
+                      output_final_state=True, mode=mode, **_span(span))
         outs.append(o)
     assert (torch.cat(outs, 1) - whole).abs().max() < F64_ATOL
     assert isinstance(state, MiniBatchState) and state.offset.tolist() == s_whole.offset.tolist() == [1, 1]
@@ -209,17 +220,47 @@ def test_minibatch_state_carried_mid_batch_equals_whole(name, mode):
         assert (a - b).abs().max() < F64_ATOL
 
 
-@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp", "titans"])
-def test_minibatch_gradients_match_oracle(name):
+@pytest.mark.parametrize("name,span", SPAN_CASES)
+def test_minibatch_gradients_match_oracle(name, span):
     B, T, H, D = 1, 9, 1, 4
     q, k, v = make_qkv(B, T, H, D, D, requires_grad=True)
     op, init, literal = _minibatch_cases(B, T, H, D)[name]
     w = torch.randn(B, T, H, D, dtype=torch.float64)
     g_o = torch.autograd.grad((literal(q, k, v)[0] * w).sum(), [q, k, v])
     for mode in ("chunk", "recurrent"):
-        y, _ = op(q, k, v, slice(None), batch_size=4, initial_state=init, mode=mode)
+        y, _ = op(q, k, v, slice(None), batch_size=4, initial_state=init, mode=mode, **_span(span))
         for a, b in zip(torch.autograd.grad((y * w).sum(), [q, k, v]), g_o):
             assert max_rel(a, b) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["ttt_linear", "titans"])
+@pytest.mark.parametrize("span", [4, 8, 64])
+def test_chunks_of_minibatches_equal_recurrent_in_every_gradient(name, span):
+    """Every input's gradient (rates, momentum, gate and both starting weights too), through the answer and the
+    final weights and start weights, equals the token-by-token form, at T = 37 (not a whole chunk)."""
+    B, T, H, D = 2, 37, 2, 5
+    q, k, v = make_qkv(B, T, H, D, D, requires_grad=True)
+    theta = _rand(B, T, H, hi=0.2, requires_grad=True)
+    momentum = _rand(B, T, H, lo=0.1, hi=0.9, seed=6, requires_grad=True)
+    g = make_gate("scalar", B, T, H).detach().requires_grad_()
+    gen = torch.Generator().manual_seed(3)
+    S0, P0 = (torch.randn(B, H, D, D, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+
+    def run(mode):
+        if name == "titans":
+            leaves = [q, k, v, theta, momentum, g, S0, P0]
+            o, state = ops.titans(q, k, v, theta, momentum, g, batch_size=4, chunk_size=span, mode=mode,
+                                  initial_state=(S0, P0), output_final_state=True, qk_l2norm=True)
+        else:
+            leaves = [q, k, v, theta, S0]
+            o, state = ops.ttt_linear(q, k, v, theta, batch_size=4, chunk_size=span, mode=mode, initial_state=S0,
+                                      output_final_state=True, qk_l2norm=True)
+        loss = (o * w).sum() + sum((x * x).sum() for x in state.weights + state.start)
+        return [o, *state.weights, *state.start, *torch.autograd.grad(loss, leaves)]
+
+    for a, b in zip(run("chunk"), run("recurrent")):
+        assert max_rel(a, b) < 1e-12
 
 
 def test_ttt_linear_with_batch_one_is_deltanet():
@@ -246,6 +287,8 @@ def _qkv32():
     (lambda q, k, v: ops.delta_rule(q, k, v[:, :, :1], torch.ones(1, 10, 2), qk_l2norm=True), "v must match k"),
     (lambda q, k, v: ops.ttt_linear(q, k, v, -torch.ones(1, 10, 2), qk_l2norm=True), r"lr must lie in \[0, inf\]"),
     (lambda q, k, v: ops.ttt_linear(q, k, v, torch.ones(1, 10, 2), batch_size=0, qk_l2norm=True), "batch_size"),
+    (lambda q, k, v: ops.titans(q, k, v, torch.ones(1, 10, 2), torch.full((1, 10, 2), 0.5), chunk_size=0,
+                                qk_l2norm=True), "chunk_size must be a positive int, got 0"),
     (lambda q, k, v: ops.ttt_mlp(q, k, v, torch.ones(1, 10, 2), initial_state=None, qk_l2norm=True), "initial_state must be"),
     (lambda q, k, v: ops.titans(q, k, v, torch.ones(1, 10, 2), torch.zeros(1, 10, 2), qk_l2norm=True), r"momentum must lie in \(0, 1\]"),
     (lambda q, k, v: ops.titans(q, k, v, torch.ones(1, 10, 2), torch.ones(1, 10, 2),

@@ -263,11 +263,11 @@ def chunk_flops(op: str, T: int, C: int, Dk: int, Dv: int, heads: int, batch: in
         "delta_rule": delta,
         "longhorn": delta,
         "delta_product": 2 * delta,  # two sub-steps per token
-        "ttt_linear": 2 * b * (Dk + Dv) + 6 * Dk * Dv,
-        "titans": 2 * b * (Dk + Dv) + 8 * Dk * Dv + 2 * b * b,
+        "ttt_linear": delta + C * Dk,  # the delta rule's products, and the start weights' solve
+        "titans": delta + 2 * C * (Dk + C) + 6 * Dk * Dv,  # and the momentum's: its solve, L_A L_E, P's products
         "ttt_mlp": 6 * Dk * Dh + 8 * Dh * Dv + 2 * b * (2 * Dh + Dv + Dk),
     }[op]
-    padded = -(-T // (b if op in MINI_BATCH_OPS else C)) * (b if op in MINI_BATCH_OPS else C)
+    padded = -(-T // (b if op == "ttt_mlp" else C)) * (b if op == "ttt_mlp" else C)
     return float(batch * heads * padded * per_token)
 
 
@@ -361,8 +361,9 @@ def _feature_map_keywords(name: str, dim: int, device: torch.device) -> dict:
     return {"feature_map": fmap, "normalize": get_feature_map(fmap).positive}
 
 
-CHUNKED = ("linear_attention", "mlstm", "delta_rule", "longhorn", "delta_product", "mesa")  # take chunk_size
-MINI_BATCH_OPS = ("ttt_linear", "ttt_mlp", "titans")  # chunk = mini-batch
+CHUNKED = ("linear_attention", "mlstm", "delta_rule", "longhorn", "delta_product", "mesa", "ttt_linear",
+           "titans")  # take chunk_size
+MINI_BATCH_OPS = ("ttt_linear", "ttt_mlp", "titans")  # take batch_size
 ONLINE_OPS = ("delta_rule", "longhorn", "delta_product", *MINI_BATCH_OPS)
 
 

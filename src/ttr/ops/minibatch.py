@@ -7,9 +7,10 @@ Optimizer   mini-batch GD with inner learning rate eta_t and mini-batch size b: 
             starts from W_0,   W_t = W_0 - sum_{i <= t, i in batch} eta_i grad l_i(W_0),   y_t = f_{W_t}(q_t);
             the next mini-batch starts from its last W. b = 1 is online SGD (DeltaNet for TTT-Linear).
 
-The chunk form is TTT's dual form: the chunk is the mini-batch, and y_t needs no per-token weights:
+TTT-MLP's chunk form is TTT's dual form: the chunk is the mini-batch, and y_t needs no per-token weights:
     W1_t q = W1_0 q - sum_i eta_i (k_i . q) delta_i,     W2_t h = W2_0 h - sum_i eta_i (a_i . h) e_i,
-with e_i the residual, a_i the hidden activations and delta_i the back-propagated residual at W_0.
+with e_i the residual, a_i the hidden activations and delta_i the back-propagated residual at W_0. Each
+mini-batch's W_0 is a nonlinear function of the last, so its loop over mini-batches stays sequential.
 The inner model here has no layer norm or residual connection (the TTT paper's f adds both).
 
 Titans (linear memory) adds momentum and decay to the same mini-batch gradients g_t = grad l_t(M_0):
@@ -17,6 +18,18 @@ Titans (linear memory) adds momentum and decay to the same mini-batch gradients 
 Within a mini-batch both recurrences unroll into decay masks, L_A[t, s] = alpha_{s+1..t} and
 L_E[s, i] = eta_{i+1..s}, so M_t = e^{G^A_t} M_0 + c_t momentum_0 - sum_i (L_A L_E)_{ti} theta_i g_i with
 c = L_A e^{G^E}: one product of two triangular masks per chunk.
+
+Chunks of mini-batches (TTT-Linear, Titans). Both are linear in their weights, so a chunk of C tokens holding
+several whole mini-batches needs no loop over them. Write S = M^T and u_i = theta_i (v_i - S_{p(i)}^T k_i),
+with p(i) the last token before i's mini-batch: the step is -theta_i g_i = k_i u_i^T, taken at S_{p(i)}. Unrolled
+from the chunk's start (S_0, P_0), with P the momentum (TTT-Linear: no momentum, a = 1, c = 0, D = ones, i <= t),
+    S_t = a_t S_0 + c_t P_0 + sum_{i<=t} D_ti k_i u_i^T,    a = e^{G^A}, c = L_A e^{G^E}, D = L_A L_E,
+so the u's solve one unit lower-triangular system per chunk, as the delta rule's (which is b = 1):
+    (I + diag(theta) (K K^T * D')) U = diag(theta) (V - diag(a') K S_0 - diag(c') K P_0),
+    D'_ij = D_{p(i) j},  a'_i = a_{p(i)},  c'_i = c_{p(i)}   (zero rows for the chunk's first mini-batch, whose
+gradients are taken at S_0, or at the start weights of a mini-batch a call resumed inside). D' is zero on and
+above the diagonal blocks of the mini-batches. U = U' - W_S S_0 - W_P P_0 with U', W_S, W_P from one batched
+triangular solve over all chunks; only the pass of (S, P) from chunk to chunk is sequential.
 
 Stability. A mini-batch's update is stale: every gradient is taken at W_0. For TTT-Linear the weights move by
 W_0 (I - A), A = sum_i eta_i k_i k_i^T over the mini-batch, which contracts while A's eigenvalues stay below 2
@@ -39,10 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, log_gate_as,
-                       scale_or, vouch)
+from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, is_int,
+                       log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
-from ._chunk import causal_mask, decay_mask, to_chunks
+from ._chunk import decay_mask, to_chunks
 from ._varlen import check_cu_seqlens, padded_groups
 
 
@@ -71,6 +84,13 @@ def _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale, lr_name="lr"):
     if qk_l2norm:
         q, k = FEATURE_MAPS["l2"](q), FEATURE_MAPS["l2"](k)
     return q * scale_or(scale, Dk ** -0.5), k, v, lr
+
+
+def _span(batch_size: int, chunk_size: int, mode: str) -> int:
+    """Tokens per chunk of _run: whole mini-batches, as many as fit in chunk_size (one in the recurrent form)."""
+    if not is_int(chunk_size, 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return batch_size * (max(1, chunk_size // batch_size) if mode == "chunk" else 1)
 
 
 def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ...]], names: list[str],
@@ -113,41 +133,51 @@ def _rows(B: int, T: int, cu_seqlens: Tensor | None) -> tuple[int, Tensor | None
     return cu.numel() - 1, cu
 
 
-def _run(op: str, body, tensors: list[Tensor], batch_size: int, offset: Tensor, weights: list[Tensor],
-         start: list[Tensor], cu_seqlens: Tensor | None, chunked: bool) -> tuple[Tensor, MiniBatchState]:
-    """Run a mini-batch body over every sequence, each continuing its own mini-batch.
+def _run(op: str, step, tensors: list[Tensor], batch_size: int, span: int, offset: Tensor, weights: list[Tensor],
+         start: list[Tensor], cu_seqlens: Tensor | None, prepare=None) -> tuple[Tensor, MiniBatchState]:
+    """Run a mini-batch learner over every sequence, each continuing its own mini-batch.
 
     Sequence n (row n, or the n-th packed sequence) is laid out in a frame with its tokens at offset_n,
     offset_n + 1, ...: the frame's mini-batches of batch_size tokens are then every row's mini-batches.
     The positions around the tokens hold zeros (step size 0: no gradient step) and a mask m = 0, which the
-    body uses where zeros alone would not leave the weights as they are. The chunk form runs each group of
-    similar frame lengths (length_groups) as one batch, the recurrent form all rows at once.
-    body(chunks, weights, start) -> (out [G, H, C, Dv], weights after the chunk), chunks [G, H, C, ...] with
-    the mask [G, H, C] last. Returns (o in the input's layout, the final MiniBatchState).
+    learner uses where zeros alone would not leave the weights as they are. Each group of similar frame
+    lengths (length_groups) runs as one batch, in chunks of `span` tokens (whole mini-batches).
+    prepare(chunks) -> per-chunk tensors [G, H, N, ...]: the work that needs no weights, batched over all chunks
+    (chunks [G, H, N, span, ...], the mask [G, H, N, span] last; by default the chunks themselves).
+    step(prepared chunk, weights, start, boundaries) -> (out [G, H, span, Dv], weights after the chunk, and where
+    `boundaries` asks for them, the start weights of each of the chunk's mini-batches [G, span // batch_size, H,
+    ...]). Returns (o in the input's layout, the final MiniBatchState).
     """
     B, T = tensors[0].shape[:2]
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, B * T + 1, T, device=tensors[0].device)
         tensors = [x.reshape(1, B * T, *x.shape[2:]) for x in tensors]
     N = cu_seqlens.numel() - 1
+    per_span = span // batch_size
     end = offset + cu_seqlens[1:] - cu_seqlens[:-1]                    # frame position after each row's last token
     outs: list[Tensor | None] = [None] * N
     final_weights, final_start = list(weights), list(start)            # rows without tokens keep theirs
-    for layout, padded in padded_groups(cu_seqlens, batch_size if chunked else None, tensors, shift=offset):
+    for layout, padded in padded_groups(cu_seqlens, span, tensors, shift=offset):
         rows = torch.tensor(layout.rows, dtype=torch.long, device=offset.device)
         mask = layout.mask[..., None].expand(-1, -1, padded[0].shape[2]).to(padded[0].dtype)  # [G, F, H]
+        chunks = [to_chunks(x, span) for x in padded + [mask]]
         # unbind once: indexing a chunk inside the loop would make backward build a full-size zero gradient per chunk
-        chunks = list(zip(*(to_chunks(x, batch_size).unbind(2) for x in padded + [mask])))
+        prepared = list(zip(*(x.unbind(2) for x in (chunks if prepare is None else prepare(chunks)))))
         last = (end[rows] - 1).div(batch_size, rounding_mode="floor")  # the mini-batch holding the last token
-        w, s = [x[rows] for x in weights], [x[rows] for x in start]
+        w = [x[rows] for x in weights]
+        s = [w[i] if x is weights[i] else x[rows] for i, x in enumerate(start)]  # start is the weights: kept so
         ends_in = s
         pieces = []
-        for n, chunk in enumerate(chunks):
-            here = last == n
-            if bool(here.any()):  # some rows end in this mini-batch: it started from s
-                ends_in = [torch.where(here[:, None, None, None], s_, e) for s_, e in zip(s, ends_in)]
-            out, w = body(list(chunk), w, s)
-            s = w[: len(s)]
+        for n, chunk in enumerate(prepared):
+            here = last.div(per_span, rounding_mode="floor") == n
+            boundaries = bool(here.any())  # some rows end in this chunk: the start of their last mini-batch is kept
+            out, w_next, starts = step(list(chunk), w, s, boundaries)
+            if boundaries:
+                at = last % per_span
+                ends_in = [torch.where(here[:, None, None, None], x[torch.arange(x.shape[0], device=x.device), at], e)
+                           for x, e in zip(starts, ends_in)]
+            w = w_next
+            s = w[: len(s)]  # a chunk ends on a mini-batch boundary
             pieces.append(out)
         o = torch.stack(pieces, 2).flatten(2, 3)[:, :, : layout.frame].movedim(1, 2)  # [G, F, H, Dv]
         for n, piece in zip(layout.rows, layout.pieces(o)):
@@ -196,6 +226,79 @@ def _tokens(chunks: list[Tensor]) -> list[list[Tensor]]:
     return list(zip(*(x.unbind(2) for x in chunks)))
 
 
+def _minus(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """x - a @ b in one fused product, over the leading dims [B, H]."""
+    return torch.baddbmm(x.flatten(0, 1), a.flatten(0, 1), b.flatten(0, 1), alpha=-1).view(*a.shape[:-1], b.shape[-1])
+
+
+def _one_batch(body):
+    """A step for _run from body(chunk, weights, start) -> (out, weights) over one mini-batch (span = batch_size):
+    its only mini-batch starts where the chunk does."""
+    def step(chunk, weights, start, boundaries):
+        out, weights = body(chunk, weights, start)
+        return out, weights, ([x[:, None] for x in start] if boundaries else None)
+    return step
+
+
+def _stale(batch_size: int, momentum: bool):
+    """The chunk form of TTT-Linear and Titans over chunks of whole mini-batches (module docstring, Chunks of
+    mini-batches): (prepare, step) for _run. The chunks are q, k, v, theta (for Titans then g and log eta) and
+    the mask; the weights are S (and P with momentum), the start weights S_start."""
+    def prepare(chunks):
+        q, k, v, theta, *gates, m = chunks
+        C = q.shape[-2]
+        GA = gates[0].cumsum(-1) if momentum else q.new_zeros(q.shape[:-1])
+        L_A = decay_mask(GA)
+        a = GA.exp()[..., None]                                      # weight of S_0 in S_t: [.., C, 1]
+        if momentum:
+            GE = gates[1].cumsum(-1)
+            L_E = decay_mask(GE)
+            L_Am = L_A * m[..., None, :]                             # P_s reaches the memory where m_s = 1
+            D, c = L_Am @ L_E, L_Am @ GE.exp()[..., None]           # weights of u_i and of P_0 in S_t
+        else:
+            D = L_A
+        # token i's gradient point: S after p(i), the last token before its mini-batch (S_start in the first)
+        p = torch.arange(C, device=q.device).div(batch_size, rounding_mode="floor") * batch_size - 1
+        first, at = (p < 0)[:, None], p.clamp_min(0)
+        ends = torch.arange(batch_size - 1, C, batch_size, device=q.device)  # each mini-batch's last token
+        eye = torch.eye(C, dtype=q.dtype, device=q.device)
+        system = eye + theta[..., None] * (k @ k.transpose(-1, -2) * D[..., at, :].masked_fill(first, 0.0))
+        inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
+        tk = theta[..., None] * k
+        from_start = inverse @ tk.masked_fill(~first, 0.0)
+        from_S = inverse @ (a[..., at, :].masked_fill(first, 0.0) * tk) + from_start
+        k_ends = (D[..., ends, :, None] * k[..., None, :, :]).transpose(-1, -2)    # [.., m, Dk, C]
+        out = [inverse @ (theta[..., None] * v), from_S, from_start, a * q, q @ k.transpose(-1, -2) * D,
+               a[..., ends, :, None], k_ends]
+        if momentum:
+            out += [inverse @ (c[..., at, :].masked_fill(first, 0.0) * tk), c * q, c[..., ends, :, None],
+                    GE[..., -1, None, None].exp(), (L_E[..., -1, :, None] * k).transpose(-1, -2)]
+        return out
+
+    def step(pre, weights, start, boundaries):
+        free, from_S, from_start, aq, scores, a_ends, k_ends, *with_P = pre
+        S, (S_start,) = weights[0], start
+        U = free - from_S @ S                                        # U = free - from_S S_0 - from_P P_0
+        if S_start is not S:  # the first chunk of a call that resumes inside a mini-batch
+            U = U - from_start @ (S_start - S)
+        out = aq @ S
+        if not boundaries:  # the state at the chunk's end only
+            a_ends, k_ends = a_ends[:, :, -1:], k_ends[:, :, -1:]
+        S_ends = a_ends * S[:, :, None]                              # S after each mini-batch: [G, H, m, Dk, Dv]
+        if momentum:
+            from_P, cq, c_ends, decay_P, k_P = with_P
+            P = weights[1]
+            U = U - from_P @ P
+            out = out + cq @ P
+            S_ends = S_ends + (c_ends if boundaries else c_ends[:, :, -1:]) * P[:, :, None]
+        out = out + scores @ U
+        S_ends = S_ends + k_ends @ U[:, :, None]
+        weights = [S_ends[:, :, -1]] + ([decay_P * P + k_P @ U] if momentum else [])
+        starts = [torch.cat([S_start[:, :, None], S_ends[:, :, :-1]], 2).movedim(2, 1)] if boundaries else None
+        return out, weights, starts
+    return prepare, step
+
+
 def ttt_linear(
     q: Tensor,
     k: Tensor,
@@ -208,13 +311,15 @@ def ttt_linear(
     initial_state: Tensor | MiniBatchState | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
+    chunk_size: int = 64,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, MiniBatchState | None]:
     """TTT-Linear. q, k: [B, T, H, Dk], v: [B, T, H, Dv], lr: [B, T, H] >= 0 (inner learning rate).
 
     Weights are held as S = W^T [B, H, Dk, Dv]; initial_state is S or a MiniBatchState. The chunk
-    form's chunks are the mini-batches. q and k are used as given (qk_l2norm=True normalizes them);
-    scale defaults to Dk^-1/2. cu_seqlens [N + 1] (with B = 1) packs N sequences, states per sequence.
+    form's chunks hold chunk_size // batch_size whole mini-batches (at least one). q and k are used as given
+    (qk_l2norm=True normalizes them); scale defaults to Dk^-1/2. cu_seqlens [N + 1] (with B = 1) packs N
+    sequences, states per sequence.
     """
     out_dtype = q.dtype
     B, T, H, Dk, Dv = check_qkv(q, k, v)
@@ -232,15 +337,9 @@ def ttt_linear(
             outs.append(torch.einsum("bhk,bhkv->bhv", q_t, state))
         return torch.stack(outs, 2), [state]
 
-    def chunk(chunks, weights, start):
-        q_n, k_n, v_n, l_n, _ = chunks
-        (state,), (start,) = weights, start
-        scores = (q_n @ k_n.transpose(-1, -2)).masked_fill(~causal_mask(q_n.shape[-2], q.device), 0.0)
-        step = l_n[..., None] * (k_n @ start - v_n)                       # eta_i times the residual at W_0
-        return q_n @ state - scores @ step, [state - k_n.transpose(-1, -2) @ step]
-
-    o, final = _run("ttt_linear", recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset,
-                    weights, start, cu_seqlens, mode == "chunk")
+    prepare, step = (None, _one_batch(recurrent)) if mode == "recurrent" else _stale(batch_size, momentum=False)
+    o, final = _run("ttt_linear", step, [q, k, v, lr], batch_size, _span(batch_size, chunk_size, mode), offset,
+                    weights, start, cu_seqlens, prepare)
     return o.to(out_dtype), (final if output_final_state else None)
 
 
@@ -295,22 +394,28 @@ def ttt_mlp(
             outs.append(torch.einsum("bhvd,bhd->bhv", W2, F.gelu(torch.einsum("bhdk,bhk->bhd", W1, q_t))))
         return torch.stack(outs, 2), [W1, W2]
 
-    def chunk(chunks, weights, start):
+    def prepare(chunks):  # what needs no weights, for every mini-batch at once
         q_n, k_n, v_n, l_n, _ = chunks
-        (W1, W2), (W1_0, W2_0) = weights, start
-        mask = causal_mask(q_n.shape[-2], q.device)
-        scores = (q_n @ k_n.transpose(-1, -2)).masked_fill(~mask, 0.0)
-        z = k_n @ W1_0.transpose(-1, -2)                                   # [B, H, C, Dh], at W_0
-        a = F.gelu(z)
-        step2 = l_n[..., None] * (a @ W2_0.transpose(-1, -2) - v_n)        # eta_i e_i
-        step1 = (step2 @ W2_0) * gelu_derivative(z)                        # eta_i delta_i
-        hidden = F.gelu(q_n @ W1.transpose(-1, -2) - scores @ step1)       # gelu(W1_t q_t)
-        read = (hidden @ a.transpose(-1, -2)).masked_fill(~mask, 0.0)
-        out = hidden @ W2.transpose(-1, -2) - read @ step2                 # W2_t gelu(W1_t q_t)
-        return out, [W1 - step1.transpose(-1, -2) @ k_n, W2 - step2.transpose(-1, -2) @ a]
+        return [torch.cat([k_n, q_n], -2), k_n, v_n, l_n[..., None], (q_n @ k_n.transpose(-1, -2)).tril()]
 
-    o, final = _run("ttt_mlp", recurrent if mode == "recurrent" else chunk, [q, k, v, lr], batch_size, offset,
-                    weights, start, cu_seqlens, mode == "chunk")
+    def chunk(chunk, weights, start):
+        kq, k_n, v_n, l_n, scores = chunk
+        (W1, W2), (W1_0, W2_0) = weights, start
+        C = k_n.shape[-2]
+        if W1 is W1_0:  # the mini-batch starts here: keys and queries meet the same W1 (one product)
+            z, pre = (kq @ W1.transpose(-1, -2)).split(C, -2)
+        else:  # resumed inside a mini-batch: the gradients at W_0, the read-out at W_t
+            z, pre = k_n @ W1_0.transpose(-1, -2), kq[..., C:, :] @ W1.transpose(-1, -2)
+        a = F.gelu(z)                                                      # [B, H, C, Dh], at W_0
+        step2 = l_n * torch.baddbmm(-v_n.flatten(0, 1), a.flatten(0, 1), W2_0.transpose(-1, -2).flatten(0, 1)
+                                    ).view_as(v_n)                         # eta_i e_i
+        step1 = torch.ops.aten.gelu_backward(step2 @ W2_0, z)              # eta_i delta_i = eta_i gelu'(z) W2^T e_i
+        hidden = F.gelu(_minus(pre, scores, step1))                        # gelu(W1_t q_t)
+        out = _minus(hidden @ W2.transpose(-1, -2), (hidden @ a.transpose(-1, -2)).tril(), step2)  # W2_t gelu(..)
+        return out, [_minus(W1, step1.transpose(-1, -2), k_n), _minus(W2, step2.transpose(-1, -2), a)]
+
+    o, final = _run("ttt_mlp", _one_batch(recurrent if mode == "recurrent" else chunk), [q, k, v, lr], batch_size,
+                    batch_size, offset, weights, start, cu_seqlens, None if mode == "recurrent" else prepare)
     return o.to(out_dtype), (final if output_final_state else None)
 
 
@@ -328,12 +433,14 @@ def titans(
     initial_state: tuple[Tensor, Tensor] | MiniBatchState | None = None,
     output_final_state: bool = False,
     mode: str = "chunk",
+    chunk_size: int = 64,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, MiniBatchState | None]:
     """Titans' linear memory: mini-batch gradients with momentum and decay. q, k: [B, T, H, Dk],
     v: [B, T, H, Dv]; theta [B, T, H] >= 0 (learning rate), momentum [B, T, H] in (0, 1], g a log-gate
     [B, T, H] (memory decay alpha = exp(g)) or None. Weights: (memory M^T, momentum^T), each [B, H, Dk, Dv].
-    q, k as given unless qk_l2norm; scale defaults to Dk^-1/2; cu_seqlens [N + 1] (with B = 1) packs N
+    q, k as given unless qk_l2norm; scale defaults to Dk^-1/2; the chunk form's chunks hold
+    chunk_size // batch_size whole mini-batches (at least one); cu_seqlens [N + 1] (with B = 1) packs N
     sequences, the weights then [N, H, Dk, Dv].
     """
     out_dtype = q.dtype
@@ -366,19 +473,7 @@ def titans(
             outs.append(torch.einsum("bhk,bhkv->bhv", q_t, memory))
         return torch.stack(outs, 2), [memory, mom]
 
-    def chunk(chunks, weights, start):
-        q_n, k_n, v_n, t_n, g_n, le_n, m_n = chunks
-        (memory, mom), (start,) = weights, start
-        GA, GE = g_n.cumsum(-1), le_n.cumsum(-1)
-        L_A, L_E = decay_mask(GA) * m_n[..., None, :], decay_mask(GE)  # momentum_s reaches the memory where m_s = 1
-        D = L_A @ L_E                                      # weight of g_i in M_t
-        c = L_A @ GE.exp()[..., None]                      # weight of momentum_0 in M_t: [B, H, C, 1]
-        step = t_n[..., None] * (k_n @ start - v_n)        # theta_i times the residual at M_0
-        out = GA.exp()[..., None] * (q_n @ memory) + c * (q_n @ mom) - (q_n @ k_n.transpose(-1, -2) * D) @ step
-        return out, [GA[..., -1, None, None].exp() * memory + c[..., -1, None, :] * mom
-                     - k_n.transpose(-1, -2) @ (D[..., -1, :, None] * step),
-                     GE[..., -1, None, None].exp() * mom - k_n.transpose(-1, -2) @ (L_E[..., -1, :, None] * step)]
-
-    o, final = _run("titans", recurrent if mode == "recurrent" else chunk, [q, k, v, theta, g, log_eta], batch_size,
-                    offset, weights, start, cu_seqlens, mode == "chunk")
+    prepare, step = (None, _one_batch(recurrent)) if mode == "recurrent" else _stale(batch_size, momentum=True)
+    o, final = _run("titans", step, [q, k, v, theta, g, log_eta], batch_size, _span(batch_size, chunk_size, mode),
+                    offset, weights, start, cu_seqlens, prepare)
     return o.to(out_dtype), (final if output_final_state else None)
