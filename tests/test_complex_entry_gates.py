@@ -173,7 +173,7 @@ def test_entry_gate_with_strong_decay_stays_finite_in_float32():
 @pytest.mark.parametrize("kwargs, match", [
     ({"angle": torch.zeros(1, 5, H, D + 1)}, r"angle must be a floating-point tensor \[B, T, H, D_phi\] = \[1, 5, 2, 4\]"),
     ({"angle": torch.zeros(1, 5, H, D, dtype=torch.long)}, "angle must be a floating-point tensor"),
-    ({"angle": torch.full((1, 5, H, D), float("inf"))}, "angle holds non-finite values"),
+    ({"angle": torch.full((1, 5, H, D), float("inf"))}, "angle has non-finite values"),
     ({"angle": torch.zeros(1, 5, H, D), "bonus": torch.zeros(H, D)}, "pass bonus=None"),
     # turns past pi / 2 between a query and its keys: negative weights, so a negative weight mass for some query
     ({"angle": torch.full((1, 5, H, D), 1.2), "normalize": True, "feature_map": "elu1"},

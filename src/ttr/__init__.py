@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 if _TYPE_CHECKING:
     from . import ops, oracle
+    from ._checks import checks, set_checks
     from .features import (FEATURE_MAPS, FeatureMap, PositiveRandomFeatures, cosformer_features, feature_dim,
                            hedgehog_distillation_loss, make_feature_map)
     from .layers import LayerState, ShortConv, TTRLayer
@@ -22,6 +23,7 @@ if _TYPE_CHECKING:
 # Imported on first use, so that `ttr --help` answers without importing torch
 _HOME = {
     "ops": None, "oracle": None,
+    "checks": "_checks", "set_checks": "_checks",
     "FEATURE_MAPS": "features", "FeatureMap": "features", "PositiveRandomFeatures": "features",
     "cosformer_features": "features", "feature_dim": "features", "hedgehog_distillation_loss": "features",
     "make_feature_map": "features",

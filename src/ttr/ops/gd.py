@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import (all_finite, check_log_gate, check_mode, check_qkv, check_state, compute_dtype, finite_answer,
-                       log_gate_as, scale_or, vouch)
-from ..features import get_feature_map
+from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, checking, compute_dtype,
+                       finite_answer, log_gate_as, scale_or, vouch)
+from ..features import FEATURE_MAPS, get_feature_map
 from ..weights import check_window
 from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_chunks
 from ._entry import ENTRY_CHUNK, chunked_entry
@@ -93,16 +93,19 @@ def linear_attention(
     then the ring (K [rows, H, w, D_phi], V [rows, H, w, Dv(+1)]) of the last w associations (module docstring).
     causal=False: every token's regression sums over the whole sequence (uniform weights, "chunk" mode, no state).
     """
-    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    B, T, H, Dk, Dv = check_qkv(q, k, v, values=False)  # a non-finite value reaches the answer (finite_answer)
+    given = {"q": q, "k": k, "v": v, "angle": angle}
     check_window(window, causal)
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
     phi = get_feature_map(feature_map)
+    if phi is not FEATURE_MAPS["identity"] and checking():  # a map may send an infinity to a finite feature
+        blame(q=q, k=k)
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
     q, k, v = phi(q.to(dt)), phi(k.to(dt)), v.to(dt)
-    if normalize and not phi.positive:  # the caller's own features (fla's convention): they must be >= 0
+    if normalize and not phi.positive and checking():  # the caller's own features (fla's convention): >= 0
         low = min(float(x.detach().min()) for x in (q, k))
         if low < 0:
             raise ValueError(f"normalize=True needs non-negative features phi(q), phi(k) (weights phi(q)^T phi(k) "
@@ -144,18 +147,20 @@ def linear_attention(
         # Non-negative features: a zero normalizer means every weight is zero, and so is the numerator; the
         # answer there is 0, with gradient 0 (dividing by a clamped normalizer would give 0 * inf = NaN)
         numerator, z = o[..., :-1], o[..., -1:]
-        if theta is not None and bool((z < -NEGATIVE_MASS * z.detach().abs().amax()).any()):
+        if theta is not None and checking() and bool((z < -NEGATIVE_MASS * z.detach().abs().amax()).any()):
+            blame(**given)
             raise ValueError("normalize=True with an angle: the real parts of the complex weights summed to a negative "
                              "weight mass for some query (a turn past pi / 2 between a query and its keys: cosFormer's "
                              "re-weighting holds for fewer tokens than its maximum length)")
         seen = z > 0
-        if phi.strictly and g is None and not bool(seen.all()):  # every query sees its own key: z > 0 but for underflow
+        if phi.strictly and g is None and checking() and not bool(seen.all()):  # z > 0 but for underflow or nan
+            blame(**given)
             raise ValueError(f"normalize=True: every weight phi(q)^T phi(k) of a query underflowed to 0 in {dt} "
                              f"(feature map {phi.name!r}); normalize or rescale q and k")
         o = torch.where(seen, numerator / torch.where(seen, z, torch.ones_like(z)), torch.zeros_like(numerator))
     if output_final_state:
         vouch(*(state if isinstance(state, tuple) else (state,)))
-    return finite_answer("linear_attention", o.to(out_dtype)), (state if output_final_state else None)
+    return finite_answer("linear_attention", o.to(out_dtype), **given), (state if output_final_state else None)
 
 
 # a weight mass below -NEGATIVE_MASS times the largest is negative weights, not rounding around zero
@@ -171,7 +176,7 @@ def _check_bonus(bonus: Tensor | None, H: int, Df: int, normalize: bool, dt: tor
     if normalize:
         raise ValueError("bonus (RWKV-6's weight of the newest association) is for the unnormalized memory: "
                          "pass normalize=False")
-    if not bool(torch.isfinite(bonus).all()):
+    if checking() and not bool(torch.isfinite(bonus).all()):
         raise ValueError("bonus holds non-finite values")
     return bonus.to(dt)
 
@@ -185,9 +190,7 @@ def _check_angle(angle: Tensor | None, shape: tuple[int, ...], bonus: Tensor | N
                          f"{list(angle.shape) if isinstance(angle, Tensor) else type(angle).__name__}")
     if bonus is not None:
         raise ValueError("angle (a complex gate) is for a memory without a bonus: pass bonus=None")
-    if not all_finite(angle):
-        raise ValueError("angle holds non-finite values")
-    return angle.to(dt)
+    return angle.to(dt)  # its values are checked with the answer's, which a non-finite angle reaches
 
 
 def _association_set(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, kind: str | None, u: Tensor | None,
@@ -490,6 +493,8 @@ def _leaf_size(G: Tensor) -> int:
     """The largest block of c = 2^m tokens (c <= C) over which every channel's log-gates sum to at least -SPAN:
     within such a block one reference point factors every pair's decay exactly. G: [..., C, D] cumulative."""
     c, span, G = G.shape[-2], SPAN[G.dtype], G.detach()
+    if torch.compiler.is_compiling():  # the size is read back from the gates, which a graph cannot hold
+        return SMALL_BLOCK
     while c > 1:
         ends = G[..., c - 1::c, :]
         if float((F.pad(ends[..., :-1, :], (0, 0, 1, 0)) - ends).amax()) <= span:
@@ -511,7 +516,7 @@ def _vector_gate_scores(q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Te
     so X is one matrix product, and no C x C x D tensor is ever formed. Every pair j < i lies in exactly one
     leaf or cross block, so the backward is the same products with dA in the place of A (_GatedScores).
     """
-    return _GatedScores.apply(q, k, G, R, diagonal, leaf)
+    return _GatedScores.apply(q, k, G, None if R is G else R, diagonal, leaf)  # one tensor, one input (compile)
 
 
 def _halves(x: Tensor, h: int) -> tuple[Tensor, Tensor]:
@@ -554,9 +559,10 @@ class _GatedScores(torch.autograd.Function):
     the sum of both."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, G: Tensor, R: Tensor, diagonal: Tensor, leaf: int) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, G: Tensor, R: Tensor | None, diagonal: Tensor, leaf: int) -> Tensor:
         ctx.save_for_backward(q, k, G, R)
         ctx.leaf = leaf
+        R = G if R is None else R  # None: R is G
         A = torch.diag_embed(diagonal)
         C = q.shape[-2]
         if leaf > 1:
@@ -575,6 +581,7 @@ class _GatedScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dA: Tensor) -> tuple[Tensor | None, ...]:
         q, k, G, R = ctx.saved_tensors
+        shared, R = R is None, G if R is None else R
         leaf = ctx.leaf
         dq, dk, dG, dR = (torch.zeros_like(x) for x in (q, k, G, R))
         C = q.shape[-2]
@@ -607,4 +614,6 @@ class _GatedScores(torch.autograd.Function):
             dG_left -= dG_t
             dG_left[..., h - 1, :] += dG_t.sum(-2) - dR_t.sum(-2)
             h *= 2
+        if shared:
+            return dq, dk, dG + dR, None, dA.diagonal(dim1=-2, dim2=-1), None
         return dq, dk, dG, dR, dA.diagonal(dim1=-2, dim2=-1), None

@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, is_int,
-                       log_gate_as, scale_or, vouch)
+from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking,
+                       compute_dtype, is_int, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
 from ._chunk import decay_mask, to_chunks
 from ._varlen import check_cu_seqlens, padded_groups
@@ -94,12 +94,13 @@ def _span(batch_size: int, chunk_size: int, mode: str) -> int:
 
 
 def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ...]], names: list[str],
-            n_start: int, batch_size: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor], Tensor]:
-    """(weights, start weights, offset [rows]) from an initial state: None, the weights, or a MiniBatchState.
+            n_start: int, batch_size: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor], Tensor | int]:
+    """(weights, start weights, offset) from an initial state: None, the weights (offset 0), or a MiniBatchState
+    (offset [rows]).
     shapes and names: one per weight (rows first); the first n_start weights are where gradients are taken."""
     rows = shapes[0][0]
     if initial_state is None:
-        return list(fresh), list(fresh[:n_start]), torch.zeros(rows, dtype=torch.long, device=fresh[0].device)
+        return list(fresh), list(fresh[:n_start]), 0
     if isinstance(initial_state, MiniBatchState):
         weights, start, offset = initial_state.weights, initial_state.start, initial_state.offset
         if not (isinstance(weights, (tuple, list)) and isinstance(start, (tuple, list))):
@@ -114,6 +115,8 @@ def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ..
         check_state(f"initial_state ({name})", w, shape)
     for name, w, shape in zip(names, start[:n_start], shapes):
         check_state(f"initial_state.start ({name})", w, shape)
+    if not isinstance(initial_state, MiniBatchState):  # the weights alone: a mini-batch starts here
+        return [w.to(dtype) for w in weights], [w.to(dtype) for w in start[:n_start]], 0
     if not (isinstance(offset, (int, Tensor)) and not isinstance(offset, bool)):
         raise ValueError(f"initial_state.offset must be an int or an int tensor [{rows}], got {offset!r}")
     offset = torch.as_tensor(offset, device=fresh[0].device)
@@ -133,84 +136,113 @@ def _rows(B: int, T: int, cu_seqlens: Tensor | None) -> tuple[int, Tensor | None
     return cu.numel() - 1, cu
 
 
-def _run(op: str, step, tensors: list[Tensor], batch_size: int, span: int, offset: Tensor, weights: list[Tensor],
-         start: list[Tensor], cu_seqlens: Tensor | None, prepare=None) -> tuple[Tensor, MiniBatchState]:
+def _run(op: str, step, tensors: list[Tensor], batch_size: int, span: int, offset: Tensor | int,
+         weights: list[Tensor], start: list[Tensor], cu_seqlens: Tensor | None, prepare=None
+         ) -> tuple[Tensor, MiniBatchState]:
     """Run a mini-batch learner over every sequence, each continuing its own mini-batch.
 
     Sequence n (row n, or the n-th packed sequence) is laid out in a frame with its tokens at offset_n,
     offset_n + 1, ...: the frame's mini-batches of batch_size tokens are then every row's mini-batches.
     The positions around the tokens hold zeros (step size 0: no gradient step) and a mask m = 0, which the
     learner uses where zeros alone would not leave the weights as they are. Each group of similar frame
-    lengths (length_groups) runs as one batch, in chunks of `span` tokens (whole mini-batches).
-    prepare(chunks) -> per-chunk tensors [G, H, N, ...]: the work that needs no weights, batched over all chunks
-    (chunks [G, H, N, span, ...], the mask [G, H, N, span] last; by default the chunks themselves).
-    step(prepared chunk, weights, start, boundaries) -> (out [G, H, span, Dv], weights after the chunk, and where
-    `boundaries` asks for them, the start weights of each of the chunk's mini-batches [G, span // batch_size, H,
-    ...]). Returns (o in the input's layout, the final MiniBatchState).
+    lengths (length_groups) runs as one batch, in chunks of `span` tokens (whole mini-batches); rows that all
+    start a mini-batch (offset 0, no packing) run as they are, with nothing read back from the device (the path
+    torch.compile traces). prepare and step: see _chunk_loop. Returns (o in the input's layout, the final
+    MiniBatchState).
     """
     B, T = tensors[0].shape[:2]
-    if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, B * T + 1, T, device=tensors[0].device)
-        tensors = [x.reshape(1, B * T, *x.shape[2:]) for x in tensors]
-    N = cu_seqlens.numel() - 1
-    per_span = span // batch_size
-    end = offset + cu_seqlens[1:] - cu_seqlens[:-1]                    # frame position after each row's last token
-    outs: list[Tensor | None] = [None] * N
-    final_weights, final_start = list(weights), list(start)            # rows without tokens keep theirs
-    for layout, padded in padded_groups(cu_seqlens, span, tensors, shift=offset):
-        rows = torch.tensor(layout.rows, dtype=torch.long, device=offset.device)
-        mask = layout.mask[..., None].expand(-1, -1, padded[0].shape[2]).to(padded[0].dtype)  # [G, F, H]
-        chunks = [to_chunks(x, span) for x in padded + [mask]]
-        # unbind once: indexing a chunk inside the loop would make backward build a full-size zero gradient per chunk
-        prepared = list(zip(*(x.unbind(2) for x in (chunks if prepare is None else prepare(chunks)))))
-        last = (end[rows] - 1).div(batch_size, rounding_mode="floor")  # the mini-batch holding the last token
-        w = [x[rows] for x in weights]
-        s = [w[i] if x is weights[i] else x[rows] for i, x in enumerate(start)]  # start is the weights: kept so
-        ends_in = s
-        pieces = []
-        for n, chunk in enumerate(prepared):
-            here = last.div(per_span, rounding_mode="floor") == n
-            boundaries = bool(here.any())  # some rows end in this chunk: the start of their last mini-batch is kept
-            out, w_next, starts = step(list(chunk), w, s, boundaries)
-            if boundaries:
-                at = last % per_span
-                ends_in = [torch.where(here[:, None, None, None], x[torch.arange(x.shape[0], device=x.device), at], e)
-                           for x, e in zip(starts, ends_in)]
-            w = w_next
-            s = w[: len(s)]  # a chunk ends on a mini-batch boundary
-            pieces.append(out)
-        o = torch.stack(pieces, 2).flatten(2, 3)[:, :, : layout.frame].movedim(1, 2)  # [G, F, H, Dv]
-        for n, piece in zip(layout.rows, layout.pieces(o)):
-            outs[n] = piece
-        if layout.rows == list(range(N)):  # every row in one group, in order
-            final_weights, final_start = w, ends_in
-        else:
-            final_weights = [f.index_put((rows,), x) for f, x in zip(final_weights, w)]
-            final_start = [f.index_put((rows,), x) for f, x in zip(final_start, ends_in)]
-    o = torch.cat([piece for piece in outs if piece is not None])
-    if _diverged(op, o, final_weights, tensors, weights):
+    if cu_seqlens is None and isinstance(offset, int):  # every row from a mini-batch's start, to T
+        mask = tensors[0].new_ones(B, T, tensors[0].shape[2])
+        o, w, ends_in = _chunk_loop(step, prepare, tensors + [mask], weights, start, (T - 1) // batch_size,
+                                      batch_size, span)
+        o = o[:, :, :T].movedim(1, 2)
+        end = torch.full((B,), T, dtype=torch.long, device=o.device)
+        final_weights, final_start = w, (w[: len(start)] if T % batch_size == 0 else ends_in)
+    else:
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, B * T + 1, T, device=tensors[0].device)
+            tensors = [x.reshape(1, B * T, *x.shape[2:]) for x in tensors]
+        N = cu_seqlens.numel() - 1
+        if isinstance(offset, int):
+            offset = torch.full((N,), offset, dtype=torch.long, device=cu_seqlens.device)
+        end = offset + cu_seqlens[1:] - cu_seqlens[:-1]                # frame position after each row's last token
+        outs: list[Tensor | None] = [None] * N
+        final_weights, final_start = list(weights), list(start)        # rows without tokens keep theirs
+        for layout, padded in padded_groups(cu_seqlens, span, tensors, shift=offset):
+            rows = torch.tensor(layout.rows, dtype=torch.long, device=offset.device)
+            mask = layout.mask[..., None].expand(-1, -1, padded[0].shape[2]).to(padded[0].dtype)  # [G, F, H]
+            last = (end[rows] - 1).div(batch_size, rounding_mode="floor")  # the mini-batch holding the last token
+            group = [x[rows] for x in weights]
+            o, w, ends_in = _chunk_loop(step, prepare, padded + [mask], group,
+                                        [group[i] if x is weights[i] else x[rows] for i, x in enumerate(start)],
+                                        last, batch_size, span)
+            for n, piece in zip(layout.rows, layout.pieces(o[:, :, : layout.frame].movedim(1, 2))):
+                outs[n] = piece
+            if layout.rows == list(range(N)):  # every row in one group, in order
+                final_weights, final_start = w, ends_in
+            else:
+                final_weights = [f.index_put((rows,), x) for f, x in zip(final_weights, w)]
+                final_start = [f.index_put((rows,), x) for f, x in zip(final_start, ends_in)]
+        o = torch.cat([piece for piece in outs if piece is not None])
+        complete = (end % batch_size == 0)[:, None, None, None]  # a finished mini-batch starts the next from here
+        final_start = [torch.where(complete, w, f) for w, f in zip(final_weights, final_start)]
+        o = o.reshape(B, T, *o.shape[1:])
+    if checking() and _diverged(op, o, final_weights, tensors, weights):
+        blame(q=tensors[0], k=tensors[1], v=tensors[2])
         raise ValueError(f"{op} diverged: its weights overflowed or grew a million times past the values on finite "
                          f"input; {_STABLE_RANGE[op]} (see ttr.ops.minibatch, Stability)")
-    complete = (end % batch_size == 0)[:, None, None, None]  # a finished mini-batch starts the next from here
-    final_start = [torch.where(complete, w, f) for w, f in zip(final_weights, final_start)]
     vouch(*final_weights, *final_start)
-    return o.reshape(B, T, *o.shape[1:]), MiniBatchState(tuple(final_weights), tuple(final_start), end % batch_size)
+    return o, MiniBatchState(tuple(final_weights), tuple(final_start), end % batch_size)
+
+
+def _chunk_loop(step, prepare, frames: list[Tensor], w: list[Tensor], s: list[Tensor], last: Tensor | int,
+                batch_size: int, span: int) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """A batch of frames [G, F, H, ...] (the mask last) through the learner, a chunk of `span` tokens at a time.
+    last: the mini-batch holding each row's last token ([G], or an int where it is every row's).
+    prepare(chunks) -> per-chunk tensors [G, H, N, ...]: the work that needs no weights, batched over all chunks
+    (chunks [G, H, N, span, ...]; by default the chunks themselves).
+    step(prepared chunk, weights, start, boundaries) -> (out [G, H, span, Dv], weights after the chunk, and where
+    `boundaries` asks for them, the start weights of each of the chunk's mini-batches [G, span // batch_size, H,
+    ...]). Returns (o [G, H, N * span, Dv], the final weights, the start weights of each row's last mini-batch)."""
+    per_span = span // batch_size
+    chunks = [to_chunks(x, span) for x in frames]
+    # unbind once: indexing a chunk inside the loop would make backward build a full-size zero gradient per chunk
+    prepared = list(zip(*(x.unbind(2) for x in (chunks if prepare is None else prepare(chunks)))))
+    ends_in, pieces = s, []
+    for n, chunk in enumerate(prepared):
+        if isinstance(last, int):
+            boundaries = last // per_span == n
+        else:
+            here = last.div(per_span, rounding_mode="floor") == n
+            boundaries = bool(here.any())  # some rows end in this chunk: the start of their last mini-batch is kept
+        out, w_next, starts = step(list(chunk), w, s, boundaries)
+        if boundaries and isinstance(last, int):
+            ends_in = [x[:, last % per_span] for x in starts]
+        elif boundaries:
+            rows = torch.arange(here.shape[0], device=here.device)
+            ends_in = [torch.where(here[:, None, None, None], x[rows, last % per_span], e) for x, e in zip(starts, ends_in)]
+        w, s = w_next, w_next[: len(s)]  # a chunk ends on a mini-batch boundary
+        pieces.append(out)
+    return torch.stack(pieces, 2).flatten(2, 3), w, ends_in
 
 
 def _diverged(op: str, o: Tensor, final: list[Tensor], tensors: list[Tensor], start: list[Tensor]) -> bool:
     """Whether the weights overflowed (a non-finite answer or final weight), or a linear memory reads out at
     1e6 times the size its values and starting weights allow: |o| > 1e6 (|v| + |W_0| |q| Dk), all maxima.
     Unstable rates grow the weights geometrically, and an answer that large is the instability's, long before
-    it overflows (Titans at momentum 0.999: 6e53 in float64). One maximum per tensor: nan and inf show in it."""
-    peaks = [float(x.detach().abs().max()) if x.numel() else 0.0 for x in (o, *final)]
-    if not all(math.isfinite(p) for p in peaks):
+    it overflows (Titans at momentum 0.999: 6e53 in float64). One pass per tensor and one read-back for all:
+    nan and inf show in the maxima."""
+    q, v = tensors[0], tensors[2]
+    peaks = torch.stack([torch.stack(torch.aminmax(x.detach())).abs().amax().double() if x.numel() else
+                         torch.zeros((), dtype=torch.float64, device=o.device) for x in (o, *final, v, q, *start)])
+    o_peak, *final_peaks, v_peak, q_peak = peaks[: len(final) + 3].tolist()
+    if not all(math.isfinite(p) for p in (o_peak, *final_peaks)):
         return True
     if op == "ttt_mlp":  # a nonlinear memory: no such bound on its answer
         return False
-    q, v = tensors[0], tensors[2]
-    w0 = max((float(w.detach().abs().max()) for w in start if w.numel()), default=0.0)
-    allowed = float(v.detach().abs().max()) + w0 * float(q.detach().abs().max()) * q.shape[-1] if o.numel() else 0.0
-    return peaks[0] > 1e6 * allowed + torch.finfo(o.dtype).tiny
+    w0 = max(peaks[len(final) + 3:].tolist(), default=0.0)
+    allowed = v_peak + w0 * q_peak * q.shape[-1] if o.numel() else 0.0
+    return o_peak > 1e6 * allowed + torch.finfo(o.dtype).tiny
 
 
 _STABLE_RANGE = {
@@ -322,7 +354,7 @@ def ttt_linear(
     sequences, states per sequence.
     """
     out_dtype = q.dtype
-    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    B, T, H, Dk, Dv = check_qkv(q, k, v, values=False)  # checked with the answer (_run)
     rows, cu_seqlens = _rows(B, T, cu_seqlens)
     q, k, v, lr = _prepare(q, k, v, lr, batch_size, mode, qk_l2norm, scale)
     zero = q.new_zeros(rows, H, Dk, Dv)
@@ -369,7 +401,7 @@ def ttt_mlp(
     [N + 1] (with B = 1) packs N sequences, the weights then [N, H, ., .].
     """
     out_dtype = q.dtype
-    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    B, T, H, Dk, Dv = check_qkv(q, k, v, values=False)  # checked with the answer (_run)
     rows, cu_seqlens = _rows(B, T, cu_seqlens)
     first = initial_state.weights[0] if isinstance(initial_state, MiniBatchState) else (
         initial_state[0] if isinstance(initial_state, (tuple, list)) and initial_state else None)
@@ -444,15 +476,15 @@ def titans(
     sequences, the weights then [N, H, Dk, Dv].
     """
     out_dtype = q.dtype
-    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    B, T, H, Dk, Dv = check_qkv(q, k, v, values=False)  # checked with the answer (_run)
     rows, cu_seqlens = _rows(B, T, cu_seqlens)
     check_step("momentum", momentum, (B, T, H), upper=1.0)
-    if float(momentum.detach().min()) <= 0:
+    if checking() and float(momentum.detach().min()) <= 0:
         raise ValueError("momentum must lie in (0, 1]: a zero momentum coefficient is the plain TTT-Linear update")
     check_log_gate(g, B, T, H, Dk, scalar_for="titans")
     q, k, v, theta = _prepare(q, k, v, theta, batch_size, mode, qk_l2norm, scale, lr_name="theta")
     damping = momentum.detach().double().log() + (0.0 if g is None else g.detach().double())
-    if batch_size > 1 and float(damping.max()) >= 0:
+    if batch_size > 1 and checking() and float(damping.max()) >= 0:
         raise ValueError("momentum * alpha reaches 1 (momentum 1 without decay): Titans' mini-batch iteration is "
                          "then undamped and has no stable range for batch_size > 1 (see ttr.ops.minibatch, "
                          "Stability); keep momentum * exp(g) below 1")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import (LOG_GATE_FLOOR, _bounds, check_log_gate, check_mode, check_qkv, check_state, check_tensor,
+from .._checks import (LOG_GATE_FLOOR, check_log_gate, check_mode, check_qkv, check_state, check_tensor, checking,
                        compute_dtype, finite_answer, scale_or, vouch)
 from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
@@ -59,7 +59,8 @@ def mlstm(
     float32/64, or None). Modes: "chunk" (training), "recurrent" (token by token, the decoding path). cu_seqlens
     [N + 1] (with B = 1) packs N sequences: states start afresh at each boundary and are [N, ...].
     """
-    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    B, T, H, Dk, Dv = check_qkv(q, k, v, values=False)  # a non-finite value reaches the answer (finite_answer)
+    given = {"q": q, "k": k, "v": v}
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
@@ -74,7 +75,7 @@ def mlstm(
     # Log forget gates are clamped at a floor, as in every op, to keep the cumulative gates finite; here it lies e^-100
     # below the input gates' span, so that what a gate at the floor decays weighs < e^-100 of any later association
     # however strong its input gate was (a fixed floor would let itilde = 150 outlive a gate of -120).
-    g = g.to(dt).clamp_min(LOG_GATE_FLOOR - spread)
+    g = g.to(dt).clamp_min((LOG_GATE_FLOOR - spread).to(dt))
     s0 = None
     if initial_state is not None:
         C0, n0, m0 = (x.to(dt) for x in initial_state)
@@ -92,16 +93,17 @@ def mlstm(
         o, state = run_packed(core, cu, [q, k, v, i, g, real], s0, None if mode == "recurrent" else chunk_size)
     if output_final_state:
         vouch(*state)
-    return finite_answer("mlstm", o.to(out_dtype)), (state if output_final_state else None)
+    return finite_answer("mlstm", o.to(out_dtype), **given), (state if output_final_state else None)
 
 
-def _check_input_gate(i: Tensor, B: int, T: int, H: int) -> float:
-    """The log input gate: [B, T, H], finite, any sign. Returns the span (max - min) of its values."""
+def _check_input_gate(i: Tensor, B: int, T: int, H: int) -> Tensor:
+    """The log input gate: [B, T, H], finite, any sign. Returns the span (max - min) of its values, a tensor (no
+    value is read back unless the checks run)."""
     check_tensor("i", i, 3, values=False)
     if tuple(i.shape) != (B, T, H):
         raise ValueError(f"i must be [B, T, H] = [{B}, {T}, {H}], got {list(i.shape)}")
-    lo, hi = _bounds("i", i)  # one pass: nan and inf show in the bounds
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    lo, hi = torch.aminmax(i.detach()) if i.numel() else (i.new_zeros(()), i.new_zeros(()))
+    if checking() and not all(math.isfinite(x) for x in torch.stack([lo, hi]).tolist()):
         raise ValueError("i has non-finite values; the log input gate must be finite (any sign)")
     return hi - lo
 

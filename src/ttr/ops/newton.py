@@ -70,6 +70,7 @@ err by 24 % and 53 % against the float64 solve; the default reaches the toleranc
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -78,8 +79,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, finite_answer,
-                       log_gate_as, scale_or, vouch, vouched)
+from .._checks import (_bounds, check_log_gate, check_mode, check_qkv, check_state, check_step, checking,
+                       compute_dtype, finite_answer, log_gate_as, scale_or, vouch, vouched)
 from ._chunk import causal_mask, check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
 
@@ -91,7 +92,7 @@ def _cholesky(M: Tensor, what: str, why: str = "the keys are too ill-conditioned
               "precision; raise lamb or use solver='cg'") -> Tensor:
     """Cholesky factor, or a ValueError that says what lost positive definiteness and what to do."""
     L, info = torch.linalg.cholesky_ex(M)
-    if bool(info.any()):  # info > 0: the order of the leading minor that is not positive
+    if checking() and bool(info.any()):  # info > 0: the order of the leading minor that is not positive
         raise ValueError(f"{what} is not positive definite in {M.dtype}: {why}")
     return L
 
@@ -105,7 +106,7 @@ def _eigh(A: Tensor) -> tuple[Tensor, Tensor]:
     flat = A.reshape(-1, *A.shape[-2:])
     threads, grad, inference = torch.get_num_threads(), torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     parts = min(threads, flat.shape[0])
-    if A.device.type != "cpu" or parts < 2:
+    if A.device.type != "cpu" or parts < 2 or torch.compiler.is_compiling():  # a graph holds no thread pool
         return torch.linalg.eigh(A)
     mu, U = flat.new_empty(flat.shape[:-1]), torch.empty_like(flat)
 
@@ -137,8 +138,8 @@ def _ridge(lamb: float | Tensor, H: int, Dk: int, device: torch.device) -> Tenso
         lam = lam[:, None].expand(H, Dk)
     elif tuple(lam.shape) != (H, Dk):
         raise ValueError(f"lamb must be a scalar, [H] = [{H}] or [H, Dk] = [{H}, {Dk}], got shape {list(lam.shape)}")
-    low = float(lam.detach().min())
-    if not bool(torch.isfinite(lam.detach()).all()) or low <= 0:
+    low, high = _bounds("lamb", lam) if checking() else (1.0, 1.0)
+    if not math.isfinite(high) or not low > 0:
         raise ValueError(f"lamb is a ridge and must be positive and finite, got min {low:.4g}")
     return lam
 
@@ -308,8 +309,9 @@ def _chunk_starts(kc, vc, bc, G, state, dt):
     def starts(hi):
         return _Scan.apply(_increment(kc, kc, G, bc, hi), _increment(kc, vc, G, bc, hi), decay, *state)
 
-    out = starts(dt)
-    if dt != STATS:
+    tracing = torch.compiler.is_compiling()  # a graph cannot read the peak back: the precision that always serves
+    out = starts(STATS if tracing else dt)
+    if dt != STATS and not tracing:
         peak = max(float(torch.diagonal(H.detach(), dim1=-2, dim2=-1).sum(-1).max()) for H in (out[0], out[2]))
         if peak * torch.finfo(dt).eps > 1e-4:
             out = starts(STATS)

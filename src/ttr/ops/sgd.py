@@ -23,8 +23,8 @@ import functools
 import torch
 from torch import Tensor
 
-from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, compute_dtype, finite_answer,
-                       log_gate_as, scale_or, vouch)
+from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, checking, compute_dtype,
+                       finite_answer, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
 from ._chunk import check_chunk_size, decay_mask, from_chunks, to_chunks
 from ._varlen import check_cu_seqlens, run_packed
@@ -53,12 +53,13 @@ def delta_rule(
     [0, 2] for the step to be a contraction (checked). scale defaults to Dk^-1/2. cu_seqlens [N + 1]
     (with B = 1) packs N sequences, with states [N, H, Dk, Dv].
     """
-    B, T, H, Dk, Dv = check_qkv(q, k, v)
+    B, T, H, Dk, Dv = check_qkv(q, k, v, values=False)  # a non-finite value reaches the answer (finite_answer)
+    given = {"q": q, "k": k, "v": v}
     cu = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T)
     check_mode(mode, ("chunk", "recurrent"))
     check_chunk_size(chunk_size)
     check_step("beta", beta, (B, T, H), upper=2.0 if qk_l2norm else None)
-    if not qk_l2norm:  # the step is a contraction while beta ||k||^2 <= 2
+    if not qk_l2norm and checking():  # the step is a contraction while beta ||k||^2 <= 2
         reach = float((beta.detach() * (k.detach().to(beta.dtype) ** 2).sum(-1)).max()) if beta.numel() else 0.0
         if reach > 2.0 + 1e-6:
             raise ValueError(f"beta * ||k||^2 must lie in [0, 2] with raw keys (qk_l2norm=False), got max {reach:.4g}")
@@ -79,7 +80,7 @@ def delta_rule(
         o, state = run_packed(core, cu, [q, k, v, beta, g], s0, None if mode == "recurrent" else chunk_size)
     if output_final_state:
         vouch(state)
-    return finite_answer("delta_rule", o.to(out_dtype)), (state if output_final_state else None)
+    return finite_answer("delta_rule", o.to(out_dtype), **given), (state if output_final_state else None)
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
@@ -158,7 +159,7 @@ def delta_product(
     if k.dim() != 5 or v.dim() != 5:
         raise ValueError(f"k and v must be [B, T, H, n, D] for delta_product, got {list(k.shape)} and {list(v.shape)}")
     B, T, H, n, Dk = k.shape
-    check_qkv(q, k[:, :, :, 0], v[:, :, :, 0])  # ranks, dtypes, devices, T > 0 (delta_rule checks every step)
+    check_qkv(q, k[:, :, :, 0], v[:, :, :, 0], values=False)  # ranks, dtypes, T > 0 (delta_rule checks values)
     if q.shape != (B, T, H, Dk) or v.shape[:4] != (B, T, H, n):
         raise ValueError(f"q must be [B, T, H, Dk] = {[B, T, H, Dk]} and v [B, T, H, n, Dv] matching k, got "
                          f"q {list(q.shape)}, v {list(v.shape)}")
@@ -203,7 +204,7 @@ def longhorn(
     beta_t ||k_t||^2 < 1 for every delta_t, so the step never overshoots. q, k as given unless qk_l2norm;
     scale defaults to Dk^-1/2; cu_seqlens as the delta rule's.
     """
-    B, T, H, _, _ = check_qkv(q, k, v)
+    B, T, H, _, _ = check_qkv(q, k, v, values=False)  # delta_rule checks the values
     check_step("delta", delta, (B, T, H))
     k_sq = torch.ones_like(delta) if qk_l2norm else (k.to(delta.dtype) ** 2).sum(-1)
     beta = delta / (1.0 + delta * k_sq)
