@@ -61,6 +61,7 @@ def test_bench_small_grid_writes_json(tmp_path):
     for row in res["rows"]:
         assert row["chunk_fwdbwd_ms"] > 0 and row["sdpa_fwdbwd_ms"] > 0 and row["peak_mb"] is not None
         assert 0 < row["chunk_fwdbwd_min_ms"] <= row["chunk_fwdbwd_ms"] and row["spread"] >= 0
+        assert row["unchecked_fwd_min_ms"] > 0  # the forward with ttr.checks(False), for the chk column
         assert (row["recurrent_fwdbwd_ms"] is not None) == (row["T"] == 100 and has_recurrent(row["op"], row["gate"]))
         assert (row["ref_fwdbwd_ms"] is not None) == has_reference(row["op"], row["gate"])
     assert {r["gate"] for r in res["rows"] if r["op"] == "feature_map"} == set(CASES["feature_map"])

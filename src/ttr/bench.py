@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from ._checks import checks
 from ._files import write_atomically
 from .features import get_feature_map, make_feature_map
 from .ops._varlen import Layout
@@ -112,6 +113,15 @@ class BenchRow:
     sdpa_fwdbwd_min_ms: float | None = None
     ref_fwdbwd_min_ms: float | None = None
     spread: float | None = None
+    # the chunk forward with ttr's value checks off (ttr.checks(False)), min of its repeats, interleaved with the rest
+    unchecked_fwd_min_ms: float | None = None
+
+    @property
+    def checks_share(self) -> float | None:
+        """What the value checks add to the chunk forward: min with them over min without, minus 1."""
+        if self.unchecked_fwd_min_ms is None or self.chunk_fwd_min_ms is None:
+            return None
+        return self.chunk_fwd_min_ms / self.unchecked_fwd_min_ms - 1
 
     @property
     def speedup(self) -> float | None:
@@ -367,6 +377,13 @@ MINI_BATCH_OPS = ("ttt_linear", "ttt_mlp", "titans")  # take batch_size
 ONLINE_OPS = ("delta_rule", "longhorn", "delta_product", *MINI_BATCH_OPS)
 
 
+def _unchecked(fn: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with checks(False):
+            fn()
+    return run
+
+
 def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad():
@@ -386,7 +403,8 @@ def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.
     """The chunk form's forward and forward+backward and the reference form interleaved; the recurrent form once
     (thousands of small steps: seconds, no warm-up needed); SDPA's timings as measured once for this size."""
     call, leaves = _problem(cfg, op, gate, T, D, device)
-    forms = {"fwd": _no_grad(call("chunk")), "fwdbwd": _fwd_bwd(call("chunk"), leaves)}
+    forms = {"fwd": _no_grad(call("chunk")), "fwdbwd": _fwd_bwd(call("chunk"), leaves),
+             "unchecked": _unchecked(_no_grad(call("chunk")))}
     if has_reference(op, gate):
         forms["ref"] = _fwd_bwd(call("chunk", reference=True), leaves)
     t = interleaved(forms, device, cfg.repeats)
@@ -401,7 +419,7 @@ def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.
                     sdpa["fwdbwd"].median, gflops, ref_fwdbwd_ms=None if ref is None else ref.median,
                     chunk_fwd_min_ms=t["fwd"].min, chunk_fwdbwd_min_ms=t["fwdbwd"].min,
                     sdpa_fwdbwd_min_ms=sdpa["fwdbwd"].min, ref_fwdbwd_min_ms=None if ref is None else ref.min,
-                    spread=max(x.spread for x in [*t.values(), *sdpa.values()]))
+                    spread=max(x.spread for x in [*t.values(), *sdpa.values()]), unchecked_fwd_min_ms=t["unchecked"].min)
 
 
 # a spread of repeats above this says the machine was loaded while the row was timed
