@@ -487,7 +487,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     title = (f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch {bench.MINI_BATCH}), "
              f"{threads}; matmul {matmul:.0f} GFLOP/s")
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
-    for c in ("op", "g", "D", "T", "fwd", "chk", "f+b", "med", "spr", "rec", "xrec", "xsdpa", "GF/s", "%mm", "MB"):
+    for c in ("op", "g", "D", "T", "fwd", "chk", "f+b", "med", "spr", "xrec", "xsdpa", "GF/s", "%mm", "MB"):
         table.add_column(c, justify="left" if c == "op" else "right", no_wrap=True)
     timed = [r for r in rows if r.op not in bench.VARIANT_OPS]  # the variants have their own table
     for r in timed:
@@ -495,7 +495,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       "-" if r.checks_share is None else f"{100 * r.checks_share:.0f}",
                       _ms(r.chunk_fwdbwd_min_ms), _ms(r.chunk_fwdbwd_ms),
                       "-" if r.spread is None else f"{100 * r.spread:.0f}",
-                      _ms(r.recurrent_fwdbwd_ms), "-" if r.speedup is None else f"{r.speedup:.0f}",
+                      "-" if r.speedup is None else f"{r.speedup:.0f}",
                       f"{r.vs_sdpa:.1f}",
                       "-" if r.chunk_gflops is None else f"{r.chunk_gflops:.0f}",
                       "-" if r.chunk_gflops is None else f"{100 * r.chunk_gflops / matmul:.0f}", "-" if r.peak_mb is None else f"{r.peak_mb:.0f}")
@@ -556,8 +556,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
                       "fwd: chunk form forward, ms (median); chk: what the value checks add to it, % (min with over "
                       "min without, ttr.checks(False)); f+b, med: its forward+backward, min and median of the "
                       "repeats (interleaved with the forward); spr: the row's largest spread of repeats, max / min - 1, "
-                      "%. rec: recurrent form forward+backward (one call), ms; xrec, xsdpa: its time and causal SDPA's "
-                      "forward+backward (min, in the JSON) over the chunk form's minimum (>1: chunk faster). GF/s: the chunk "
+                      "%. xrec, xsdpa: the recurrent form's forward+backward (one call) and causal SDPA's (min), both in "
+                      "the JSON in ms, over the chunk form's minimum (>1: chunk faster). GF/s: the chunk "
                       "form's matrix-product flops (forward x3) per second of its fastest forward+backward, %mm: of "
                       "the matmul. MB: memory the chunk forward+backward adds at its peak.")
     console.print(f"saved {path}")
