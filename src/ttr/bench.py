@@ -59,7 +59,8 @@ WINDOW = 64  # Based's sliding window
 NYSTROM_LANDMARKS = (16, 64, 256)
 NYSTROM_LENGTH = 1024  # at most; T x T float64 kernel solves
 # bench names of local_polynomial_attention's orders; their recurrent form answers one query against the
-# cache (decoding), not a training path, so it is not timed; order 1 costs T^2 D^2 and is timed at D <= 64
+# cache (decoding), not a training path, so it is not timed; order 1 (conjugate gradients from Dk = 32) costs
+# T^2 D a step, about 10x SDPA at D = 64, and is timed at D <= 64
 LOCAL_ORDERS = {"softmax": 0, "local_linear": 1}
 # ops timed at head dims up to a bound only: local_linear for its cost, the variants (VARIANT_OPS) to keep what
 # they add to the default grid to minutes on a 2-core CPU
