@@ -40,6 +40,7 @@ OPS = {
     "delta_rule": lambda q, k, v, m: ops.delta_rule(q, k, v, _rates(0.5), F.logsigmoid(_rates(3.0)),
                                                     qk_l2norm=True, mode=m),
     "longhorn": lambda q, k, v, m: ops.longhorn(q, k, v, _rates(0.5), qk_l2norm=True, mode=m),
+    "longhorn_raw_keys": lambda q, k, v, m: ops.longhorn(q, k, v, _rates(0.5), mode=m),
     "ttt_linear": lambda q, k, v, m: ops.ttt_linear(q, k, v, _rates(), batch_size=4, qk_l2norm=True, mode=m),
     "ttt_mlp": lambda q, k, v, m: ops.ttt_mlp(q, k, v, _rates(), initial_state=MLP_WEIGHTS, batch_size=4,
                                               qk_l2norm=True, mode=m),

@@ -220,7 +220,8 @@ def _chunk_loop(step, prepare, frames: list[Tensor], w: list[Tensor], s: list[Te
             ends_in = [x[:, last % per_span] for x in starts]
         elif boundaries:
             rows = torch.arange(here.shape[0], device=here.device)
-            ends_in = [torch.where(here[:, None, None, None], x[rows, last % per_span], e) for x, e in zip(starts, ends_in)]
+            ends_in = [torch.where(here[:, None, None, None], x[rows, last % per_span], e)
+                       for x, e in zip(starts, ends_in)]
         w, s = w_next, w_next[: len(s)]  # a chunk ends on a mini-batch boundary
         pieces.append(out)
     return torch.stack(pieces, 2).flatten(2, 3), w, ends_in

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .._checks import (check_log_gate, check_mode, check_qkv, check_state, check_step, checking, compute_dtype,
+from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking, compute_dtype,
                        finite_answer, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
 from ._chunk import check_chunk_size, decay_mask, from_chunks, to_chunks
@@ -206,6 +206,8 @@ def longhorn(
     """
     B, T, H, _, _ = check_qkv(q, k, v, values=False)  # delta_rule checks the values
     check_step("delta", delta, (B, T, H))
+    if not qk_l2norm and checking():  # raw keys make the step size: a non-finite key is named as the key
+        blame(k=k)
     k_sq = torch.ones_like(delta) if qk_l2norm else (k.to(delta.dtype) ** 2).sum(-1)
     beta = delta / (1.0 + delta * k_sq)
     return delta_rule(q, k, v, beta, qk_l2norm=qk_l2norm, scale=scale, initial_state=initial_state,
