@@ -298,22 +298,21 @@ def _stale(batch_size: int, momentum: bool):
         system = eye + theta[..., None] * (k @ k.transpose(-1, -2) * D[..., at, :].masked_fill(first, 0.0))
         inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
         tk = theta[..., None] * k
-        from_start = inverse @ tk.masked_fill(~first, 0.0)
-        from_S = inverse @ (a[..., at, :].masked_fill(first, 0.0) * tk) + from_start
+        from_S = inverse @ (a[..., at, :].masked_fill(first, 1.0) * tk)  # the first mini-batch's point: S_start = S_0
         k_ends = (D[..., ends, :, None] * k[..., None, :, :]).transpose(-1, -2)    # [.., m, Dk, C]
-        out = [inverse @ (theta[..., None] * v), from_S, from_start, a * q, q @ k.transpose(-1, -2) * D,
-               a[..., ends, :, None], k_ends]
+        out = [inverse @ (theta[..., None] * v), from_S, inverse, tk.masked_fill(~first, 0.0), a * q,
+               q @ k.transpose(-1, -2) * D, a[..., ends, :, None], k_ends]
         if momentum:
             out += [inverse @ (c[..., at, :].masked_fill(first, 0.0) * tk), c * q, c[..., ends, :, None],
                     GE[..., -1, None, None].exp(), (L_E[..., -1, :, None] * k).transpose(-1, -2)]
         return out
 
     def step(pre, weights, start, boundaries):
-        free, from_S, from_start, aq, scores, a_ends, k_ends, *with_P = pre
+        free, from_S, inverse, tk_first, aq, scores, a_ends, k_ends, *with_P = pre
         S, (S_start,) = weights[0], start
         U = free - from_S @ S                                        # U = free - from_S S_0 - from_P P_0
         if S_start is not S:  # the first chunk of a call that resumes inside a mini-batch
-            U = U - from_start @ (S_start - S)
+            U = U - inverse @ (tk_first @ (S_start - S))
         out = aq @ S
         if not boundaries:  # the state at the chunk's end only
             a_ends, k_ends = a_ends[:, :, -1:], k_ends[:, :, -1:]
