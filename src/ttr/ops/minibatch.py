@@ -300,30 +300,31 @@ def _stale(batch_size: int, momentum: bool):
         tk = theta[..., None] * k
         from_S = inverse @ (a[..., at, :].masked_fill(first, 1.0) * tk)  # the first mini-batch's point: S_start = S_0
         k_ends = (D[..., ends, :, None] * k[..., None, :, :]).transpose(-1, -2)    # [.., m, Dk, C]
-        out = [inverse @ (theta[..., None] * v), from_S, inverse, tk.masked_fill(~first, 0.0), a * q,
+        read = a * q
+        if momentum:  # S and P side by side, [S; P]: one product reads both
+            from_S = torch.cat([from_S, inverse @ (c[..., at, :].masked_fill(first, 0.0) * tk)], -1)
+            read = torch.cat([read, c * q], -1)
+        out = [inverse @ (theta[..., None] * v), from_S, inverse, tk.masked_fill(~first, 0.0), read,
                q @ k.transpose(-1, -2) * D, a[..., ends, :, None], k_ends]
         if momentum:
-            out += [inverse @ (c[..., at, :].masked_fill(first, 0.0) * tk), c * q, c[..., ends, :, None],
-                    GE[..., -1, None, None].exp(), (L_E[..., -1, :, None] * k).transpose(-1, -2)]
+            out += [c[..., ends, :, None], GE[..., -1, None, None].exp(), (L_E[..., -1, :, None] * k).transpose(-1, -2)]
         return out
 
     def step(pre, weights, start, boundaries):
-        free, from_S, inverse, tk_first, aq, scores, a_ends, k_ends, *with_P = pre
+        free, from_S, inverse, tk_first, read, scores, a_ends, k_ends, *with_P = pre
         S, (S_start,) = weights[0], start
-        U = free - from_S @ S                                        # U = free - from_S S_0 - from_P P_0
+        SP = torch.cat(weights, -2) if momentum else S               # [S; P]
+        U = free - from_S @ SP                                       # U = free - from_S S_0 - from_P P_0
         if S_start is not S:  # the first chunk of a call that resumes inside a mini-batch
             U = U - inverse @ (tk_first @ (S_start - S))
-        out = aq @ S
+        out = read @ SP + scores @ U                                 # a_t q_t S_0 + c_t q_t P_0 + ...
         if not boundaries:  # the state at the chunk's end only
             a_ends, k_ends = a_ends[:, :, -1:], k_ends[:, :, -1:]
         S_ends = a_ends * S[:, :, None]                              # S after each mini-batch: [G, H, m, Dk, Dv]
         if momentum:
-            from_P, cq, c_ends, decay_P, k_P = with_P
+            c_ends, decay_P, k_P = with_P
             P = weights[1]
-            U = U - from_P @ P
-            out = out + cq @ P
             S_ends = S_ends + (c_ends if boundaries else c_ends[:, :, -1:]) * P[:, :, None]
-        out = out + scores @ U
         S_ends = S_ends + k_ends @ U[:, :, None]
         weights = [S_ends[:, :, -1]] + ([decay_P * P + k_P @ U] if momentum else [])
         starts = [torch.cat([S_start[:, :, None], S_ends[:, :, :-1]], 2).movedim(2, 1)] if boundaries else None
