@@ -113,10 +113,11 @@ def _resume(initial_state, fresh: tuple[Tensor, ...], shapes: list[tuple[int, ..
         raise ValueError(f"initial_state must hold {', '.join(names)}; got {len(weights)} tensors")
     for name, w, shape in zip(names, weights, shapes):
         check_state(f"initial_state ({name})", w, shape)
+    if not isinstance(initial_state, MiniBatchState):  # the weights alone: a mini-batch starts here, from them
+        weights = [w.to(dtype) for w in weights]
+        return weights, weights[:n_start], 0
     for name, w, shape in zip(names, start[:n_start], shapes):
         check_state(f"initial_state.start ({name})", w, shape)
-    if not isinstance(initial_state, MiniBatchState):  # the weights alone: a mini-batch starts here
-        return [w.to(dtype) for w in weights], [w.to(dtype) for w in start[:n_start]], 0
     if not (isinstance(offset, (int, Tensor)) and not isinstance(offset, bool)):
         raise ValueError(f"initial_state.offset must be an int or an int tensor [{rows}], got {offset!r}")
     offset = torch.as_tensor(offset, device=fresh[0].device)
