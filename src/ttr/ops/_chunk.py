@@ -30,6 +30,24 @@ def from_chunks(x: Tensor, T: int) -> Tensor:
     return x.reshape(B, H, N * C, *x.shape[4:])[:, :, :T].movedim(2, 1)
 
 
+def to_chunk_major(x: Tensor, chunk: int) -> Tensor:
+    """[B, T, H, D] -> [N * B * H, C, D] contiguous, zero-padded to N * C tokens: chunk-major, so a pass over the
+    chunks steps through contiguous blocks [B * H, C, D] (the hand-written passes' layout)."""
+    B, T, H, D = x.shape
+    N = -(-T // chunk)
+    if N * chunk != T:
+        x = F.pad(x, (0, 0, 0, 0, 0, N * chunk - T))
+    return x.reshape(B, N, chunk, H, D).permute(1, 0, 3, 2, 4).reshape(N * B * H, chunk, D)
+
+
+def from_chunk_major(x: Tensor, B: int, T: int, H: int) -> Tensor:
+    """[N * B * H, C, D] -> [B, T, H, D] (contiguous), dropping the padding."""
+    C, D = x.shape[1:]
+    N = -(-T // C)
+    x = x.view(N, B, H, C, D).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, D)
+    return x[:, :T].contiguous() if N * C != T else x
+
+
 def masked_exp(diff: Tensor, mask: Tensor) -> Tensor:
     """exp(diff) where mask, exactly 0 elsewhere; exp never sees the masked (possibly huge) entries."""
     return torch.exp(torch.where(mask, diff, torch.full_like(diff, -math.inf)))

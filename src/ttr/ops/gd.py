@@ -56,7 +56,8 @@ from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state
                        finite_answer, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS, get_feature_map
 from ..weights import check_window
-from ._chunk import causal_mask, check_chunk_size, from_chunks, masked_exp, to_chunks
+from ._chunk import (causal_mask, check_chunk_size, from_chunk_major, from_chunks, masked_exp, to_chunk_major,
+                     to_chunks)
 from ._entry import ENTRY_CHUNK, chunked_entry
 from ._varlen import check_cu_seqlens, run_packed
 
@@ -400,6 +401,8 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     before its own gate: exp(G_{i-1}) and exp(G_{i-1} - G_j) for j < i, and u for j = i. With an angle, q and k
     turn by the angle Theta turned since the chunk's start (module docstring) and the state by the chunk's total.
     """
+    if g is None and theta is None and u is None:
+        return _Plain.apply(q, k, v, s0, C)
     T = q.shape[1]
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
     B, H, N = qc.shape[:3]
@@ -446,6 +449,58 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
             state = _rotate(state, *turn)
     o = o + q_in @ torch.stack(starts, dim=2)
     return from_chunks(o, T), state
+
+
+class _Plain(torch.autograd.Function):
+    """The ungated chunk form with its backward written out, chunk-major ([N * B * H, C, D]: to_chunk_major). With
+    A = tril(Q K^T) per chunk and the starts S_n = S_0 + sum_{m<n} K_m^T V_m,
+        O_n = A_n V_n + Q_n S_n,
+    and backward, with R_n = dS_N + sum_{m>=n} Q_m^T dO_m the gradient reaching the state before chunk n,
+        dA = tril(dO V^T),  dQ = dA K + dO S^T,  dK = dA^T Q + V R_{n+1}^T,  dV = A^T dO + K R_{n+1},  dS_0 = R_0.
+    Every product is batched over all chunks; the two passes over chunks are in-place prefix sums of [B * H, Dk, Dv]
+    blocks, so no per-chunk product, stack or autograd node is made: at D = 128 the state's blocks are the largest
+    tensors, and each pass over them is memory-bound."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, s0: Tensor | None, C: int) -> tuple[Tensor, Tensor]:
+        B, T, H, Dk = q.shape
+        Dv = v.shape[-1]
+        Q, K, V = (to_chunk_major(x, C) for x in (q, k, v))
+        N = Q.shape[0] // (B * H)
+        A = torch.bmm(Q, K.transpose(-1, -2)).tril_()
+        starts = Q.new_empty(N + 1, B * H, Dk, Dv)
+        if s0 is None:
+            starts[0].zero_()
+        else:
+            starts[0].copy_(s0.reshape(B * H, Dk, Dv))
+        torch.bmm(K.transpose(-1, -2), V, out=starts[1:].view(-1, Dk, Dv))
+        for n in range(N):
+            starts[n + 1].add_(starts[n])
+        o = torch.bmm(A, V).baddbmm_(Q, starts[:N].view(-1, Dk, Dv))
+        ctx.save_for_backward(Q, K, V, A, starts)
+        ctx.shape = B, T, H
+        return from_chunk_major(o, B, T, H), starts[N].view(B, H, Dk, Dv).clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do: Tensor, dstate: Tensor) -> tuple[Tensor | None, ...]:
+        Q, K, V, A, starts = ctx.saved_tensors
+        B, T, H = ctx.shape
+        C, Dk, Dv = K.shape[1], K.shape[2], V.shape[2]
+        N = starts.shape[0] - 1
+        dO = to_chunk_major(do, C)
+        dA = torch.bmm(dO, V.transpose(-1, -2)).tril_()
+        dQ = torch.bmm(dA, K).baddbmm_(dO, starts[:N].view(-1, Dk, Dv).transpose(-1, -2))
+        R = Q.new_empty(N + 1, B * H, Dk, Dv)
+        R[N].copy_(dstate.reshape(B * H, Dk, Dv))
+        torch.bmm(Q.transpose(-1, -2), dO, out=R[:N].view(-1, Dk, Dv))
+        for n in range(N - 1, -1, -1):
+            R[n].add_(R[n + 1])
+        after = R[1:].view(-1, Dk, Dv)  # R_{n+1}: what reaches the state each chunk's associations join
+        dK = torch.bmm(dA.transpose(-1, -2), Q).baddbmm_(V, after.transpose(-1, -2))
+        dV = torch.bmm(A.transpose(-1, -2), dO).baddbmm_(K, after)
+        ds0 = R[0].view(B, H, Dk, Dv).clone() if ctx.needs_input_grad[3] else None
+        return (*(from_chunk_major(x, B, T, H) for x in (dQ, dK, dV)), ds0, None)
 
 
 def _gated_scores(qc: Tensor, kc: Tensor, q_in: Tensor, G: Tensor, R: Tensor, mask: Tensor, vector: bool,
