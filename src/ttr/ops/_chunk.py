@@ -48,6 +48,90 @@ def from_chunk_major(x: Tensor, B: int, T: int, H: int) -> Tensor:
     return x[:, :T].contiguous() if N * C != T else x
 
 
+def state_pass(u_free: Tensor, w: Tensor, k_out: Tensor, mix: Tensor | None, s0: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """The pass over chunks of the delta rule's family (chunk-major: [N * B * H, ...] in blocks of B * H):
+        u_n = U'_n - W_n X_n,   X_{n+1} = mix_n(X_n) + Ko_n^T u_n,
+    u_free U' [.., C, Dv], w W [.., C, Dx], k_out Ko [.., C, Dx], s0 X_0 [B * H, Dx, Dv]. mix: None (X_{n+1} = X_n
+    + ..), a decay d [.., 1, 1] (d_n X_n), or for a state of two halves X = [S; P] (Titans' memory and momentum)
+    the coefficients (a, c, e) [.., 3, 1, 1] of [a S + c P; e P]. Returns (u [N * B * H, C, Dv], the chunks' start
+    states X_0 .. X_{N-1} [N, B * H, Dx, Dv], the final state X_N [B * H, Dx, Dv])."""
+    return _StatePass.apply(u_free, w, k_out, mix, s0)
+
+
+class _StatePass(torch.autograd.Function):
+    """state_pass with its backward written out. With R_n the gradient reaching X_n (R_N the final state's),
+        du_n = dU_n + Ko_n R_{n+1},   R_n = dX_n + mix_n^T(R_{n+1}) - W_n^T du_n
+    is the only other sequential part; dW = -du X^T, dKo = u R_{n+1}^T and the mix's coefficients' gradients
+    (<X_n, R_{n+1}> by halves) are batched after it. Each step writes into its slot of one buffer of states, so
+    the passes make no stack, copy or autograd node per chunk."""
+
+    @staticmethod
+    def forward(ctx, u_free: Tensor, w: Tensor, k_out: Tensor, mix: Tensor | None,
+                s0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        BH, Dx, Dv = s0.shape
+        N = u_free.shape[0] // BH
+        Uf, W, Ko = (x.view(N, BH, *x.shape[1:]) for x in (u_free, w, k_out))
+        coef = None if mix is None else mix.view(N, BH, *mix.shape[1:])
+        u = torch.empty_like(Uf)
+        states = s0.new_empty(N + 1, BH, Dx, Dv)  # X_0 .. X_N, each step writing the next slot
+        states[0].copy_(s0)
+        for n in range(N):
+            torch.baddbmm(Uf[n], W[n], states[n], alpha=-1, out=u[n])
+            if coef is None:
+                torch.baddbmm(states[n], Ko[n].transpose(-1, -2), u[n], out=states[n + 1])
+            else:
+                _mix(states[n], coef[n], states[n + 1]).baddbmm_(Ko[n].transpose(-1, -2), u[n])
+        ctx.save_for_backward(w, k_out, mix, u, states)
+        return u.view_as(u_free), states[:N], states[N].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, du: Tensor, dstarts: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
+        w, k_out, mix, u, states = ctx.saved_tensors
+        N, BH, Dx, Dv = states.shape[0] - 1, *states.shape[1:]
+        W, Ko = (x.view(N, BH, *x.shape[1:]) for x in (w, k_out))
+        coef = None if mix is None else mix.view(N, BH, *mix.shape[1:])
+        dU = du.view_as(u).clone()
+        R = torch.empty_like(states)
+        R[N].copy_(dfinal)
+        for n in range(N - 1, -1, -1):
+            dU[n].baddbmm_(Ko[n], R[n + 1])
+            if coef is None:
+                torch.add(dstarts[n], R[n + 1], out=R[n])
+            else:
+                _mix(R[n + 1], coef[n], R[n], transposed=True).add_(dstarts[n])
+            R[n].baddbmm_(W[n].transpose(-1, -2), dU[n], alpha=-1)
+        X, after = states[:N].view(-1, Dx, Dv), R[1:].view(-1, Dx, Dv)
+        dU = dU.view(-1, *dU.shape[2:])
+        dW = torch.bmm(dU, X.transpose(-1, -2)).neg_()
+        dKo = torch.bmm(u.view_as(dU), after.transpose(-1, -2))
+        dmix = None
+        if mix is not None and mix.shape[1] == 1:
+            dmix = (X * after).sum((-1, -2), keepdim=True)
+        elif mix is not None:  # a, c, e: <S, R_S>, <P, R_S>, <P, R_P>
+            (S, P), (R_S, R_P) = X.chunk(2, -2), after.chunk(2, -2)
+            dmix = torch.stack([(S * R_S).sum((-1, -2)), (P * R_S).sum((-1, -2)), (P * R_P).sum((-1, -2))], 1)
+            dmix = dmix[..., None, None]
+        return dU, dW, dKo, dmix, R[0]
+
+
+def _mix(X: Tensor, coef: Tensor, out: Tensor, transposed: bool = False) -> Tensor:
+    """out = mix(X) (or its transpose): d X for a decay coef [BH, 1, 1]; [a S + c P; e P] (transposed: [a S; c S + e P])
+    for X = [S; P] and coef (a, c, e) [BH, 3, 1, 1]."""
+    if coef.dim() == 3:
+        return torch.mul(X, coef, out=out)
+    a, c, e = coef.unbind(1)
+    (S, P), (top, bottom) = X.chunk(2, -2), out.chunk(2, -2)  # halves: in place, as out= wants them contiguous
+    if transposed:
+        top.copy_(S).mul_(a)
+        bottom.copy_(P).mul_(e).addcmul_(S, c)
+    else:
+        top.copy_(S).mul_(a).addcmul_(P, c)
+        bottom.copy_(P).mul_(e)
+    return out
+
+
 def masked_exp(diff: Tensor, mask: Tensor) -> Tensor:
     """exp(diff) where mask, exactly 0 elsewhere; exp never sees the masked (possibly huge) entries."""
     return torch.exp(torch.where(mask, diff, torch.full_like(diff, -math.inf)))

@@ -55,7 +55,7 @@ from torch import Tensor
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking,
                        compute_dtype, is_int, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
-from ._chunk import decay_mask, to_chunks
+from ._chunk import decay_mask, state_pass, to_chunks
 from ._varlen import check_cu_seqlens, padded_groups
 
 
@@ -137,7 +137,7 @@ def _rows(B: int, T: int, cu_seqlens: Tensor | None) -> tuple[int, Tensor | None
     return cu.numel() - 1, cu
 
 
-def _run(op: str, step, tensors: list[Tensor], batch_size: int, span: int, offset: Tensor | int,
+def _run(op: str, sweep, tensors: list[Tensor], batch_size: int, span: int, offset: Tensor | int,
          weights: list[Tensor], start: list[Tensor], cu_seqlens: Tensor | None, prepare=None
          ) -> tuple[Tensor, MiniBatchState]:
     """Run a mini-batch learner over every sequence, each continuing its own mini-batch.
@@ -148,13 +148,13 @@ def _run(op: str, step, tensors: list[Tensor], batch_size: int, span: int, offse
     learner uses where zeros alone would not leave the weights as they are. Each group of similar frame
     lengths (length_groups) runs as one batch, in chunks of `span` tokens (whole mini-batches); rows that all
     start a mini-batch (offset 0, no packing) run as they are, with nothing read back from the device (the path
-    torch.compile traces). prepare and step: see _chunk_loop. Returns (o in the input's layout, the final
+    torch.compile traces). prepare and sweep: see _chunk_loop. Returns (o in the input's layout, the final
     MiniBatchState).
     """
     B, T = tensors[0].shape[:2]
     if cu_seqlens is None and isinstance(offset, int):  # every row from a mini-batch's start, to T
         mask = tensors[0].new_ones(B, T, tensors[0].shape[2])
-        o, w, ends_in = _chunk_loop(step, prepare, tensors + [mask], weights, start, (T - 1) // batch_size,
+        o, w, ends_in = _chunk_loop(sweep, prepare, tensors + [mask], weights, start, (T - 1) // batch_size,
                                       batch_size, span)
         o = o[:, :, :T].movedim(1, 2)
         end = torch.full((B,), T, dtype=torch.long, device=o.device)
@@ -174,7 +174,7 @@ def _run(op: str, step, tensors: list[Tensor], batch_size: int, span: int, offse
             mask = layout.mask[..., None].expand(-1, -1, padded[0].shape[2]).to(padded[0].dtype)  # [G, F, H]
             last = (end[rows] - 1).div(batch_size, rounding_mode="floor")  # the mini-batch holding the last token
             group = [x[rows] for x in weights]
-            o, w, ends_in = _chunk_loop(step, prepare, padded + [mask], group,
+            o, w, ends_in = _chunk_loop(sweep, prepare, padded + [mask], group,
                                         [group[i] if x is weights[i] else x[rows] for i, x in enumerate(start)],
                                         last, batch_size, span)
             for n, piece in zip(layout.rows, layout.pieces(o[:, :, : layout.frame].movedim(1, 2))):
@@ -196,36 +196,43 @@ def _run(op: str, step, tensors: list[Tensor], batch_size: int, span: int, offse
     return o, MiniBatchState(tuple(final_weights), tuple(final_start), end % batch_size)
 
 
-def _chunk_loop(step, prepare, frames: list[Tensor], w: list[Tensor], s: list[Tensor], last: Tensor | int,
+def _chunk_loop(sweep, prepare, frames: list[Tensor], w: list[Tensor], s: list[Tensor], last: Tensor | int,
                 batch_size: int, span: int) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """A batch of frames [G, F, H, ...] (the mask last) through the learner, a chunk of `span` tokens at a time.
+    """A batch of frames [G, F, H, ...] (the mask last) through the learner, in chunks of `span` tokens.
     last: the mini-batch holding each row's last token ([G], or an int where it is every row's).
     prepare(chunks) -> per-chunk tensors [G, H, N, ...]: the work that needs no weights, batched over all chunks
     (chunks [G, H, N, span, ...]; by default the chunks themselves).
-    step(prepared chunk, weights, start, boundaries) -> (out [G, H, span, Dv], weights after the chunk, and where
-    `boundaries` asks for them, the start weights of each of the chunk's mini-batches [G, span // batch_size, H,
-    ...]). Returns (o [G, H, N * span, Dv], the final weights, the start weights of each row's last mini-batch)."""
-    per_span = span // batch_size
+    sweep(prepared, weights, start, last, mini-batches per chunk) -> (o [G, H, N * span, Dv], the final weights,
+    the start weights of each row's last mini-batch): _per_chunk, or _stale's pass."""
     chunks = [to_chunks(x, span) for x in frames]
-    # unbind once: indexing a chunk inside the loop would make backward build a full-size zero gradient per chunk
-    prepared = list(zip(*(x.unbind(2) for x in (chunks if prepare is None else prepare(chunks)))))
-    ends_in, pieces = s, []
-    for n, chunk in enumerate(prepared):
-        if isinstance(last, int):
-            boundaries = last // per_span == n
-        else:
-            here = last.div(per_span, rounding_mode="floor") == n
-            boundaries = bool(here.any())  # some rows end in this chunk: the start of their last mini-batch is kept
-        out, w_next, starts = step(list(chunk), w, s, boundaries)
-        if boundaries and isinstance(last, int):
-            ends_in = [x[:, last % per_span] for x in starts]
-        elif boundaries:
-            rows = torch.arange(here.shape[0], device=here.device)
-            ends_in = [torch.where(here[:, None, None, None], x[rows, last % per_span], e)
-                       for x, e in zip(starts, ends_in)]
-        w, s = w_next, w_next[: len(s)]  # a chunk ends on a mini-batch boundary
-        pieces.append(out)
-    return torch.stack(pieces, 2).flatten(2, 3), w, ends_in
+    return sweep(chunks if prepare is None else prepare(chunks), w, s, last, span // batch_size)
+
+
+def _per_chunk(step):
+    """A sweep for _chunk_loop that takes the chunks one at a time: step(prepared chunk, weights, start,
+    boundaries) -> (out [G, H, span, Dv], weights after the chunk, and where `boundaries` asks for them, the start
+    weights of each of the chunk's mini-batches [G, span // batch_size, H, ...])."""
+    def sweep(pre: list[Tensor], w: list[Tensor], s: list[Tensor], last: Tensor | int, per_span: int):
+        # unbind once: indexing a chunk inside the loop would make backward build a full-size zero gradient per chunk
+        prepared = list(zip(*(x.unbind(2) for x in pre)))
+        ends_in, pieces = s, []
+        for n, chunk in enumerate(prepared):
+            if isinstance(last, int):
+                boundaries = last // per_span == n
+            else:
+                here = last.div(per_span, rounding_mode="floor") == n
+                boundaries = bool(here.any())  # some rows end in this chunk: the start of their last mini-batch is kept
+            out, w_next, starts = step(list(chunk), w, s, boundaries)
+            if boundaries and isinstance(last, int):
+                ends_in = [x[:, last % per_span] for x in starts]
+            elif boundaries:
+                rows = torch.arange(here.shape[0], device=here.device)
+                ends_in = [torch.where(here[:, None, None, None], x[rows, last % per_span], e)
+                           for x, e in zip(starts, ends_in)]
+            w, s = w_next, w_next[: len(s)]  # a chunk ends on a mini-batch boundary
+            pieces.append(out)
+        return torch.stack(pieces, 2).flatten(2, 3), w, ends_in
+    return sweep
 
 
 def _diverged(op: str, o: Tensor, final: list[Tensor], tensors: list[Tensor], start: list[Tensor]) -> bool:
@@ -266,17 +273,17 @@ def _minus(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _one_batch(body):
-    """A step for _run from body(chunk, weights, start) -> (out, weights) over one mini-batch (span = batch_size):
-    its only mini-batch starts where the chunk does."""
+    """A sweep for _run from body(chunk, weights, start) -> (out, weights) over one mini-batch (span = batch_size):
+    each chunk's only mini-batch starts where the chunk does."""
     def step(chunk, weights, start, boundaries):
         out, weights = body(chunk, weights, start)
         return out, weights, ([x[:, None] for x in start] if boundaries else None)
-    return step
+    return _per_chunk(step)
 
 
 def _stale(batch_size: int, momentum: bool):
     """The chunk form of TTT-Linear and Titans over chunks of whole mini-batches (module docstring, Chunks of
-    mini-batches): (prepare, step) for _run. The chunks are q, k, v, theta (for Titans then g and log eta) and
+    mini-batches): (prepare, sweep) for _run. The chunks are q, k, v, theta (for Titans then g and log eta) and
     the mask; the weights are S (and P with momentum), the start weights S_start."""
     def prepare(chunks):
         q, k, v, theta, *gates, m = chunks
@@ -311,26 +318,46 @@ def _stale(batch_size: int, momentum: bool):
             out += [c[..., ends, :, None], GE[..., -1, None, None].exp(), (L_E[..., -1, :, None] * k).transpose(-1, -2)]
         return out
 
-    def step(pre, weights, start, boundaries):
+    def sweep(pre, weights, start, last, per_span):
         free, from_S, inverse, tk_first, read, scores, a_ends, k_ends, *with_P = pre
-        S, (S_start,) = weights[0], start
-        SP = torch.cat(weights, -2) if momentum else S               # [S; P]
-        U = free - from_S @ SP                                       # U = free - from_S S_0 - from_P P_0
-        if S_start is not S:  # the first chunk of a call that resumes inside a mini-batch
-            U = U - inverse @ (tk_first @ (S_start - S))
-        out = read @ SP + scores @ U                                 # a_t q_t S_0 + c_t q_t P_0 + ...
-        if not boundaries:  # the state at the chunk's end only
-            a_ends, k_ends = a_ends[:, :, -1:], k_ends[:, :, -1:]
-        S_ends = a_ends * S[:, :, None]                              # S after each mini-batch: [G, H, m, Dk, Dv]
-        if momentum:
+        (S, *_), (S_start,) = weights, start
+        G, H, N, C, Dv = free.shape
+        Dk = S.shape[-2]
+        if S_start is not S:  # a call that resumes inside a mini-batch: its first gradients are taken at S_start
+            fix = inverse[:, :, 0] @ (tk_first[:, :, 0] @ (S_start - S))
+            free = torch.cat([(free[:, :, 0] - fix)[:, :, None], free[:, :, 1:]], 2)
+        k_out, mix = k_ends[:, :, :, -1], None                       # Ko^T: token i -> the chunk's end
+        if momentum:  # X = [S; P]: S_end = a S + c P + .., P_end = e P + ..
             c_ends, decay_P, k_P = with_P
-            P = weights[1]
-            S_ends = S_ends + (c_ends if boundaries else c_ends[:, :, -1:]) * P[:, :, None]
-        S_ends = S_ends + k_ends @ U[:, :, None]
-        weights = [S_ends[:, :, -1]] + ([decay_P * P + k_P @ U] if momentum else [])
-        starts = [torch.cat([S_start[:, :, None], S_ends[:, :, :-1]], 2).movedim(2, 1)] if boundaries else None
-        return out, weights, starts
-    return prepare, step
+            k_out = torch.cat([k_out, k_P], -2)
+            mix = torch.stack([a_ends[:, :, :, -1], c_ends[:, :, :, -1], decay_P], 3)
+        major = [None if x is None else x.movedim(2, 0).reshape(N * G * H, *x.shape[3:]) for x in (free, from_S,
+                                                                                                  k_out, mix)]
+        X0 = torch.cat(weights, -2) if momentum else S
+        u, X, final = state_pass(major[0], major[1], major[2].transpose(-1, -2), major[3], X0.flatten(0, 1))
+        u, X = u.view(N, G, H, C, Dv).movedim(0, 2), X.view(N, G, H, *X0.shape[-2:]).movedim(0, 2)
+        out = read @ X + scores @ u                                  # a_t q_t S_0 + c_t q_t P_0 + ...
+        final = final.view_as(X0)
+        if N == 0:
+            return out.flatten(2, 3), [final[..., :Dk, :], final[..., Dk:, :]] if momentum else [final], [S_start]
+        # the start weights of the mini-batch holding each row's last token: S after mini-batch j - 1 of its chunk
+        if isinstance(last, int):
+            rows, n_l, j = slice(None), last // per_span, last % per_span
+            before = max(j - 1, 0)
+        else:
+            rows, n_l, j = torch.arange(G, device=last.device), last.div(per_span, rounding_mode="floor"), last % per_span
+            before = (j - 1).clamp_min(0)
+        X_l = X[rows, :, n_l]
+        S_l = a_ends[rows, :, n_l, before] * X_l[:, :, :Dk] + k_ends[rows, :, n_l, before] @ u[rows, :, n_l]
+        if momentum:
+            S_l = S_l + c_ends[rows, :, n_l, before] * X_l[:, :, Dk:]
+        if isinstance(last, int):
+            ends_in = S_l if j else (S_start if n_l == 0 else X_l[:, :, :Dk])
+        else:
+            at_start = torch.where((n_l == 0)[:, None, None, None], S_start, X_l[:, :, :Dk])
+            ends_in = torch.where((j == 0)[:, None, None, None], at_start, S_l)
+        return out.flatten(2, 3), [final[..., :Dk, :], final[..., Dk:, :]] if momentum else [final], [ends_in]
+    return prepare, sweep
 
 
 def ttt_linear(
@@ -371,8 +398,8 @@ def ttt_linear(
             outs.append(torch.einsum("bhk,bhkv->bhv", q_t, state))
         return torch.stack(outs, 2), [state]
 
-    prepare, step = (None, _one_batch(recurrent)) if mode == "recurrent" else _stale(batch_size, momentum=False)
-    o, final = _run("ttt_linear", step, [q, k, v, lr], batch_size, _span(batch_size, chunk_size, mode), offset,
+    prepare, sweep = (None, _one_batch(recurrent)) if mode == "recurrent" else _stale(batch_size, momentum=False)
+    o, final = _run("ttt_linear", sweep, [q, k, v, lr], batch_size, _span(batch_size, chunk_size, mode), offset,
                     weights, start, cu_seqlens, prepare)
     return o.to(out_dtype), (final if output_final_state else None)
 
@@ -507,7 +534,7 @@ def titans(
             outs.append(torch.einsum("bhk,bhkv->bhv", q_t, memory))
         return torch.stack(outs, 2), [memory, mom]
 
-    prepare, step = (None, _one_batch(recurrent)) if mode == "recurrent" else _stale(batch_size, momentum=True)
-    o, final = _run("titans", step, [q, k, v, theta, g, log_eta], batch_size, _span(batch_size, chunk_size, mode),
+    prepare, sweep = (None, _one_batch(recurrent)) if mode == "recurrent" else _stale(batch_size, momentum=True)
+    o, final = _run("titans", sweep, [q, k, v, theta, g, log_eta], batch_size, _span(batch_size, chunk_size, mode),
                     offset, weights, start, cu_seqlens, prepare)
     return o.to(out_dtype), (final if output_final_state else None)

@@ -26,7 +26,7 @@ from torch import Tensor
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking, compute_dtype,
                        finite_answer, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
-from ._chunk import check_chunk_size, decay_mask, from_chunk_major, to_chunk_major
+from ._chunk import check_chunk_size, decay_mask, from_chunk_major, state_pass, to_chunk_major
 from ._varlen import check_cu_seqlens, run_packed
 
 
@@ -105,7 +105,7 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0
     lower-triangular system per chunk,
         (I + diag(beta) (tril_{-1}(K K^T) * Gamma)) U = diag(beta) (V - diag(e^G) K S_0),  Gamma_ti = e^{G_t - G_i},
     so U = U' - W' S_0 with U', W' from one batched triangular solve for all chunks; only the chunk-to-chunk
-    pass of the state is sequential (_StatePass). Chunk-major layout (to_chunk_major): [N * B * H, C, D].
+    pass of the state is sequential (state_pass). Chunk-major layout (to_chunk_major): [N * B * H, C, D].
     """
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
@@ -122,62 +122,9 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0
     k_out = kc * torch.exp(G[:, -1:] - G)                            # token i -> end of chunk
     chunk_decay = None if g is None else torch.exp(G[:, -1:])        # [NBH, 1, 1]
     state = q.new_zeros(B * H, Dk, Dv) if s0 is None else s0.reshape(B * H, Dk, Dv)
-    us, starts, final = _StatePass.apply(u_free, w, k_out, chunk_decay, state)
+    us, starts, final = state_pass(u_free, w, k_out, chunk_decay, state)
     o = torch.baddbmm((qc @ kc.transpose(-1, -2) * gamma) @ us, qc * decay_in, starts.view(-1, Dk, Dv))
     return from_chunk_major(o, B, T, H), final.view(B, H, Dk, Dv)
-
-
-class _StatePass(torch.autograd.Function):
-    """The delta rule's pass over chunks, n = 0 .. N - 1, chunk-major ([N * B * H, ...], blocks [B * H, ...]):
-        u_n = U'_n - W_n S_n,   S_{n+1} = d_n S_n + Ko_n^T u_n.
-    d None: no decay (d_n = 1). Returns (u [N * B * H, C, Dv], the chunks' start states S_0 .. S_{N-1}
-    [N, B * H, Dk, Dv], the final state S_N [B * H, Dk, Dv]). Its backward, with R_n the
-    gradient reaching S_n (R_N the final state's),
-        du_n = dU_n + Ko_n R_{n+1},   R_n = dS_n + d_n R_{n+1} - W_n^T du_n,
-    is the only other sequential part: dW = -du S^T, dKo = u R_{n+1}^T and dd = <S_n, R_{n+1}> are batched after it.
-    Each step writes into its slot of a buffer, so the passes make no stack, copy or autograd node per chunk."""
-
-    @staticmethod
-    def forward(ctx, u_free: Tensor, w: Tensor, k_out: Tensor, decay: Tensor | None,
-                s0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        BH, Dk, Dv = s0.shape
-        N = u_free.shape[0] // BH
-        Uf, W, Ko = (x.view(N, BH, *x.shape[1:]) for x in (u_free, w, k_out))
-        u = torch.empty_like(Uf)
-        states = s0.new_empty(N + 1, BH, Dk, Dv)  # S_0 .. S_N in one buffer, each step writing the next slot
-        states[0].copy_(s0)
-        for n in range(N):
-            torch.baddbmm(Uf[n], W[n], states[n], alpha=-1, out=u[n])
-            if decay is None:
-                torch.baddbmm(states[n], Ko[n].transpose(-1, -2), u[n], out=states[n + 1])
-            else:
-                torch.mul(states[n], decay[n * BH:(n + 1) * BH], out=states[n + 1]).baddbmm_(Ko[n].transpose(-1, -2),
-                                                                                            u[n])
-        ctx.save_for_backward(w, k_out, decay, u, states)
-        return u.view_as(u_free), states[:N], states[N].clone()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, du: Tensor, dstarts: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
-        w, k_out, decay, u, states = ctx.saved_tensors
-        N, BH, Dk, Dv = states.shape[0] - 1, *states.shape[1:]
-        W, Ko = (x.view(N, BH, *x.shape[1:]) for x in (w, k_out))
-        dU = du.view_as(u).clone()
-        R = torch.empty_like(states)
-        R[N].copy_(dfinal)
-        for n in range(N - 1, -1, -1):
-            dU[n].baddbmm_(Ko[n], R[n + 1])
-            if decay is None:
-                torch.add(dstarts[n], R[n + 1], out=R[n])
-            else:
-                torch.addcmul(dstarts[n], decay[n * BH:(n + 1) * BH], R[n + 1], out=R[n])
-            R[n].baddbmm_(W[n].transpose(-1, -2), dU[n], alpha=-1)
-        S, after = states[:N].view(-1, Dk, Dv), R[1:].view(-1, Dk, Dv)
-        dU = dU.view(-1, *dU.shape[2:])
-        dW = torch.bmm(dU, S.transpose(-1, -2)).neg_()
-        dKo = torch.bmm(u.view_as(dU), after.transpose(-1, -2))
-        dd = None if decay is None else (S * after).sum((-1, -2), keepdim=True)
-        return dU, dW, dKo, dd, R[0]
 
 
 def delta_product(
