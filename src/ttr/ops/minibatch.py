@@ -306,35 +306,37 @@ def _stale(batch_size: int, momentum: bool):
         system = eye + theta[..., None] * (k @ k.transpose(-1, -2) * D[..., at, :].masked_fill(first, 0.0))
         inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
         tk = theta[..., None] * k
-        from_S = inverse @ (a[..., at, :].masked_fill(first, 1.0) * tk)  # the first mini-batch's point: S_start = S_0
-        k_ends = (D[..., ends, :, None] * k[..., None, :, :]).transpose(-1, -2)    # [.., m, Dk, C]
+        # U = U' - W X_0: one product gives U' and W, whose columns read S_0 (and P_0: [S; P] side by side);
+        # the first mini-batch's gradient point is S_start = S_0
+        sides = [theta[..., None] * v, a[..., at, :].masked_fill(first, 1.0) * tk]
         read = a * q
-        if momentum:  # S and P side by side, [S; P]: one product reads both
-            from_S = torch.cat([from_S, inverse @ (c[..., at, :].masked_fill(first, 0.0) * tk)], -1)
-            read = torch.cat([read, c * q], -1)
-        out = [inverse @ (theta[..., None] * v), from_S, inverse, tk.masked_fill(~first, 0.0), read,
-               q @ k.transpose(-1, -2) * D, a[..., ends, :, None], k_ends]
         if momentum:
-            out += [c[..., ends, :, None], GE[..., -1, None, None].exp(), (L_E[..., -1, :, None] * k).transpose(-1, -2)]
+            sides.append(c[..., at, :].masked_fill(first, 0.0) * tk)
+            read = torch.cat([read, c * q], -1)
+        free, from_S = (inverse @ torch.cat(sides, -1)).split([v.shape[-1], read.shape[-1]], -1)
+        out = [free, from_S, inverse, tk.masked_fill(~first, 0.0), read,
+               q @ k.transpose(-1, -2) * D, a[..., ends, :, None], D[..., ends, :, None], k]  # D_ends k: u -> S_end
+        if momentum:
+            out += [c[..., ends, :, None], GE[..., -1, None, None].exp(), L_E[..., -1, :, None] * k]
         return out
 
     def sweep(pre, weights, start, last, per_span):
-        free, from_S, inverse, tk_first, read, scores, a_ends, k_ends, *with_P = pre
+        free, from_S, inverse, tk_first, read, scores, a_ends, D_ends, k, *with_P = pre
         (S, *_), (S_start,) = weights, start
         G, H, N, C, Dv = free.shape
         Dk = S.shape[-2]
         if S_start is not S:  # a call that resumes inside a mini-batch: its first gradients are taken at S_start
             fix = inverse[:, :, 0] @ (tk_first[:, :, 0] @ (S_start - S))
             free = torch.cat([(free[:, :, 0] - fix)[:, :, None], free[:, :, 1:]], 2)
-        k_out, mix = k_ends[:, :, :, -1], None                       # Ko^T: token i -> the chunk's end
+        k_out, mix = D_ends[:, :, :, -1] * k, None                   # token i -> the chunk's end
         if momentum:  # X = [S; P]: S_end = a S + c P + .., P_end = e P + ..
             c_ends, decay_P, k_P = with_P
-            k_out = torch.cat([k_out, k_P], -2)
+            k_out = torch.cat([k_out, k_P], -1)
             mix = torch.stack([a_ends[:, :, :, -1], c_ends[:, :, :, -1], decay_P], 3)
         major = [None if x is None else x.movedim(2, 0).reshape(N * G * H, *x.shape[3:]) for x in (free, from_S,
                                                                                                   k_out, mix)]
         X0 = torch.cat(weights, -2) if momentum else S
-        u, X, final = state_pass(major[0], major[1], major[2].transpose(-1, -2), major[3], X0.flatten(0, 1))
+        u, X, final = state_pass(*major, X0.flatten(0, 1))
         u, X = u.view(N, G, H, C, Dv).movedim(0, 2), X.view(N, G, H, *X0.shape[-2:]).movedim(0, 2)
         out = read @ X + scores @ u                                  # a_t q_t S_0 + c_t q_t P_0 + ...
         final = final.view_as(X0)
@@ -348,7 +350,8 @@ def _stale(batch_size: int, momentum: bool):
             rows, n_l, j = torch.arange(G, device=last.device), last.div(per_span, rounding_mode="floor"), last % per_span
             before = (j - 1).clamp_min(0)
         X_l = X[rows, :, n_l]
-        S_l = a_ends[rows, :, n_l, before] * X_l[:, :, :Dk] + k_ends[rows, :, n_l, before] @ u[rows, :, n_l]
+        k_l = D_ends[rows, :, n_l, before] * k[rows, :, n_l]         # [G, H, C, Dk]
+        S_l = a_ends[rows, :, n_l, before] * X_l[:, :, :Dk] + k_l.transpose(-1, -2) @ u[rows, :, n_l]
         if momentum:
             S_l = S_l + c_ends[rows, :, n_l, before] * X_l[:, :, Dk:]
         if isinstance(last, int):
