@@ -48,6 +48,56 @@ def from_chunk_major(x: Tensor, B: int, T: int, H: int) -> Tensor:
     return x[:, :T].contiguous() if N * C != T else x
 
 
+def carry_(X: Tensor, decay: Tensor | None = None, reverse: bool = False) -> Tensor:
+    """In place over X's leading dim, [N + 1, ...]: X_{n+1} += d_n X_n for n = 0 .. N - 1, which turns X_0 (a start)
+    and X_{n+1} (chunk n's updates) into the states after each chunk; reverse: X_n += d_n X_{n+1} for n = N - 1 .. 0,
+    the same pass's backward. decay [N, ...] broadcasts over X's blocks; None: 1."""
+    N = X.shape[0] - 1
+    for n in range(N - 1, -1, -1) if reverse else range(N):
+        src, dst = (X[n + 1], X[n]) if reverse else (X[n], X[n + 1])
+        if decay is None:
+            dst.add_(src)
+        else:
+            dst.addcmul_(src, decay[n])
+    return X
+
+
+def decayed_states(updates: Tensor, decay: Tensor | None, s0: Tensor) -> tuple[Tensor, Tensor]:
+    """The linear memories' pass over chunks, X_0 = s0, X_{n+1} = d_n X_n + U_n: updates U [B, H, N, Dk, Dv], decay d
+    [B, H, N, Dk or 1, 1] (the state's rows, or all of it) or None (1), s0 [B, H, Dk, Dv]. Returns (the chunks'
+    start states X_0 .. X_{N-1} [B, H, N, Dk, Dv], X_N), through one buffer and in-place steps (carry_)."""
+    return _DecayedStates.apply(updates, decay, s0)
+
+
+class _DecayedStates(torch.autograd.Function):
+    """decayed_states with its backward: R_N = dX_N, R_n = dX_n + d_n R_{n+1}; dU_n = R_{n+1}, ds0 = R_0,
+    dd_n = <X_n, R_{n+1}> over what d_n broadcasts over."""
+
+    @staticmethod
+    def forward(ctx, updates: Tensor, decay: Tensor | None, s0: Tensor) -> tuple[Tensor, Tensor]:
+        X = updates.new_empty(updates.shape[2] + 1, *s0.shape)  # chunk-major: each step's blocks contiguous
+        X[0].copy_(s0)
+        X[1:].copy_(updates.movedim(2, 0))
+        d = None if decay is None else decay.movedim(2, 0)
+        carry_(X, d)
+        ctx.save_for_backward(d, X)
+        return X[:-1].movedim(0, 2), X[-1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dstarts: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
+        d, X = ctx.saved_tensors
+        R = torch.empty_like(X)
+        R[-1].copy_(dfinal)
+        R[:-1].copy_(dstarts.movedim(2, 0))
+        carry_(R, d, reverse=True)
+        dd = None
+        if d is not None:
+            dd = (X[:-1] * R[1:]).sum(-1, keepdim=True)
+            dd = (dd.sum(-2, keepdim=True) if d.shape[-2] == 1 else dd).movedim(0, 2)
+        return R[1:].movedim(0, 2), dd, R[0]
+
+
 def state_pass(u_free: Tensor, w: Tensor, k_out: Tensor, mix: Tensor | None, s0: Tensor
                ) -> tuple[Tensor, Tensor, Tensor]:
     """The pass over chunks of the delta rule's family (chunk-major: [N * B * H, ...] in blocks of B * H):

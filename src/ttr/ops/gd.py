@@ -56,8 +56,8 @@ from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state
                        finite_answer, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS, get_feature_map
 from ..weights import check_window
-from ._chunk import (causal_mask, check_chunk_size, from_chunk_major, from_chunks, masked_exp, to_chunk_major,
-                     to_chunks)
+from ._chunk import (carry_, causal_mask, check_chunk_size, decayed_states, from_chunk_major, from_chunks, masked_exp,
+                     to_chunk_major, to_chunks)
 from ._entry import ENTRY_CHUNK, chunked_entry
 from ._varlen import check_cu_seqlens, run_packed
 
@@ -401,8 +401,14 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     before its own gate: exp(G_{i-1}) and exp(G_{i-1} - G_j) for j < i, and u for j = i. With an angle, q and k
     turn by the angle Theta turned since the chunk's start (module docstring) and the state by the chunk's total.
     """
-    if g is None and theta is None and u is None:
+    G = None if g is None else to_chunks(g, C).cumsum(-2)  # [B, H, N, C, 1 or Dk]
+    plain = theta is None and u is None
+    # the blocks over which one reference point factors the decays: the vector gate's scores' leaves, or whole chunks
+    leaf = _leaf_size(G) if g is not None and (vector or plain) else None
+    if plain and g is None:
         return _Plain.apply(q, k, v, s0, C)
+    if plain and leaf == C:
+        return _factored(q, k, v, g, s0, C)
     T = q.shape[1]
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
     B, H, N = qc.shape[:3]
@@ -415,14 +421,12 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
         framed = functools.partial(_framed, cos=cos, minus_sin=-sin)
     # j <= i, or j < i with the diagonal (the newest association, weighted by u) added on its own
     mask = causal_mask(C, q.device) if u is None else causal_mask(C, q.device).tril(-1)
-    leaf = None  # the vector-gate scores' leaf blocks (_leaf_size)
     if g is None:
         q_in, k_in = framed(qc), framed(kc)
         scores = (q_in @ k_in.transpose(-1, -2)).masked_fill(~mask, 0.0)
         chunk_decay = None
         updates = k_in.transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
     else:
-        G = to_chunks(g, C).cumsum(-2)  # [B, H, N, C, 1 or Dk]
         # the decay a query has seen: up to i, or up to i - 1 (the same floats as G_{i-1}: exp(G_{i-1} - G_{i-1}) = 1)
         G_read = G if u is None else F.pad(G[..., :-1, :], (0, 0, 1, 0))
         G_last = G[..., -1:, :]
@@ -430,7 +434,7 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
         chunk_decay = torch.exp(G_last).transpose(-1, -2)  # [B, H, N, 1 or Dk, 1]: rows of the state
         if theta is not None and vector:  # the real and imaginary rows decay alike
             chunk_decay = chunk_decay.repeat(1, 1, 1, 2, 1)
-        scores, leaf, k_start = _gated_scores(qc, kc, q_in, G, G_read, mask, vector, u, framed)
+        scores, leaf, k_start = _gated_scores(qc, kc, q_in, G, G_read, mask, vector, u, framed, leaf)
         if k_start is not None:  # exp(G_last - G_j) = exp(G_last) exp(-G_j)
             updates = chunk_decay * (k_start.transpose(-1, -2) @ vc)
         else:
@@ -439,33 +443,55 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
         scores = scores + torch.diag_embed(_newest(qc, kc, u))
     o = scores @ vc
     state = updates.new_zeros(updates[:, :, 0].shape) if s0 is None else s0
-    starts = []
-    # unbind once: indexing inside the loop would make backward build a full-size zero gradient per chunk
-    decays = [None] * N if chunk_decay is None else chunk_decay.unbind(2)
-    for update, decay, turn in zip(updates.unbind(2), decays, turns):
-        starts.append(state)
-        state = state + update if decay is None else state * decay + update
-        if turn is not None:  # from the chunk's start frame to the true state at its end
-            state = _rotate(state, *turn)
-    o = o + q_in @ torch.stack(starts, dim=2)
+    if theta is None:
+        starts, state = decayed_states(updates, chunk_decay, state)
+    else:  # each chunk's state turns too
+        starts = []
+        # unbind once: indexing inside the loop would make backward build a full-size zero gradient per chunk
+        decays = [None] * N if chunk_decay is None else chunk_decay.unbind(2)
+        for update, decay, turn in zip(updates.unbind(2), decays, turns):
+            starts.append(state)
+            state = _rotate(state + update if decay is None else state * decay + update, *turn)
+        starts = torch.stack(starts, dim=2)
+    o = o + q_in @ starts
     return from_chunks(o, T), state
+
+
+def _factored(q: Tensor, k: Tensor, v: Tensor, g: Tensor, s0: Tensor | None, C: int) -> tuple[Tensor, Tensor]:
+    """The gated chunk form where every chunk's decay factors through its start (_leaf_size(G) == C): with G the
+    within-chunk cumulative log-gate, exp(G_i - G_j) = exp(G_i) exp(-G_j), the second <= exp(SPAN). Then it is
+    the ungated form (_Plain) on q exp(G), k exp(-G), with the associations reaching the chunk's end by
+    k exp(G_last - G) <= 1 and the state decayed by exp(G_last) between chunks. g [B, T, H, 1 or Dk]."""
+    B, T, H, Dg = g.shape
+    N = -(-T // C)
+    q, k, g = (F.pad(x, (0, 0, 0, 0, 0, N * C - T)).unflatten(1, (N, C)) for x in (q, k, g))  # [B, N, C, H, D]
+    G = g.cumsum(2)
+    G_last = G[:, :, -1:]
+    scaled = (q * torch.exp(G), k * torch.exp(-G), k * torch.exp(G_last - G))
+    q_in, k_in, k_end = (x.flatten(1, 2)[:, :T] for x in scaled)
+    decay = torch.exp(G_last[:, :, 0]).movedim(1, 0).flatten(1, 2)[..., None]  # [N, B * H, 1 or Dk, 1]
+    return _Plain.apply(q_in, k_in, v, s0, C, k_end, decay)
 
 
 class _Plain(torch.autograd.Function):
     """The ungated chunk form with its backward written out, chunk-major ([N * B * H, C, D]: to_chunk_major). With
-    A = tril(Q K^T) per chunk and the starts S_n = S_0 + sum_{m<n} K_m^T V_m,
+    A = tril(Q K^T) per chunk and the starts S_{n+1} = d_n S_n + K'_n^T V_n (K' = K and d = 1 unless given:
+    _factored),
         O_n = A_n V_n + Q_n S_n,
-    and backward, with R_n = dS_N + sum_{m>=n} Q_m^T dO_m the gradient reaching the state before chunk n,
-        dA = tril(dO V^T),  dQ = dA K + dO S^T,  dK = dA^T Q + V R_{n+1}^T,  dV = A^T dO + K R_{n+1},  dS_0 = R_0.
-    Every product is batched over all chunks; the two passes over chunks are in-place prefix sums of [B * H, Dk, Dv]
-    blocks, so no per-chunk product, stack or autograd node is made: at D = 128 the state's blocks are the largest
-    tensors, and each pass over them is memory-bound."""
+    and backward, with R_n = dS_n + d_n R_{n+1} (R_N = dS_N, dS_n = Q_n^T dO_n) the gradient reaching S_n,
+        dA = tril(dO V^T),  dQ = dA K + dO S^T,  dK = dA^T Q (+ V R_{n+1}^T, or that is dK'),
+        dV = A^T dO + K' R_{n+1},  dd_n = <S_n, R_{n+1}>,  dS_0 = R_0.
+    Every product is batched over all chunks; the two passes over chunks are in-place prefix sums (carry_) of
+    [B * H, Dk, Dv] blocks, so no per-chunk product, stack or autograd node is made: at D = 128 the state's blocks
+    are the largest tensors, and each pass over them is memory-bound."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, s0: Tensor | None, C: int) -> tuple[Tensor, Tensor]:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, s0: Tensor | None, C: int, k_end: Tensor | None = None,
+                decay: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, T, H, Dk = q.shape
         Dv = v.shape[-1]
         Q, K, V = (to_chunk_major(x, C) for x in (q, k, v))
+        K_end = K if k_end is None else to_chunk_major(k_end, C)
         N = Q.shape[0] // (B * H)
         A = torch.bmm(Q, K.transpose(-1, -2)).tril_()
         starts = Q.new_empty(N + 1, B * H, Dk, Dv)
@@ -473,18 +499,17 @@ class _Plain(torch.autograd.Function):
             starts[0].zero_()
         else:
             starts[0].copy_(s0.reshape(B * H, Dk, Dv))
-        torch.bmm(K.transpose(-1, -2), V, out=starts[1:].view(-1, Dk, Dv))
-        for n in range(N):
-            starts[n + 1].add_(starts[n])
+        torch.bmm(K_end.transpose(-1, -2), V, out=starts[1:].view(-1, Dk, Dv))
+        carry_(starts, decay)
         o = torch.bmm(A, V).baddbmm_(Q, starts[:N].view(-1, Dk, Dv))
-        ctx.save_for_backward(Q, K, V, A, starts)
+        ctx.save_for_backward(Q, K, V, A, starts, None if k_end is None else K_end, decay)
         ctx.shape = B, T, H
         return from_chunk_major(o, B, T, H), starts[N].view(B, H, Dk, Dv).clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do: Tensor, dstate: Tensor) -> tuple[Tensor | None, ...]:
-        Q, K, V, A, starts = ctx.saved_tensors
+        Q, K, V, A, starts, K_end, decay = ctx.saved_tensors
         B, T, H = ctx.shape
         C, Dk, Dv = K.shape[1], K.shape[2], V.shape[2]
         N = starts.shape[0] - 1
@@ -494,24 +519,31 @@ class _Plain(torch.autograd.Function):
         R = Q.new_empty(N + 1, B * H, Dk, Dv)
         R[N].copy_(dstate.reshape(B * H, Dk, Dv))
         torch.bmm(Q.transpose(-1, -2), dO, out=R[:N].view(-1, Dk, Dv))
-        for n in range(N - 1, -1, -1):
-            R[n].add_(R[n + 1])
+        carry_(R, decay, reverse=True)
         after = R[1:].view(-1, Dk, Dv)  # R_{n+1}: what reaches the state each chunk's associations join
-        dK = torch.bmm(dA.transpose(-1, -2), Q).baddbmm_(V, after.transpose(-1, -2))
-        dV = torch.bmm(A.transpose(-1, -2), dO).baddbmm_(K, after)
+        dK = torch.bmm(dA.transpose(-1, -2), Q)
+        dK_end = torch.bmm(V, after.transpose(-1, -2))
+        dV = torch.bmm(A.transpose(-1, -2), dO).baddbmm_(K if K_end is None else K_end, after)
         ds0 = R[0].view(B, H, Dk, Dv).clone() if ctx.needs_input_grad[3] else None
-        return (*(from_chunk_major(x, B, T, H) for x in (dQ, dK, dV)), ds0, None)
+        dd = None
+        if decay is not None:
+            dd = (starts[:N] * R[1:]).sum(-1, keepdim=True)
+            dd = dd.sum(-2, keepdim=True) if decay.shape[-2] == 1 else dd
+        if K_end is None:
+            return (*(from_chunk_major(x, B, T, H) for x in (dQ, dK.add_(dK_end), dV)), ds0, None, None, None)
+        return (*(from_chunk_major(x, B, T, H) for x in (dQ, dK, dV)), ds0, None, from_chunk_major(dK_end, B, T, H),
+                dd)
 
 
 def _gated_scores(qc: Tensor, kc: Tensor, q_in: Tensor, G: Tensor, R: Tensor, mask: Tensor, vector: bool,
-                  u: Tensor | None, framed: Callable[[Tensor], Tensor] | None = None
+                  u: Tensor | None, framed: Callable[[Tensor], Tensor] | None = None, leaf: int | None = None
                   ) -> tuple[Tensor, int | None, Tensor | None]:
     """A chunk's decayed scores sum_d q_id k_jd exp(R_id - G_jd) on `mask` (the pairs j of query i: causal or a band;
     without the diagonal where a bonus u weighs it, which the caller adds), chunks [..., C, D], q_in = q exp(R)
     (framed). Returns (scores, the vector gate's leaf (None for a scalar gate), k exp(-G) where the chunk's start is
     every pair's reference (leaf == C), else None)."""
     framed = framed or _identity
-    leaf = _leaf_size(G) if vector else None
+    leaf = (leaf or _leaf_size(G)) if vector else None
     if leaf == qc.shape[-2]:  # exp(R_i - G_j) = exp(R_i) exp(-G_j), the second <= exp(SPAN)
         k_start = framed(kc * torch.exp(-G))
         return (q_in @ k_start.transpose(-1, -2)).masked_fill(~mask, 0.0), leaf, k_start

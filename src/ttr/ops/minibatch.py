@@ -347,7 +347,8 @@ def _stale(batch_size: int, momentum: bool):
             rows, n_l, j = slice(None), last // per_span, last % per_span
             before = max(j - 1, 0)
         else:
-            rows, n_l, j = torch.arange(G, device=last.device), last.div(per_span, rounding_mode="floor"), last % per_span
+            rows, j = torch.arange(G, device=last.device), last % per_span
+            n_l = last.div(per_span, rounding_mode="floor")
             before = (j - 1).clamp_min(0)
         X_l = X[rows, :, n_l]
         k_l = D_ends[rows, :, n_l, before] * k[rows, :, n_l]         # [G, H, C, Dk]
