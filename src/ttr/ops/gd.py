@@ -401,15 +401,17 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     before its own gate: exp(G_{i-1}) and exp(G_{i-1} - G_j) for j < i, and u for j = i. With an angle, q and k
     turn by the angle Theta turned since the chunk's start (module docstring) and the state by the chunk's total.
     """
-    G = None if g is None else to_chunks(g, C).cumsum(-2)  # [B, H, N, C, 1 or Dk]
+    T = q.shape[1]
+    if g is not None:  # the within-chunk cumulative log-gate, [B, N, C, H, 1 or Dk], and as [B, H, N, C, ..] (a view)
+        G_tokens = F.pad(g, (0, 0, 0, 0, 0, (-T) % C)).unflatten(1, (-1, C)).cumsum(2)
+        G = G_tokens.permute(0, 3, 1, 2, 4)
     plain = theta is None and u is None
     # the blocks over which one reference point factors the decays: the vector gate's scores' leaves, or whole chunks
     leaf = _leaf_size(G) if g is not None and (vector or plain) else None
     if plain and g is None:
         return _Plain.apply(q, k, v, s0, C)
     if plain and leaf == C:
-        return _factored(q, k, v, g, s0, C)
-    T = q.shape[1]
+        return _Plain.apply(q, k, v, s0, C, G_tokens.flatten(1, 2))
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
     B, H, N = qc.shape[:3]
     turns = [None] * N
@@ -427,6 +429,7 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
         chunk_decay = None
         updates = k_in.transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
     else:
+        G = G.contiguous()
         # the decay a query has seen: up to i, or up to i - 1 (the same floats as G_{i-1}: exp(G_{i-1} - G_{i-1}) = 1)
         G_read = G if u is None else F.pad(G[..., :-1, :], (0, 0, 1, 0))
         G_last = G[..., -1:, :]
@@ -457,59 +460,55 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     return from_chunks(o, T), state
 
 
-def _factored(q: Tensor, k: Tensor, v: Tensor, g: Tensor, s0: Tensor | None, C: int) -> tuple[Tensor, Tensor]:
-    """The gated chunk form where every chunk's decay factors through its start (_leaf_size(G) == C): with G the
-    within-chunk cumulative log-gate, exp(G_i - G_j) = exp(G_i) exp(-G_j), the second <= exp(SPAN). Then it is
-    the ungated form (_Plain) on q exp(G), k exp(-G), with the associations reaching the chunk's end by
-    k exp(G_last - G) <= 1 and the state decayed by exp(G_last) between chunks. g [B, T, H, 1 or Dk]."""
-    B, T, H, Dg = g.shape
-    N = -(-T // C)
-    q, k, g = (F.pad(x, (0, 0, 0, 0, 0, N * C - T)).unflatten(1, (N, C)) for x in (q, k, g))  # [B, N, C, H, D]
-    G = g.cumsum(2)
-    G_last = G[:, :, -1:]
-    scaled = (q * torch.exp(G), k * torch.exp(-G), k * torch.exp(G_last - G))
-    q_in, k_in, k_end = (x.flatten(1, 2)[:, :T] for x in scaled)
-    decay = torch.exp(G_last[:, :, 0]).movedim(1, 0).flatten(1, 2)[..., None]  # [N, B * H, 1 or Dk, 1]
-    return _Plain.apply(q_in, k_in, v, s0, C, k_end, decay)
-
-
 class _Plain(torch.autograd.Function):
-    """The ungated chunk form with its backward written out, chunk-major ([N * B * H, C, D]: to_chunk_major). With
-    A = tril(Q K^T) per chunk and the starts S_{n+1} = d_n S_n + K'_n^T V_n (K' = K and d = 1 unless given:
-    _factored),
+    """The chunk form with its backward written out, chunk-major ([N * B * H, C, D]: to_chunk_major), ungated or with
+    a gate whose decay within each chunk factors through the chunk's start (_leaf_size(G) == C): with G the
+    within-chunk cumulative log-gate, exp(G_i - G_j) = exp(G_i) exp(-G_j), the second <= exp(SPAN), so the form is
+    the ungated one on Q = q exp(G), K = k exp(-G) (G = 0 without a gate), with d = exp(G_last) decaying the state
+    between chunks and each chunk's associations on their way to its end. With A = tril(Q K^T) per chunk and the
+    starts S_{n+1} = d_n (S_n + K_n^T V_n),
         O_n = A_n V_n + Q_n S_n,
-    and backward, with R_n = dS_n + d_n R_{n+1} (R_N = dS_N, dS_n = Q_n^T dO_n) the gradient reaching S_n,
-        dA = tril(dO V^T),  dQ = dA K + dO S^T,  dK = dA^T Q (+ V R_{n+1}^T, or that is dK'),
-        dV = A^T dO + K' R_{n+1},  dd_n = <S_n, R_{n+1}>,  dS_0 = R_0.
+    and backward, with R_n = dS_n + d_n R_{n+1} (R_N = dS_N, dS_n = Q_n^T dO_n) the gradient reaching S_n and
+    R'_n = d_n R_{n+1} the one reaching chunk n's associations,
+        dA = tril(dO V^T),  dQ = dA K + dO S^T,  dK = dA^T Q + V R'^T,  dV = A^T dO + K R',  dS_0 = R_0,
+        dd_n = <S_n + K_n^T V_n, R_{n+1}> = <S_n, R_{n+1}> + sum_j K_j * (V R_{n+1}^T)_j   (by the rows d scales),
+        dG = dQ * Q - dK * K, and dd d more at each chunk's last token.
     Every product is batched over all chunks; the two passes over chunks are in-place prefix sums (carry_) of
     [B * H, Dk, Dv] blocks, so no per-chunk product, stack or autograd node is made: at D = 128 the state's blocks
     are the largest tensors, and each pass over them is memory-bound."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, s0: Tensor | None, C: int, k_end: Tensor | None = None,
-                decay: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, s0: Tensor | None, C: int,
+                G: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """G: the within-chunk cumulative log-gate [B, N * C, H, 1 or Dk] (padded as the gates were), or None."""
         B, T, H, Dk = q.shape
         Dv = v.shape[-1]
         Q, K, V = (to_chunk_major(x, C) for x in (q, k, v))
-        K_end = K if k_end is None else to_chunk_major(k_end, C)
         N = Q.shape[0] // (B * H)
+        Gc = decay = None
+        if G is not None:
+            Gc = to_chunk_major(G, C)                                # [N * B * H, C, 1 or Dk]
+            Q, K = _scaled(Q, Gc), _scaled(K, Gc, -1)
+            decay = torch.exp(Gc[:, -1:]).view(N, B * H, -1, 1)      # [N, B * H, 1 or Dk, 1]: the state's rows
         A = torch.bmm(Q, K.transpose(-1, -2)).tril_()
         starts = Q.new_empty(N + 1, B * H, Dk, Dv)
         if s0 is None:
             starts[0].zero_()
         else:
             starts[0].copy_(s0.reshape(B * H, Dk, Dv))
-        torch.bmm(K_end.transpose(-1, -2), V, out=starts[1:].view(-1, Dk, Dv))
+        torch.bmm(K.transpose(-1, -2), V, out=starts[1:].view(-1, Dk, Dv))
+        if decay is not None:
+            starts[1:].mul_(decay)
         carry_(starts, decay)
         o = torch.bmm(A, V).baddbmm_(Q, starts[:N].view(-1, Dk, Dv))
-        ctx.save_for_backward(Q, K, V, A, starts, None if k_end is None else K_end, decay)
+        ctx.save_for_backward(Q, K, V, A, starts, Gc, decay)
         ctx.shape = B, T, H
         return from_chunk_major(o, B, T, H), starts[N].view(B, H, Dk, Dv).clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do: Tensor, dstate: Tensor) -> tuple[Tensor | None, ...]:
-        Q, K, V, A, starts, K_end, decay = ctx.saved_tensors
+        Q, K, V, A, starts, Gc, decay = ctx.saved_tensors
         B, T, H = ctx.shape
         C, Dk, Dv = K.shape[1], K.shape[2], V.shape[2]
         N = starts.shape[0] - 1
@@ -521,18 +520,31 @@ class _Plain(torch.autograd.Function):
         torch.bmm(Q.transpose(-1, -2), dO, out=R[:N].view(-1, Dk, Dv))
         carry_(R, decay, reverse=True)
         after = R[1:].view(-1, Dk, Dv)  # R_{n+1}: what reaches the state each chunk's associations join
+        dV = torch.bmm(A.transpose(-1, -2), dO)
         dK = torch.bmm(dA.transpose(-1, -2), Q)
-        dK_end = torch.bmm(V, after.transpose(-1, -2))
-        dV = torch.bmm(A.transpose(-1, -2), dO).baddbmm_(K if K_end is None else K_end, after)
         ds0 = R[0].view(B, H, Dk, Dv).clone() if ctx.needs_input_grad[3] else None
-        dd = None
-        if decay is not None:
-            dd = (starts[:N] * R[1:]).sum(-1, keepdim=True)
-            dd = dd.sum(-2, keepdim=True) if decay.shape[-2] == 1 else dd
-        if K_end is None:
-            return (*(from_chunk_major(x, B, T, H) for x in (dQ, dK.add_(dK_end), dV)), ds0, None, None, None)
-        return (*(from_chunk_major(x, B, T, H) for x in (dQ, dK, dV)), ds0, None, from_chunk_major(dK_end, B, T, H),
-                dd)
+        if decay is None:
+            dK.baddbmm_(V, after.transpose(-1, -2))
+            dV.baddbmm_(K, after)
+            return (*(from_chunk_major(x, B, T, H) for x in (dQ, dK, dV)), ds0, None, None)
+        d = decay.view(-1, 1, decay.shape[-2])                      # [N * B * H, 1, 1 or Dk]
+        VR = torch.bmm(V, after.transpose(-1, -2))                  # [.., C, Dk]: V R_{n+1}^T
+        dd = (starts[:N].view_as(after) * after).sum(-1)[:, None] + (K * VR).sum(-2, keepdim=True)
+        dK.addcmul_(VR, d)
+        dV.baddbmm_(K, after * d.transpose(-1, -2))
+        dG = (dQ * Q).addcmul_(dK, K, value=-1)
+        if Gc.shape[-1] == 1:  # a scalar gate: one per token, over every channel
+            dG, dd = dG.sum(-1, keepdim=True), dd.sum(-1, keepdim=True)
+        dG[:, -1:] += dd * d
+        dq, dk = _scaled(dQ, Gc), _scaled(dK, Gc, -1)
+        return (*(from_chunk_major(x, B, T, H) for x in (dq, dk, dV)), ds0, None,
+                from_chunk_major(dG, B, N * C, H))
+
+
+def _scaled(x: Tensor, G: Tensor, sign: int = 1) -> Tensor:
+    """x exp(sign G) as one fresh tensor, made in place where G has x's shape (G may broadcast over x's last dim)."""
+    e = torch.exp(G) if sign > 0 else torch.neg(G).exp_()
+    return e.mul_(x) if e.shape == x.shape else x * e
 
 
 def _gated_scores(qc: Tensor, kc: Tensor, q_in: Tensor, G: Tensor, R: Tensor, mask: Tensor, vector: bool,
