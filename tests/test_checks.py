@@ -102,15 +102,14 @@ COMPILED = {
                                                                        mode=m, chunk_size=4),
     "softmax_window": lambda q, k, v, m: ops.local_polynomial_attention(q, k, v, window=4, mode=m),
     "local_quadratic": lambda q, k, v, m: ops.local_polynomial_attention(q, k, v, order=2, mode=m),
+    "local_linear_cg": lambda q, k, v, m: ops.local_polynomial_attention(q, k, v, order=1, mode=m, solver="cg"),
     "soft_attention": lambda q, k, v, m: ops.soft_attention(q, k, v, n_landmarks=4),
     "skyformer": lambda q, k, v, m: ops.skyformer(q, k, v, n_landmarks=4),
     "generic_recurrent": lambda q, k, v, m: GENERIC.op()(q, k, v, g=_GENERIC_GATE),
 }
 ENCODERS = ("soft_attention", "skyformer")  # non-causal: one form
-# local polynomial attention of order 1 and 2 reads its guard (a singular local design answers order 0) back
-READ_BACK = ("local_linear", "local_quadratic")
 COMPILE_CASES = [(op, mode) for op in sorted(COMPILED) for mode in ("chunk", "recurrent")
-                 if (mode == "chunk" or op not in ENCODERS) and op not in READ_BACK]
+                 if mode == "chunk" or op not in ENCODERS]
 FAST_COMPILE_CASES = [("linear_attention_vector", "chunk"), ("delta_rule", "recurrent"), ("titans", "chunk")]
 
 

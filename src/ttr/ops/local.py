@@ -66,6 +66,10 @@ CG_MIN_DIM = 32: at Dk = 16 the moments' forward is as fast (T = 1024: 53 vs 62 
 are 1.7-1.9x faster forward and 3.5-4.3x in training (T = 1024, 2048). Decoding keeps the moments: one pass over
 the cache where conjugate gradients take two a step (Dk = 64, 16 heads: 9 against 15 ms a token at 1k).
 
+Under torch.compile (while it traces) orders 1 and 2 take the path that always serves, as nothing may be read back:
+the moments in float64, each query's guard a selection (its design factorized again with the identity in its
+place, answered at order 0 where singular), in place of conjugate gradients and the float32 checks that choose.
+
 Order 0 is torch's scaled_dot_product_attention in both forms (a decoding step: one query over the filled
 prefix, no mask). The state is the cache of keys and values: the pair (K [B, T, H, Dk], V [B, T, H, Dv]),
 concatenated anew at every call, or a KVCache (ttr.ops.kv_cache), preallocated and written in place, whose
@@ -91,7 +95,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import (append_to_cache, check_mode, check_positive, check_qkv, check_step, compute_dtype,
+from .._checks import (append_to_cache, check_mode, check_positive, check_qkv, check_step, checking, compute_dtype,
                        finite_answer, scale_or)
 from ..weights import check_window
 from ._varlen import check_cu_seqlens, per_sequence
@@ -208,7 +212,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, *, initial_state: tuple[Tensor, 
     dt = compute_dtype(q.dtype)
     if isinstance(scale, Tensor):
         check_step("scale", scale, (H,))
-        if float(scale.detach().min()) <= 0:  # exp(scale q.k) is a smoothing kernel only for a positive scale
+        if checking() and float(scale.detach().min()) <= 0:  # exp(scale q.k) smooths only for a positive scale
             raise ValueError(f"scale must be positive per head, got min {float(scale.detach().min()):.4g}")
         scale = scale.to(dt)[:, None, None]                   # per head, against scores [B, H, n, T]
     else:
@@ -227,6 +231,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, *, initial_state: tuple[Tensor, 
     else:
         # decoding (one query a step) keeps the moments: they read the cache once, conjugate gradients twice a step
         cg = order == 1 and (solver == "cg" or solver == "auto" and mode == "chunk" and Dk >= CG_MIN_DIM)
+        cg = cg and not torch.compiler.is_compiling()  # its steps and fallbacks are chosen on values read back
         tol = cg_tol if cg_tol is not None else 1e-10 if dt == torch.float64 else 1e-4
         block = BLOCK if mode == "chunk" else 1
         top = starts[0] if isinstance(first, int) else max(starts)
@@ -392,7 +397,8 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int | Tensor, order: int,
     penalty = torch.ones(p, dtype=q.dtype, device=q.device)
     penalty[0] = 0.0
     G = A @ M @ A.transpose(-1, -2) + torch.diag_embed(ridge * omega[..., None] * penalty)
-    if q.dtype != torch.float64 and _cancels(A, M, G):
+    tracing = torch.compiler.is_compiling()  # nothing read back: float64, and the guard always a selection
+    if q.dtype != torch.float64 and (tracing or _cancels(A, M, G)):
         return _in_float64(q, k, v, pos, order, ridge, scale)
     e0 = torch.zeros(*G.shape[:-1], 1, dtype=q.dtype, device=q.device)
     e0[..., 0, 0] = 1.0
@@ -403,9 +409,9 @@ def _query_block(q: Tensor, k: Tensor, v: Tensor, pos: int | Tensor, order: int,
     # gradient times a NaN is still NaN); the common case factorizes once
     with torch.no_grad():
         singular = (info > 0) | ~(z[..., 0] * omega * math.sqrt(torch.finfo(q.dtype).eps) < 1.0)
-    if bool(singular.any()) and q.dtype != torch.float64:  # what is singular in float32 may not be in float64
+    if not tracing and bool(singular.any()) and q.dtype != torch.float64:  # float32's singular may not be float64's
         return _in_float64(q, k, v, pos, order, ridge, scale)
-    if bool(singular.any()):
+    if tracing or bool(singular.any()):
         G = torch.where(singular[..., None, None], torch.eye(p, dtype=q.dtype, device=q.device), G)
         z = torch.cholesky_solve(e0, torch.linalg.cholesky(G))[..., 0]
         z = torch.where(singular[..., None], e0[..., 0] / omega[..., None], z)
