@@ -48,6 +48,12 @@ def from_chunk_major(x: Tensor, B: int, T: int, H: int) -> Tensor:
     return x[:, :T].contiguous() if N * C != T else x
 
 
+def dot(x: Tensor, y: Tensor, dims: int = 1) -> Tensor:
+    """sum(x * y) over the last `dims` dims as one batched product, with no temporary the size of x."""
+    n = math.prod(x.shape[x.dim() - dims:])
+    return torch.bmm(x.reshape(-1, 1, n), y.reshape(-1, n, 1)).view(x.shape[:x.dim() - dims])
+
+
 def carry_(X: Tensor, decay: Tensor | None = None, reverse: bool = False) -> Tensor:
     """In place over X's leading dim, [N + 1, ...]: X_{n+1} += d_n X_n for n = 0 .. N - 1, which turns X_0 (a start)
     and X_{n+1} (chunk n's updates) into the states after each chunk; reverse: X_n += d_n X_{n+1} for n = N - 1 .. 0,
@@ -93,7 +99,7 @@ class _DecayedStates(torch.autograd.Function):
         carry_(R, d, reverse=True)
         dd = None
         if d is not None:
-            dd = (X[:-1] * R[1:]).sum(-1, keepdim=True)
+            dd = dot(X[:-1], R[1:])[..., None]
             dd = (dd.sum(-2, keepdim=True) if d.shape[-2] == 1 else dd).movedim(0, 2)
         return R[1:].movedim(0, 2), dd, R[0]
 
@@ -158,11 +164,10 @@ class _StatePass(torch.autograd.Function):
         dKo = torch.bmm(u.view_as(dU), after.transpose(-1, -2))
         dmix = None
         if mix is not None and mix.shape[1] == 1:
-            dmix = (X * after).sum((-1, -2), keepdim=True)
+            dmix = dot(X, after, 2)[:, None, None]
         elif mix is not None:  # a, c, e: <S, R_S>, <P, R_S>, <P, R_P>
             (S, P), (R_S, R_P) = X.chunk(2, -2), after.chunk(2, -2)
-            dmix = torch.stack([(S * R_S).sum((-1, -2)), (P * R_S).sum((-1, -2)), (P * R_P).sum((-1, -2))], 1)
-            dmix = dmix[..., None, None]
+            dmix = torch.stack([dot(S, R_S, 2), dot(P, R_S, 2), dot(P, R_P, 2)], 1)[..., None, None]
         return dU, dW, dKo, dmix, R[0]
 
 

@@ -56,8 +56,8 @@ from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state
                        finite_answer, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS, get_feature_map
 from ..weights import check_window
-from ._chunk import (carry_, causal_mask, check_chunk_size, decayed_states, from_chunk_major, from_chunks, masked_exp,
-                     to_chunk_major, to_chunks)
+from ._chunk import (carry_, causal_mask, check_chunk_size, decayed_states, dot, from_chunk_major, from_chunks,
+                     masked_exp, to_chunk_major, to_chunks)
 from ._entry import ENTRY_CHUNK, chunked_entry
 from ._varlen import check_cu_seqlens, run_packed
 
@@ -529,7 +529,7 @@ class _Plain(torch.autograd.Function):
             return (*(from_chunk_major(x, B, T, H) for x in (dQ, dK, dV)), ds0, None, None)
         d = decay.view(-1, 1, decay.shape[-2])                      # [N * B * H, 1, 1 or Dk]
         VR = torch.bmm(V, after.transpose(-1, -2))                  # [.., C, Dk]: V R_{n+1}^T
-        dd = (starts[:N].view_as(after) * after).sum(-1)[:, None] + (K * VR).sum(-2, keepdim=True)
+        dd = dot(starts[:N].view_as(after), after)[:, None] + (K * VR).sum(-2, keepdim=True)
         dK.addcmul_(VR, d)
         dV.baddbmm_(K, after * d.transpose(-1, -2))
         dG = (dQ * Q).addcmul_(dK, K, value=-1)
