@@ -7,7 +7,9 @@ tail equals the state after token T.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,32 @@ def from_chunk_major(x: Tensor, B: int, T: int, H: int) -> Tensor:
     return x[:, :T].contiguous() if N * C != T else x
 
 
+def written_out(reference: Callable[..., tuple[Tensor, ...]]):
+    """Decorates an autograd Function's written-out backward(ctx, *grads). Run as it is where no graph is asked for
+    (what once_differentiable gives); where one is (create_graph=True: Hessian-vector products, second-order
+    methods), the gradients of `reference`, the same computation in autograd ops, redone from the call's inputs
+    (ctx.inputs, in forward's order), so that they can be differentiated again."""
+    def decorate(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            # fresh aliases: the gradient reaches each input by its own path only, not also through another input
+            # made from it (a decay and the updates it scales)
+            inputs = [x.view_as(x) if isinstance(x, Tensor) else x for x in ctx.inputs]
+            wanted = [i for i, x in enumerate(inputs) if isinstance(x, Tensor) and ctx.needs_input_grad[i]]
+            outs = reference(*inputs)
+            pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                      create_graph=True, allow_unused=True)
+            result: list[Tensor | None] = [None] * len(inputs)
+            for i, g in zip(wanted, got):
+                result[i] = g
+            return tuple(result)
+        return run
+    return decorate
+
+
 def dot(x: Tensor, y: Tensor, dims: int = 1) -> Tensor:
     """sum(x * y) over the last `dims` dims as one batched product, with no temporary the size of x."""
     n = math.prod(x.shape[x.dim() - dims:])
@@ -75,6 +103,15 @@ def decayed_states(updates: Tensor, decay: Tensor | None, s0: Tensor) -> tuple[T
     return _DecayedStates.apply(updates, decay, s0)
 
 
+def _decayed_reference(updates: Tensor, decay: Tensor | None, s0: Tensor) -> tuple[Tensor, Tensor]:
+    """decayed_states in autograd ops, step by step (for gradients of gradients: written_out)."""
+    X, starts = s0, []
+    for n, U in enumerate(updates.unbind(2)):
+        starts.append(X)
+        X = (X if decay is None else X * decay[:, :, n]) + U
+    return torch.stack(starts, 2), X
+
+
 class _DecayedStates(torch.autograd.Function):
     """decayed_states with its backward: R_N = dX_N, R_n = dX_n + d_n R_{n+1}; dU_n = R_{n+1}, ds0 = R_0,
     dd_n = <X_n, R_{n+1}> over what d_n broadcasts over."""
@@ -87,10 +124,11 @@ class _DecayedStates(torch.autograd.Function):
         d = None if decay is None else decay.movedim(2, 0)
         carry_(X, d)
         ctx.save_for_backward(d, X)
+        ctx.inputs = updates, decay, s0
         return X[:-1].movedim(0, 2), X[-1].clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @written_out(_decayed_reference)
     def backward(ctx, dstarts: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
         d, X = ctx.saved_tensors
         R = torch.empty_like(X)
@@ -113,6 +151,26 @@ def state_pass(u_free: Tensor, w: Tensor, k_out: Tensor, mix: Tensor | None, s0:
     the coefficients (a, c, e) [.., 3, 1, 1] of [a S + c P; e P]. Returns (u [N * B * H, C, Dv], the chunks' start
     states X_0 .. X_{N-1} [N, B * H, Dx, Dv], the final state X_N [B * H, Dx, Dv])."""
     return _StatePass.apply(u_free, w, k_out, mix, s0)
+
+
+def _state_pass_reference(u_free: Tensor, w: Tensor, k_out: Tensor, mix: Tensor | None,
+                          s0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """state_pass in autograd ops, chunk by chunk (for gradients of gradients: written_out)."""
+    BH = s0.shape[0]
+    N = u_free.shape[0] // BH
+    Uf, W, Ko = (x.view(N, BH, *x.shape[1:]) for x in (u_free, w, k_out))
+    coef = None if mix is None else mix.view(N, BH, *mix.shape[1:])
+    X, us, starts = s0, [], []
+    for n in range(N):
+        starts.append(X)
+        us.append(Uf[n] - W[n] @ X)
+        if mix is not None and mix.dim() == 4:  # (a, c, e): [a S + c P; e P]
+            (S, P), (a, c, e) = X.chunk(2, -2), coef[n].unbind(1)
+            X = torch.cat([a * S + c * P, e * P], -2)
+        elif coef is not None:
+            X = coef[n] * X
+        X = X + Ko[n].transpose(-1, -2) @ us[-1]
+    return torch.stack(us).view_as(u_free), torch.stack(starts), X
 
 
 class _StatePass(torch.autograd.Function):
@@ -139,10 +197,11 @@ class _StatePass(torch.autograd.Function):
             else:
                 _mix(states[n], coef[n], states[n + 1]).baddbmm_(Ko[n].transpose(-1, -2), u[n])
         ctx.save_for_backward(w, k_out, mix, u, states)
+        ctx.inputs = u_free, w, k_out, mix, s0
         return u.view_as(u_free), states[:N], states[N].clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @written_out(_state_pass_reference)
     def backward(ctx, du: Tensor, dstarts: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
         w, k_out, mix, u, states = ctx.saved_tensors
         N, BH, Dx, Dv = states.shape[0] - 1, *states.shape[1:]

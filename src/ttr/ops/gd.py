@@ -57,7 +57,7 @@ from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state
 from ..features import FEATURE_MAPS, get_feature_map
 from ..weights import check_window
 from ._chunk import (carry_, causal_mask, check_chunk_size, decayed_states, dot, from_chunk_major, from_chunks,
-                     masked_exp, to_chunk_major, to_chunks)
+                     masked_exp, to_chunk_major, to_chunks, written_out)
 from ._entry import ENTRY_CHUNK, chunked_entry
 from ._varlen import check_cu_seqlens, run_packed
 
@@ -410,7 +410,7 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     leaf = _leaf_size(G) if g is not None and (vector or plain) else None
     if plain and g is None:
         return _Plain.apply(q, k, v, s0, C)
-    if plain and leaf == C:
+    if plain and leaf == C > 1:  # (one token a chunk: _leaf_size checks no span, and the blocked path needs none)
         return _Plain.apply(q, k, v, s0, C, G_tokens.flatten(1, 2))
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, D]
     B, H, N = qc.shape[:3]
@@ -460,6 +460,26 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     return from_chunks(o, T), state
 
 
+def _plain_reference(q: Tensor, k: Tensor, v: Tensor, s0: Tensor | None, C: int,
+                     G: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """_Plain in autograd ops, the state passed chunk by chunk (for gradients of gradients: written_out)."""
+    B, T, H, Dk = q.shape
+    Q, K, V = (to_chunk_major(x, C) for x in (q, k, v))
+    N = Q.shape[0] // (B * H)
+    decay = None
+    if G is not None:
+        Gc = to_chunk_major(G, C)
+        Q, K, decay = Q * torch.exp(Gc), K * torch.exp(-Gc), torch.exp(Gc[:, -1:]).view(N, B * H, -1, 1)
+    updates = (K.transpose(-1, -2) @ V).view(N, B * H, Dk, -1)
+    S = Q.new_zeros(updates.shape[1:]) if s0 is None else s0.reshape(updates.shape[1:])
+    starts = []
+    for n in range(N):
+        starts.append(S)
+        S = S + updates[n] if decay is None else (S + updates[n]) * decay[n]
+    o = (Q @ K.transpose(-1, -2)).tril() @ V + Q @ torch.stack(starts).flatten(0, 1)
+    return from_chunk_major(o, B, T, H), S.view(B, H, Dk, -1)
+
+
 class _Plain(torch.autograd.Function):
     """The chunk form with its backward written out, chunk-major ([N * B * H, C, D]: to_chunk_major), ungated or with
     a gate whose decay within each chunk factors through the chunk's start (_leaf_size(G) == C): with G the
@@ -502,11 +522,11 @@ class _Plain(torch.autograd.Function):
         carry_(starts, decay)
         o = torch.bmm(A, V).baddbmm_(Q, starts[:N].view(-1, Dk, Dv))
         ctx.save_for_backward(Q, K, V, A, starts, Gc, decay)
-        ctx.shape = B, T, H
+        ctx.shape, ctx.inputs = (B, T, H), (q, k, v, s0, C, G)
         return from_chunk_major(o, B, T, H), starts[N].view(B, H, Dk, Dv).clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @written_out(_plain_reference)
     def backward(ctx, do: Tensor, dstate: Tensor) -> tuple[Tensor | None, ...]:
         Q, K, V, A, starts, Gc, decay = ctx.saved_tensors
         B, T, H = ctx.shape
