@@ -333,15 +333,16 @@ def _stale(batch_size: int, momentum: bool):
             c_ends, decay_P, k_P = with_P
             k_out = torch.cat([k_out, k_P], -1)
             mix = torch.stack([a_ends[:, :, :, -1], c_ends[:, :, :, -1], decay_P], 3)
-        major = [None if x is None else x.movedim(2, 0).reshape(N * G * H, *x.shape[3:]) for x in (free, from_S,
-                                                                                                  k_out, mix)]
+        chunk_major = (None if x is None else x.movedim(2, 0).reshape(N * G * H, *x.shape[3:])
+                       for x in (free, from_S, k_out, mix))
         X0 = torch.cat(weights, -2) if momentum else S
-        u, X, final = state_pass(*major, X0.flatten(0, 1))
+        u, X, final = state_pass(*chunk_major, X0.flatten(0, 1))
         u, X = u.view(N, G, H, C, Dv).movedim(0, 2), X.view(N, G, H, *X0.shape[-2:]).movedim(0, 2)
         out = read @ X + scores @ u                                  # a_t q_t S_0 + c_t q_t P_0 + ...
         final = final.view_as(X0)
+        final = [final[..., :Dk, :], final[..., Dk:, :]] if momentum else [final]  # [S, P] (sliced: writable views)
         if N == 0:
-            return out.flatten(2, 3), [final[..., :Dk, :], final[..., Dk:, :]] if momentum else [final], [S_start]
+            return out.flatten(2, 3), final, [S_start]
         # the start weights of the mini-batch holding each row's last token: S after mini-batch j - 1 of its chunk
         if isinstance(last, int):
             rows, n_l, j = slice(None), last // per_span, last % per_span
@@ -360,7 +361,7 @@ def _stale(batch_size: int, momentum: bool):
         else:
             at_start = torch.where((n_l == 0)[:, None, None, None], S_start, X_l[:, :, :Dk])
             ends_in = torch.where((j == 0)[:, None, None, None], at_start, S_l)
-        return out.flatten(2, 3), [final[..., :Dk, :], final[..., Dk:, :]] if momentum else [final], [ends_in]
+        return out.flatten(2, 3), final, [ends_in]
     return prepare, sweep
 
 
