@@ -263,6 +263,62 @@ def test_chunks_of_minibatches_equal_recurrent_in_every_gradient(name, span):
         assert max_rel(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("layout", ["whole", "resumed", "packed"])
+def test_ttt_mlp_chunk_form_equals_recurrent_in_every_gradient(layout):
+    """TTT-MLP's written-out pass: every input's gradient (rates and both starting weights too), through the answer,
+    the final weights and the start weights, equals the token-by-token form; whole rows, a call resumed inside a
+    mini-batch (its first mini-batch in autograd ops, the rest through the pass), and packed rows of lengths that
+    end in different mini-batches."""
+    B, T, H, D, Dh = 2, 37, 2, 5, 7
+    q, k, v = make_qkv(B, T, H, D, D, requires_grad=True)
+    lr = _rand(B, T, H, hi=0.3, requires_grad=True)
+    gen = torch.Generator().manual_seed(3)
+    W1 = (0.5 * torch.randn(B, H, Dh, D, generator=gen, dtype=torch.float64)).requires_grad_()
+    W2 = (0.5 * torch.randn(B, H, D, Dh, generator=gen, dtype=torch.float64)).requires_grad_()
+    w = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+    leaves = [q, k, v, lr, W1, W2]
+
+    def run(mode):
+        kw = dict(batch_size=4, mode=mode, output_final_state=True, qk_l2norm=True)
+        if layout == "packed":  # rows of 37, 9 and 28 tokens: the last mini-batch of each starts at 36, 8, 24
+            cu = torch.tensor([0, 37, 46, 74])
+            flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, lr)]
+            weights = tuple(torch.cat([x, x[:1]]) for x in (W1, W2))
+            o, state = ops.ttt_mlp(*flat, initial_state=weights, cu_seqlens=cu, **kw)
+            o = o.view(B, T, H, D)
+        elif layout == "resumed":  # 6 tokens, then the rest from inside the second mini-batch
+            o1, state = ops.ttt_mlp(q[:, :6], k[:, :6], v[:, :6], lr[:, :6], initial_state=(W1, W2), **kw)
+            o2, state = ops.ttt_mlp(q[:, 6:], k[:, 6:], v[:, 6:], lr[:, 6:], initial_state=state, **kw)
+            o = torch.cat([o1, o2], 1)
+        else:
+            o, state = ops.ttt_mlp(q, k, v, lr, initial_state=(W1, W2), **kw)
+        loss = (o * w).sum() + sum((x * x).sum() for x in state.weights + state.start)
+        return [o, *state.weights, *state.start, *torch.autograd.grad(loss, leaves)]
+
+    for a, b in zip(run("chunk"), run("recurrent")):
+        assert max_rel(a, b) < 1e-12
+
+
+def test_ttt_mlp_float32_answer_and_gradients_agree_with_float64():
+    """The written-out pass in float32 (its buffers, strided outputs and in-place products) against float64, at
+    sizes where the products take their vectorized paths: T = 70 (four mini-batches of 16 and 6 tokens)."""
+    B, T, H, D, Dh = 1, 70, 2, 16, 64
+    q, k, v = make_qkv(B, T, H, D, D)
+    lr = _rand(B, T, H, hi=0.1)
+    gen = torch.Generator().manual_seed(3)
+    W1, W2 = (0.3 * torch.randn(B, H, *shape, generator=gen, dtype=torch.float64) for shape in [(Dh, D), (D, Dh)])
+    w = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64)
+
+    def run(dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v, lr, W1, W2)]
+        o, state = ops.ttt_mlp(*leaves[:4], initial_state=tuple(leaves[4:]), qk_l2norm=True, output_final_state=True)
+        loss = (o * w.to(dtype)).sum() + sum((x * x).sum() for x in state.weights)
+        return [o, *state.weights, *torch.autograd.grad(loss, leaves)]
+
+    for a, b in zip(run(torch.float32), run(torch.float64)):
+        assert max_rel(a.double(), b) < 1e-5  # float32 rounding: about 3e-7 here
+
+
 def test_ttt_linear_with_batch_one_is_deltanet():
     q, k, v = make_qkv(2, 17, 2, 6, 6)
     lr = _rand(2, 17, 2, hi=1.5)

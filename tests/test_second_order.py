@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import hvp
 
-from ttr.ops import delta_rule, linear_attention, titans, ttt_linear
+from ttr.ops import delta_rule, linear_attention, titans, ttt_linear, ttt_mlp
 
 from conftest import make_qkv, max_rel
 
@@ -31,6 +31,8 @@ OPS = {
     "titans": lambda q, k, v, s, g, m: titans(q, k, v, 0.1 * _RATE, torch.full_like(_RATE, 0.5), g[..., 0],
                                            batch_size=2, initial_state=(s, s), output_final_state=True, mode=m,
                                            chunk_size=4),
+    "ttt_mlp": lambda q, k, v, s, g, m: ttt_mlp(q, k, v, 0.1 * _RATE, batch_size=2, initial_state=(s, s.mT),
+                                             output_final_state=True, mode=m),
 }
 
 

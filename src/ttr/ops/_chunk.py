@@ -65,7 +65,7 @@ def written_out(reference: Callable[..., tuple[Tensor, ...]]):
             inputs = [x.view_as(x) if isinstance(x, Tensor) else x for x in ctx.inputs]
             wanted = [i for i, x in enumerate(inputs) if isinstance(x, Tensor) and ctx.needs_input_grad[i]]
             outs = reference(*inputs)
-            pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad]
+            pairs = [(o, g) for o, g in zip(outs, grads) if o.requires_grad and g is not None]  # None: not asked for
             got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
                                       create_graph=True, allow_unused=True)
             result: list[Tensor | None] = [None] * len(inputs)

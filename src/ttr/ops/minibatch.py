@@ -10,7 +10,8 @@ Optimizer   mini-batch GD with inner learning rate eta_t and mini-batch size b: 
 TTT-MLP's chunk form is TTT's dual form: the chunk is the mini-batch, and y_t needs no per-token weights:
     W1_t q = W1_0 q - sum_i eta_i (k_i . q) delta_i,     W2_t h = W2_0 h - sum_i eta_i (a_i . h) e_i,
 with e_i the residual, a_i the hidden activations and delta_i the back-propagated residual at W_0. Each
-mini-batch's W_0 is a nonlinear function of the last, so its loop over mini-batches stays sequential.
+mini-batch's W_0 is a nonlinear function of the last, so its loop over mini-batches stays sequential: one pass
+each way with the backward written out (_MLPPass), whose steps read each mini-batch's weights once.
 The inner model here has no layer norm or residual connection (the TTT paper's f adds both).
 
 Titans (linear memory) adds momentum and decay to the same mini-batch gradients g_t = grad l_t(M_0):
@@ -55,7 +56,7 @@ from torch import Tensor
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking,
                        compute_dtype, is_int, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
-from ._chunk import decay_mask, state_pass, to_chunks
+from ._chunk import decay_mask, dot, state_pass, to_chunks, written_out
 from ._varlen import check_cu_seqlens, padded_groups
 
 
@@ -414,6 +415,162 @@ def gelu_derivative(z: Tensor) -> Tensor:
     return 0.5 * (1.0 + torch.erf(z * 0.5 ** 0.5)) + z * torch.exp(-0.5 * z * z) * (2 * torch.pi) ** -0.5
 
 
+def _gelu_curvature(z: Tensor) -> Tensor:
+    """d^2/dz^2 [z Phi(z)] = phi(z) (2 - z^2)."""
+    return torch.exp(-0.5 * z * z) * (2 * torch.pi) ** -0.5 * (2.0 - z * z)
+
+
+def _mlp_step(k: Tensor, q: Tensor, v: Tensor, lr: Tensor, scores: Tensor, W1: Tensor, W2: Tensor, W1_0: Tensor,
+              W2_0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One TTT-MLP mini-batch in autograd ops (the dual form, module docstring): k, q [.., b, Dk], v [.., b, Dv],
+    lr [.., b, 1], scores tril(q k^T); gradients at the start weights (W1_0, W2_0), the read-out at the weights
+    (W1, W2) each token has reached. Returns (o [.., b, Dv], W1 and W2 after the mini-batch)."""
+    z = k @ W1_0.transpose(-1, -2)
+    a = F.gelu(z)                                                          # [.., b, Dh], at W_0
+    step2 = lr * (a @ W2_0.transpose(-1, -2) - v)                          # eta_i e_i
+    step1 = torch.ops.aten.gelu_backward(step2 @ W2_0, z)                  # eta_i delta_i = eta_i gelu'(z) W2^T e_i
+    hidden = F.gelu(q @ W1.transpose(-1, -2) - scores @ step1)             # gelu(W1_t q_t)
+    out = hidden @ W2.transpose(-1, -2) - (hidden @ a.transpose(-1, -2)).tril() @ step2  # W2_t gelu(W1_t q_t)
+    return out, W1 - step1.transpose(-1, -2) @ k, W2 - step2.transpose(-1, -2) @ a
+
+
+def _mlp_reference(k: Tensor, q: Tensor, v: Tensor, lr: Tensor, scores: Tensor, W1: Tensor, W2: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """_mlp_pass in autograd ops, mini-batch by mini-batch (for gradients of gradients: written_out)."""
+    outs, starts = [], []
+    for n in range(k.shape[0]):
+        starts.append((W1, W2))
+        out, W1, W2 = _mlp_step(k[n], q[n], v[n], lr[n], scores[n], W1, W2, W1, W2)
+        outs.append(out)
+    W1s, W2s = (torch.stack(x) for x in zip(*starts))
+    return torch.stack(outs), W1s, W2s, W1, W2
+
+
+def _mlp_pass(k: Tensor, q: Tensor, v: Tensor, lr: Tensor, scores: Tensor, W1: Tensor, W2: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """TTT-MLP over N mini-batches in sequence, each from its start (chunk-major: [N, B * H, b, ..]): k, q
+    [N, BH, b, Dk], v [N, BH, b, Dv], lr [N, BH, b, 1], scores tril(q k^T) [N, BH, b, b], W1 [BH, Dh, Dk],
+    W2 [BH, Dv, Dh]. Returns (o [N, BH, b, Dv], each mini-batch's start weights W1 [N, BH, Dh, Dk] and
+    W2 [N, BH, Dv, Dh], the final W1 and W2)."""
+    return _MLPPass.apply(k, q, v, lr, scores, W1, W2)
+
+
+class _MLPPass(torch.autograd.Function):
+    """_mlp_pass with its backward written out, step by step in both directions: each mini-batch's weights are
+    read while they are in cache, and only they are kept (one buffer). Forward, from W1, W2:
+        [z; p] = [k; q] W1^T,  a = gelu(z),  e = a W2^T - v,  s2 = eta e,  r = s2 W2,  s1 = gelu'(z) r,
+        pre = p - scores s1,  h = gelu(pre),  mix = tril(h a^T),  o = h W2^T - mix s2,
+        W1' = W1 - s1^T k,  W2' = W2 - s2^T a.
+    Backward, with R1, R2 the gradients reaching W1', W2' (running sums) and dmix = tril(do s2^T):
+        dpre = gelu'(pre) (do W2 - dmix a),  dq = dpre W1,  dscores = -dpre s1^T,
+        ds1 = -scores^T dpre - k R1^T,  dr = gelu'(z) ds1,  ds2 = -mix^T do - a R2^T + dr W2^T,  de = eta ds2,
+        da = -dmix^T h - s2 R2 + de W2,  dz = gelu''(z) r ds1 + gelu'(z) da,  dk = dz W1 - s1 R1,
+        R1 <- R1 + dz^T k + dpre^T q,  R2 <- R2 + s2^T dr + de^T a + do^T h."""
+
+    @staticmethod
+    def forward(ctx, k: Tensor, q: Tensor, v: Tensor, lr: Tensor, scores: Tensor, W1: Tensor, W2: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        N, BH, b, Dk = k.shape
+        Dh, Dv = W1.shape[1], W2.shape[1]
+        W1s, W2s = W1.new_empty(N + 1, BH, Dh, Dk), W2.new_empty(N + 1, BH, Dv, Dh)  # each step writes the next
+        W1s[0].copy_(W1)
+        W2s[0].copy_(W2)
+        kq = torch.cat([k, q], -2)
+        zp = k.new_empty(N, BH, 2 * b, Dh)  # [z; p], one product
+        a, h, pre, r, s1 = (k.new_empty(N, BH, b, Dh) for _ in range(5))  # contiguous: gelu's out= (float32)
+        e, s2, o = (v.new_empty(N, BH, b, Dv) for _ in range(3))
+        mix = k.new_empty(N, BH, b, b)
+        for n in range(N):
+            W1_, W2_, z = W1s[n], W2s[n], zp[n, :, :b]
+            torch.bmm(kq[n], W1_.transpose(-1, -2), out=zp[n])
+            torch.ops.aten.gelu.out(z, out=a[n])
+            torch.baddbmm(v[n], a[n], W2_.transpose(-1, -2), beta=-1, out=e[n])
+            torch.mul(e[n], lr[n], out=s2[n])
+            torch.bmm(s2[n], W2_, out=r[n])
+            torch.ops.aten.gelu_backward.grad_input(r[n], z, grad_input=s1[n])
+            torch.baddbmm(zp[n, :, b:], scores[n], s1[n], alpha=-1, out=pre[n])
+            torch.ops.aten.gelu.out(pre[n], out=h[n])
+            torch.bmm(h[n], a[n].transpose(-1, -2), out=mix[n]).tril_()
+            torch.bmm(h[n], W2_.transpose(-1, -2), out=o[n]).baddbmm_(mix[n], s2[n], alpha=-1)
+            torch.baddbmm(W1_, s1[n].transpose(-1, -2), k[n], alpha=-1, out=W1s[n + 1])
+            torch.baddbmm(W2_, s2[n].transpose(-1, -2), a[n], alpha=-1, out=W2s[n + 1])
+        ctx.save_for_backward(kq, lr, scores, W1s, W2s, zp, a, h, pre, r, s1, e, s2, mix)
+        ctx.inputs = k, q, v, lr, scores, W1, W2
+        ctx.set_materialize_grads(False)  # the start weights' gradients are mostly absent: no zeros the size of W1s
+        return o, W1s[:N], W2s[:N], W1s[N].clone(), W2s[N].clone()
+
+    @staticmethod
+    @written_out(_mlp_reference)
+    def backward(ctx, do: Tensor | None, dW1s: Tensor | None, dW2s: Tensor | None, dW1: Tensor | None,
+                 dW2: Tensor | None) -> tuple[Tensor | None, ...]:
+        kq, lr, scores, W1s, W2s, zp, a, h, pre, r, s1, e, s2, mix = ctx.saved_tensors
+        N, BH, b2, Dv = *kq.shape[:3], s2.shape[-1]
+        b = b2 // 2
+        R1 = dW1.clone() if dW1 is not None else W1s.new_zeros(W1s.shape[1:])
+        R2 = dW2.clone() if dW2 is not None else W2s.new_zeros(W2s.shape[1:])
+        do = s2.new_zeros(s2.shape) if do is None else do
+        dkq, dscores, ds2, de = (torch.empty_like(x) for x in (kq, scores, s2, e))
+        dzp = zp.new_empty(zp.shape[1:])  # [dz; dpre]
+        ds1, dr, da, dhidden = (r.new_empty(r.shape[1:]) for _ in range(4))
+        sR1 = kq.new_empty(BH, b, kq.shape[-1])
+        dmix = mix.new_empty(mix.shape[1:])
+        for n in range(N - 1, -1, -1):  # R1, R2: the gradients reaching W1_{n+1}, W2_{n+1}
+            W1_, W2_, k, z, dz, dpre = W1s[n], W2s[n], kq[n, :, :b], zp[n, :, :b], dzp[:, :b], dzp[:, b:]
+            torch.bmm(do[n], s2[n].transpose(-1, -2), out=dmix).tril_()
+            torch.bmm(do[n], W2_, out=dhidden).baddbmm_(dmix, a[n], alpha=-1)
+            torch.ops.aten.gelu_backward.grad_input(dhidden, pre[n], grad_input=dpre)
+            torch.bmm(dpre, s1[n].transpose(-1, -2), out=dscores[n]).neg_()
+            torch.bmm(scores[n].transpose(-1, -2), dpre, out=ds1).baddbmm_(k, R1.transpose(-1, -2), beta=-1, alpha=-1)
+            torch.bmm(mix[n].transpose(-1, -2), do[n], out=ds2[n]).baddbmm_(a[n], R2.transpose(-1, -2), beta=-1,
+                                                                              alpha=-1)
+            torch.bmm(dmix.transpose(-1, -2), h[n], out=da).baddbmm_(s2[n], R2, beta=-1, alpha=-1)
+            torch.ops.aten.gelu_backward.grad_input(ds1, z, grad_input=dr)
+            ds2[n].baddbmm_(dr, W2_.transpose(-1, -2))
+            torch.mul(ds2[n], lr[n], out=de[n])
+            da.baddbmm_(de[n], W2_)
+            torch.ops.aten.gelu_backward.grad_input(da, z, grad_input=dz)
+            dz.addcmul_(_gelu_curvature(z).mul_(r[n]), ds1)
+            torch.bmm(s1[n], R1, out=sR1)
+            torch.bmm(dzp, W1_, out=dkq[n])
+            dkq[n, :, :b].sub_(sR1)
+            R1.baddbmm_(dzp.transpose(-1, -2), kq[n])
+            R2.baddbmm_(de[n].transpose(-1, -2), a[n]).baddbmm_(do[n].transpose(-1, -2), h[n])
+            R2.baddbmm_(s2[n].transpose(-1, -2), dr)
+            if dW1s is not None:
+                R1.add_(dW1s[n])
+            if dW2s is not None:
+                R2.add_(dW2s[n])
+        dk, dq = dkq.split(b, -2)
+        return dk, dq, de.neg_(), dot(ds2, e)[..., None], dscores, R1, R2
+
+
+def _mlp_sweep(pre: list[Tensor], weights: list[Tensor], start: list[Tensor], last: Tensor | int, per_span: int
+               ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """TTT-MLP's sweep for _chunk_loop (a chunk is a mini-batch): a call that resumes inside a mini-batch takes
+    that one in autograd ops (its gradients at the start weights, its read-out at the weights), then every
+    mini-batch from its start through _mlp_pass."""
+    (W1, W2), (W1_0, W2_0) = weights, start
+    G, H, N = pre[0].shape[:3]
+    outs, first = [], 0  # N >= 1: calls hold tokens
+    if W1 is not W1_0:
+        out, W1, W2 = _mlp_step(*(x[:, :, 0] for x in pre), W1, W2, W1_0, W2_0)
+        outs, first = [out], 1
+    W1s, W2s = W1[None], W2[None]  # no pass (one mini-batch, resumed): every row's last is the first
+    if N > first:
+        chunk_major = [x[:, :, first:].movedim(2, 0).flatten(1, 2).contiguous() for x in pre]  # [N', G * H, b, ..]
+        o, W1s, W2s, W1, W2 = _mlp_pass(*chunk_major, W1.flatten(0, 1), W2.flatten(0, 1))
+        outs.append(o.unflatten(1, (G, H)).permute(1, 2, 0, 3, 4).flatten(2, 3))
+        W1s, W2s, W1, W2 = (x.unflatten(-3, (G, H)) for x in (W1s, W2s, W1, W2))
+    # the start weights of the mini-batch holding each row's last token: mini-batch j starts from W*s[j - first]
+    if isinstance(last, int):
+        ends_in = [W1_0, W2_0] if last == 0 else [W1s[last - first], W2s[last - first]]
+    else:
+        rows, j = torch.arange(G, device=last.device), (last - first).clamp_min(0)
+        at_start = (last == 0)[:, None, None, None]
+        ends_in = [torch.where(at_start, s, x[j, rows]) for s, x in zip((W1_0, W2_0), (W1s, W2s))]
+    return torch.cat(outs, 2) if len(outs) > 1 else outs[0], [W1, W2], ends_in
+
+
 def ttt_mlp(
     q: Tensor,
     k: Tensor,
@@ -462,25 +619,9 @@ def ttt_mlp(
 
     def prepare(chunks):  # what needs no weights, for every mini-batch at once
         q_n, k_n, v_n, l_n, _ = chunks
-        return [torch.cat([k_n, q_n], -2), k_n, v_n, l_n[..., None], (q_n @ k_n.transpose(-1, -2)).tril()]
+        return [k_n, q_n, v_n, l_n[..., None], (q_n @ k_n.transpose(-1, -2)).tril()]
 
-    def chunk(chunk, weights, start):
-        kq, k_n, v_n, l_n, scores = chunk
-        (W1, W2), (W1_0, W2_0) = weights, start
-        C = k_n.shape[-2]
-        if W1 is W1_0:  # the mini-batch starts here: keys and queries meet the same W1 (one product)
-            z, pre = (kq @ W1.transpose(-1, -2)).split(C, -2)
-        else:  # resumed inside a mini-batch: the gradients at W_0, the read-out at W_t
-            z, pre = k_n @ W1_0.transpose(-1, -2), kq[..., C:, :] @ W1.transpose(-1, -2)
-        a = F.gelu(z)                                                      # [B, H, C, Dh], at W_0
-        step2 = l_n * torch.baddbmm(-v_n.flatten(0, 1), a.flatten(0, 1), W2_0.transpose(-1, -2).flatten(0, 1)
-                                    ).view_as(v_n)                         # eta_i e_i
-        step1 = torch.ops.aten.gelu_backward(step2 @ W2_0, z)              # eta_i delta_i = eta_i gelu'(z) W2^T e_i
-        hidden = F.gelu(_minus(pre, scores, step1))                        # gelu(W1_t q_t)
-        out = _minus(hidden @ W2.transpose(-1, -2), (hidden @ a.transpose(-1, -2)).tril(), step2)  # W2_t gelu(..)
-        return out, [_minus(W1, step1.transpose(-1, -2), k_n), _minus(W2, step2.transpose(-1, -2), a)]
-
-    o, final = _run("ttt_mlp", _one_batch(recurrent if mode == "recurrent" else chunk), [q, k, v, lr], batch_size,
+    o, final = _run("ttt_mlp", _one_batch(recurrent) if mode == "recurrent" else _mlp_sweep, [q, k, v, lr], batch_size,
                     batch_size, offset, weights, start, cu_seqlens, None if mode == "recurrent" else prepare)
     return o.to(out_dtype), (final if output_final_state else None)
 
