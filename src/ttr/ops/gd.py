@@ -403,7 +403,7 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, theta: Tensor | 
     """
     T = q.shape[1]
     if g is not None:  # the within-chunk cumulative log-gate, [B, N, C, H, 1 or Dk], and as [B, H, N, C, ..] (a view)
-        G_tokens = F.pad(g, (0, 0, 0, 0, 0, (-T) % C)).unflatten(1, (-1, C)).cumsum(2)
+        G_tokens = (F.pad(g, (0, 0, 0, 0, 0, (-T) % C)) if T % C else g).unflatten(1, (-1, C)).cumsum(2)
         G = G_tokens.permute(0, 3, 1, 2, 4)
     plain = theta is None and u is None
     # the blocks over which one reference point factors the decays: the vector gate's scores' leaves, or whole chunks
@@ -505,11 +505,11 @@ class _Plain(torch.autograd.Function):
         Dv = v.shape[-1]
         Q, K, V = (to_chunk_major(x, C) for x in (q, k, v))
         N = Q.shape[0] // (B * H)
-        Gc = decay = None
+        grow = decay = None
         if G is not None:
-            Gc = to_chunk_major(G, C)                                # [N * B * H, C, 1 or Dk]
-            Q, K = _scaled(Q, Gc), _scaled(K, Gc, -1)
-            decay = torch.exp(Gc[:, -1:]).view(N, B * H, -1, 1)      # [N, B * H, 1 or Dk, 1]: the state's rows
+            grow = torch.exp(to_chunk_major(G, C))                   # exp(G) [N * B * H, C, 1 or Dk]; kept for dq, dk
+            Q, K = Q * grow, K / grow
+            decay = grow[:, -1:].reshape(N, B * H, -1, 1)            # [N, B * H, 1 or Dk, 1]: the state's rows
         A = torch.bmm(Q, K.transpose(-1, -2)).tril_()
         starts = Q.new_empty(N + 1, B * H, Dk, Dv)
         if s0 is None:
@@ -521,14 +521,14 @@ class _Plain(torch.autograd.Function):
             starts[1:].mul_(decay)
         carry_(starts, decay)
         o = torch.bmm(A, V).baddbmm_(Q, starts[:N].view(-1, Dk, Dv))
-        ctx.save_for_backward(Q, K, V, A, starts, Gc, decay)
+        ctx.save_for_backward(Q, K, V, A, starts, grow, decay)
         ctx.shape, ctx.inputs = (B, T, H), (q, k, v, s0, C, G)
         return from_chunk_major(o, B, T, H), starts[N].view(B, H, Dk, Dv).clone()
 
     @staticmethod
     @written_out(_plain_reference)
     def backward(ctx, do: Tensor, dstate: Tensor) -> tuple[Tensor | None, ...]:
-        Q, K, V, A, starts, Gc, decay = ctx.saved_tensors
+        Q, K, V, A, starts, grow, decay = ctx.saved_tensors
         B, T, H = ctx.shape
         C, Dk, Dv = K.shape[1], K.shape[2], V.shape[2]
         N = starts.shape[0] - 1
@@ -553,18 +553,12 @@ class _Plain(torch.autograd.Function):
         dK.addcmul_(VR, d)
         dV.baddbmm_(K, after * d.transpose(-1, -2))
         dG = (dQ * Q).addcmul_(dK, K, value=-1)
-        if Gc.shape[-1] == 1:  # a scalar gate: one per token, over every channel
+        if grow.shape[-1] == 1:  # a scalar gate: one per token, over every channel
             dG, dd = dG.sum(-1, keepdim=True), dd.sum(-1, keepdim=True)
         dG[:, -1:] += dd * d
-        dq, dk = _scaled(dQ, Gc), _scaled(dK, Gc, -1)
+        dq, dk = dQ.mul_(grow), dK.div_(grow)  # dQ, dK: fresh, and done with
         return (*(from_chunk_major(x, B, T, H) for x in (dq, dk, dV)), ds0, None,
                 from_chunk_major(dG, B, N * C, H))
-
-
-def _scaled(x: Tensor, G: Tensor, sign: int = 1) -> Tensor:
-    """x exp(sign G) as one fresh tensor, made in place where G has x's shape (G may broadcast over x's last dim)."""
-    e = torch.exp(G) if sign > 0 else torch.neg(G).exp_()
-    return e.mul_(x) if e.shape == x.shape else x * e
 
 
 def _gated_scores(qc: Tensor, kc: Tensor, q_in: Tensor, G: Tensor, R: Tensor, mask: Tensor, vector: bool,
