@@ -68,3 +68,24 @@ def test_one_token_chunks_take_strong_scalar_gates_in_float32():
     got = linear_attention(q, k, v, g, chunk_size=1)[0]
     want = linear_attention(q.double(), k.double(), v.double(), g.double(), mode="recurrent")[0]
     assert max_rel(got.double(), want) < 1e-5
+
+
+def test_ttt_mlp_hessian_vector_products_through_the_start_weights():
+    """The written-out pass's start weights (the state a resumed call takes its gradients at) differentiate twice
+    as the recurrent form's: the reference the second order redoes returns them too."""
+    q, k, v = make_qkv(B, T, H, D, D)
+    s0 = torch.randn(B, H, D, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs = (q, k, v, s0)
+    direction = tuple(torch.randn_like(x) for x in inputs)
+
+    def loss(mode):
+        def f(q, k, v, s):
+            _, state = ttt_mlp(q, k, v, 0.1 * _RATE, batch_size=2, initial_state=(s, s.mT), output_final_state=True,
+                               mode=mode)
+            return (state.start[0].sum() + state.start[1].sum()) ** 2
+        return f
+
+    chunk = hvp(loss("chunk"), inputs, direction)[1]
+    recurrent = hvp(loss("recurrent"), inputs, direction)[1]
+    for a, b in zip(chunk, recurrent):
+        assert (a - b).abs().max() <= 1e-9 * b.abs().max().clamp_min(1.0)
