@@ -91,6 +91,27 @@ def test_delta_rule_gradients_match_oracle():
             assert max_rel(a, b) < 1e-9
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("T", [37, 8])
+def test_delta_rule_chunk_gradients_with_raw_keys_equal_recurrent(gated, T):
+    """Raw keys (qk_l2norm=False): a key's gradient along itself, which the normalization's Jacobian removes,
+    counts here. Every gradient, of a loss on the answer and on the final state, from an initial state."""
+    B, H, Dk, Dv = 2, 3, 5, 4
+    q, k, v = make_qkv(B, T, H, Dk, Dv, requires_grad=True)
+    k = (0.9 * l2(k.detach())).requires_grad_()                     # beta ||k||^2 <= 2 with beta <= 1.8
+    beta = _rand(B, T, H, lo=0.2, hi=1.8, requires_grad=True)
+    g = make_gate("scalar", B, T, H, requires_grad=True) if gated else None
+    s0 = torch.randn(B, H, Dk, Dv, dtype=torch.float64, requires_grad=True)
+    leaves = [x for x in (q, k, v, beta, g, s0) if x is not None]
+    w_o, w_s = torch.randn(B, T, H, Dv, dtype=torch.float64), torch.randn(B, H, Dk, Dv, dtype=torch.float64)
+    got = {}
+    for mode in ("chunk", "recurrent"):
+        o, s = ops.delta_rule(q, k, v, beta, g, initial_state=s0, output_final_state=True, mode=mode, chunk_size=8)
+        got[mode] = [o, s, *torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), leaves)]
+    for a, b in zip(got["chunk"], got["recurrent"]):
+        assert max_rel(a, b) < 1e-10
+
+
 def test_delta_product_and_longhorn_gradients_match_oracle():
     B, T, H, D, n = 1, 9, 1, 4, 2
     q, _, _ = make_qkv(B, T, H, D, 3, requires_grad=True)

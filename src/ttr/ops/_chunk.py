@@ -183,51 +183,69 @@ class _StatePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u_free: Tensor, w: Tensor, k_out: Tensor, mix: Tensor | None,
                 s0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        BH, Dx, Dv = s0.shape
-        N = u_free.shape[0] // BH
-        Uf, W, Ko = (x.view(N, BH, *x.shape[1:]) for x in (u_free, w, k_out))
-        coef = None if mix is None else mix.view(N, BH, *mix.shape[1:])
-        u = torch.empty_like(Uf)
-        states = s0.new_empty(N + 1, BH, Dx, Dv)  # X_0 .. X_N, each step writing the next slot
-        states[0].copy_(s0)
-        for n in range(N):
-            torch.baddbmm(Uf[n], W[n], states[n], alpha=-1, out=u[n])
-            if coef is None:
-                torch.baddbmm(states[n], Ko[n].transpose(-1, -2), u[n], out=states[n + 1])
-            else:
-                _mix(states[n], coef[n], states[n + 1]).baddbmm_(Ko[n].transpose(-1, -2), u[n])
+        u, states = pass_forward(u_free, w, k_out, mix, s0)
         ctx.save_for_backward(w, k_out, mix, u, states)
         ctx.inputs = u_free, w, k_out, mix, s0
-        return u.view_as(u_free), states[:N], states[N].clone()
+        return u.view_as(u_free), states[:-1], states[-1].clone()
 
     @staticmethod
     @written_out(_state_pass_reference)
     def backward(ctx, du: Tensor, dstarts: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
         w, k_out, mix, u, states = ctx.saved_tensors
-        N, BH, Dx, Dv = states.shape[0] - 1, *states.shape[1:]
-        W, Ko = (x.view(N, BH, *x.shape[1:]) for x in (w, k_out))
-        coef = None if mix is None else mix.view(N, BH, *mix.shape[1:])
-        dU = du.view_as(u).clone()
         R = torch.empty_like(states)
-        R[N].copy_(dfinal)
-        for n in range(N - 1, -1, -1):
-            dU[n].baddbmm_(Ko[n], R[n + 1])
-            if coef is None:
-                torch.add(dstarts[n], R[n + 1], out=R[n])
-            else:
-                _mix(R[n + 1], coef[n], R[n], transposed=True).add_(dstarts[n])
-            R[n].baddbmm_(W[n].transpose(-1, -2), dU[n], alpha=-1)
-        X, after = states[:N].view(-1, Dx, Dv), R[1:].view(-1, Dx, Dv)
-        dU = dU.view(-1, *dU.shape[2:])
-        dW = torch.bmm(dU, X.transpose(-1, -2)).neg_()
-        dKo = torch.bmm(u.view_as(dU), after.transpose(-1, -2))
-        dmix = None
-        if mix is not None and mix.shape[1] == 1:
-            dmix = dot(X, after, 2)[:, None, None]
-        elif mix is not None:  # a, c, e: <S, R_S>, <P, R_S>, <P, R_P>
-            (S, P), (R_S, R_P) = X.chunk(2, -2), after.chunk(2, -2)
-            dmix = torch.stack([dot(S, R_S, 2), dot(P, R_S, 2), dot(P, R_P, 2)], 1)[..., None, None]
-        return dU, dW, dKo, dmix, R[0]
+        R[-1].copy_(dfinal)
+        R[:-1].copy_(dstarts)
+        return pass_backward(w, k_out, mix, u, states, du.view_as(u).clone(), R)
+
+
+def pass_forward(u_free: Tensor, w: Tensor, k_out: Tensor, mix: Tensor | None, s0: Tensor) -> tuple[Tensor, Tensor]:
+    """state_pass's forward, for the written-out forms that hold it inside their own: (u [N, B * H, C, Dv], the
+    states X_0 .. X_N [N + 1, B * H, Dx, Dv]), each step writing the next slot of one buffer."""
+    BH, Dx, Dv = s0.shape
+    N = u_free.shape[0] // BH
+    Uf, W, Ko = (x.view(N, BH, *x.shape[1:]) for x in (u_free, w, k_out))
+    coef = None if mix is None else mix.view(N, BH, *mix.shape[1:])
+    u = Uf.new_empty(Uf.shape)
+    states = s0.new_empty(N + 1, BH, Dx, Dv)
+    states[0].copy_(s0)
+    for n in range(N):
+        torch.baddbmm(Uf[n], W[n], states[n], alpha=-1, out=u[n])
+        if coef is None:
+            torch.baddbmm(states[n], Ko[n].transpose(-1, -2), u[n], out=states[n + 1])
+        else:
+            _mix(states[n], coef[n], states[n + 1]).baddbmm_(Ko[n].transpose(-1, -2), u[n])
+    return u, states
+
+
+def pass_backward(w: Tensor, k_out: Tensor, mix: Tensor | None, u: Tensor, states: Tensor, dU: Tensor,
+                  R: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """state_pass's backward (_StatePass) on buffers it may overwrite: dU [N, B * H, C, Dv] the gradient reaching u,
+    R [N + 1, B * H, Dx, Dv] the gradients reaching the start states X_0 .. X_{N-1} and the final state, which it
+    turns into the gradients of every state. Returns (du_free, dw, dk_out, dmix, ds0), chunk-major."""
+    N, BH, Dx, Dv = states.shape[0] - 1, *states.shape[1:]
+    W, Ko = (x.view(N, BH, *x.shape[1:]) for x in (w, k_out))
+    coef = None if mix is None else mix.view(N, BH, *mix.shape[1:])
+    mixed = None if coef is None or coef.dim() == 3 else torch.empty_like(R[0])
+    for n in range(N - 1, -1, -1):
+        dU[n].baddbmm_(Ko[n], R[n + 1])
+        if coef is None:
+            R[n].add_(R[n + 1])
+        elif mixed is None:
+            R[n].addcmul_(R[n + 1], coef[n])
+        else:
+            R[n].add_(_mix(R[n + 1], coef[n], mixed, transposed=True))
+        R[n].baddbmm_(W[n].transpose(-1, -2), dU[n], alpha=-1)
+    X, after = states[:N].view(-1, Dx, Dv), R[1:].view(-1, Dx, Dv)
+    dU = dU.view(-1, *dU.shape[2:])
+    dW = torch.bmm(dU, X.transpose(-1, -2)).neg_()
+    dKo = torch.bmm(u.view_as(dU), after.transpose(-1, -2))
+    dmix = None
+    if mix is not None and mix.shape[1] == 1:
+        dmix = dot(X, after, 2)[:, None, None]
+    elif mix is not None:  # a, c, e: <S, R_S>, <P, R_S>, <P, R_P>
+        (S, P), (R_S, R_P) = X.chunk(2, -2), after.chunk(2, -2)
+        dmix = torch.stack([dot(S, R_S, 2), dot(P, R_S, 2), dot(P, R_P, 2)], 1)[..., None, None]
+    return dU, dW, dKo, dmix, R[0]
 
 
 def _mix(X: Tensor, coef: Tensor, out: Tensor, transposed: bool = False) -> Tensor:

@@ -26,7 +26,8 @@ from torch import Tensor
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking, compute_dtype,
                        finite_answer, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
-from ._chunk import check_chunk_size, decay_mask, from_chunk_major, state_pass, to_chunk_major
+from ._chunk import (check_chunk_size, decay_mask, dot, from_chunk_major, pass_backward, pass_forward, state_pass,
+                     to_chunk_major, written_out)
 from ._varlen import check_cu_seqlens, run_packed
 
 
@@ -106,7 +107,13 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0
         (I + diag(beta) (tril_{-1}(K K^T) * Gamma)) U = diag(beta) (V - diag(e^G) K S_0),  Gamma_ti = e^{G_t - G_i},
     so U = U' - W' S_0 with U', W' from one batched triangular solve for all chunks; only the chunk-to-chunk
     pass of the state is sequential (state_pass). Chunk-major layout (to_chunk_major): [N * B * H, C, D].
-    """
+    The backward is written out (_DeltaChunks)."""
+    return _DeltaChunks.apply(q, k, v, beta, g, s0, C)
+
+
+def _chunked_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0: Tensor | None,
+                       C: int) -> tuple[Tensor, Tensor]:
+    """_chunked in autograd ops (for gradients of gradients: written_out)."""
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     qc, kc, vc = (to_chunk_major(x, C) for x in (q, k, v))
@@ -125,6 +132,103 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0
     us, starts, final = state_pass(u_free, w, k_out, chunk_decay, state)
     o = torch.baddbmm((qc @ kc.transpose(-1, -2) * gamma) @ us, qc * decay_in, starts.view(-1, Dk, Dv))
     return from_chunk_major(o, B, T, H), final.view(B, H, Dk, Dv)
+
+
+class _DeltaChunks(torch.autograd.Function):
+    """_chunked with its backward written out. Per chunk (M = tril_{-1}(K K^T) * Gamma, P = tril(Q K^T) * Gamma,
+    T = (I + diag(beta) M)^{-1}, [U' | W'] = T [beta V | beta e^G K], u and X_n from the state pass,
+    o = P u + (e^G Q) X_n):
+        du = P^T do (then the pass's backward: dU', dW', dKo, dd, dS_0),   dP = do u^T,   d(e^G Q) = do X_n^T,
+        dT = dU' (beta V)^T + dW' (beta e^G K)^T,   dA = -T^T dT T^T below the diagonal,   dM = diag(beta) dA,
+        dK = (dM + dM^T) * Gamma K + (dP * Gamma)^T Q + ...,   dG from Gamma by dM * M + dP * P (rows minus columns),
+    and the log-gates' gradient is the reverse running sum of dG over the chunk. Every product of the autograd form
+    stays; what goes is its elementwise passes over fresh buffers, the triangular solve's backward (two products
+    with T in its place) and the copies of the state pass's gradients."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0: Tensor | None,
+                C: int) -> tuple[Tensor, Tensor]:
+        B, T, H, Dk = k.shape
+        Dv = v.shape[-1]
+        qc, kc, vc = (to_chunk_major(x, C) for x in (q, k, v))
+        bc = to_chunk_major(beta[..., None], C)                      # [NBH, C, 1]; padding: beta = 0
+        M, P = kc @ kc.transpose(-1, -2), qc @ kc.transpose(-1, -2)
+        G = gamma = chunk_decay = None
+        if g is None:
+            M.tril_(-1)
+            P.tril_()
+            qe, bk, k_out = qc, bc, kc
+        else:
+            G = to_chunk_major(g[..., None], C).cumsum(-2)
+            gamma = decay_mask(G[..., 0])                            # 0 above the diagonal
+            M.mul_(gamma).tril_(-1)
+            P.mul_(gamma)
+            decay_in = torch.exp(G)
+            qe, bk = qc * decay_in, bc * decay_in
+            k_out = kc * torch.exp(G[:, -1:] - G)
+            chunk_decay = torch.exp(G[:, -1:])
+        eye = torch.eye(C, dtype=q.dtype, device=q.device)
+        inverse = torch.linalg.solve_triangular(torch.addcmul(eye, M, bc), eye, upper=False, unitriangular=True)
+        rhs = qc.new_empty(qc.shape[0], C, Dv + Dk)                  # [beta V | beta e^G K]: one product for U', W'
+        torch.mul(vc, bc, out=rhs[..., :Dv])
+        torch.mul(kc, bk, out=rhs[..., Dv:])
+        uw = inverse @ rhs
+        w = uw[..., Dv:]
+        state = q.new_zeros(B * H, Dk, Dv) if s0 is None else s0.reshape(B * H, Dk, Dv)
+        u, states = pass_forward(uw[..., :Dv], w, k_out, chunk_decay, state)
+        o = torch.bmm(P, u.view(-1, C, Dv)).baddbmm_(qe, states[:-1].view(-1, Dk, Dv))
+        ctx.save_for_backward(qc, qe, kc, vc, bc, G, gamma, M, P, inverse, rhs, w, k_out, chunk_decay, u, states)
+        ctx.inputs = q, k, v, beta, g, s0, C
+        return from_chunk_major(o, B, T, H), states[-1].view(B, H, Dk, Dv).clone()
+
+    @staticmethod
+    @written_out(_chunked_reference)
+    def backward(ctx, do: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
+        qc, qe, kc, vc, bc, G, gamma, M, P, inverse, rhs, w, k_out, chunk_decay, u, states = ctx.saved_tensors
+        q, _, _, _, g, s0, C = ctx.inputs
+        B, T, H = q.shape[:3]
+        N, BH, Dk, Dv = states.shape[0] - 1, *states.shape[1:]
+        X = states[:-1].view(-1, Dk, Dv)
+        doc = to_chunk_major(do, C)
+        R = torch.empty_like(states)                                  # the states' gradients, dX_n first
+        torch.bmm(qe.transpose(-1, -2), doc, out=R[:-1].view(-1, Dk, Dv))
+        R[-1].copy_(dfinal.view(BH, Dk, Dv))
+        du = torch.bmm(P.transpose(-1, -2), doc)
+        dP = torch.bmm(doc, u.view(-1, C, Dv).transpose(-1, -2))
+        dqe = torch.bmm(doc, X.transpose(-1, -2))
+        du_free, dw, dk_out, dd, ds0 = pass_backward(w, k_out, chunk_decay, u, states, du.view(N, BH, C, Dv), R)
+        v_side, k_side = rhs[..., :Dv], rhs[..., Dv:]
+        dT = torch.bmm(du_free, v_side.transpose(-1, -2)).baddbmm_(dw, k_side.transpose(-1, -2))
+        inv_t = inverse.transpose(-1, -2)
+        d_v_side, d_k_side = torch.bmm(inv_t, du_free), torch.bmm(inv_t, dw)
+        dM = torch.bmm(torch.bmm(inv_t, dT), inv_t).neg_().tril_(-1)  # dA; the diagonal of I + A is fixed
+        from_k_side = dot(d_k_side, kc)                               # [NBH, C]: beta_t's and e^{G_t}'s share
+        dbeta = dot(dM, M) + dot(d_v_side, vc)
+        dM.mul_(bc)
+        dv = d_v_side.mul_(bc)
+        dG = None
+        if G is None:
+            dbeta += from_k_side
+            dP.tril_()
+            dk = d_k_side.mul_(bc).add_(dk_out)
+            dq = dqe
+        else:
+            decay_in = torch.exp(G)
+            dbeta += from_k_side * decay_in[..., 0]
+            through = torch.mul(dM, M).addcmul_(dP, P)               # d Gamma * Gamma
+            dG = through.sum(-1) - through.sum(-2) + dot(dqe, qe) + from_k_side * (bc * decay_in)[..., 0]
+            reach = dot(dk_out, k_out)                                # k_out_i = k_i e^{G_C - G_i}
+            dG -= reach
+            dG[:, -1] += reach.sum(-1) + (dd * chunk_decay).view(-1)
+            dM.mul_(gamma)
+            dP.mul_(gamma)
+            dk = d_k_side.mul_(bc * decay_in).addcmul_(dk_out, torch.exp(G[:, -1:] - G))
+            dq = dqe.mul_(decay_in)
+        dk.baddbmm_(dM + dM.transpose(-1, -2), kc).baddbmm_(dP.transpose(-1, -2), qc)
+        dq.baddbmm_(dP, kc)
+        grads = [from_chunk_major(x, B, T, H) for x in (dq, dk, dv, dbeta[..., None])]
+        dg = None if dG is None else from_chunk_major(dG.flip(-1).cumsum(-1).flip(-1)[..., None], B, T, H)[..., 0]
+        return (*grads[:3], grads[3][..., 0], dg, None if s0 is None else ds0.view_as(s0), None)
 
 
 def delta_product(
