@@ -254,13 +254,17 @@ def test_minibatch_gradients_match_oracle(name, span):
             assert max_rel(a, b) < 1e-9
 
 
+@pytest.mark.parametrize("keys", ["unit", "raw"])
 @pytest.mark.parametrize("name", ["ttt_linear", "titans"])
 @pytest.mark.parametrize("span", [4, 8, 64])
-def test_chunks_of_minibatches_equal_recurrent_in_every_gradient(name, span):
+def test_chunks_of_minibatches_equal_recurrent_in_every_gradient(name, span, keys):
     """Every input's gradient (rates, momentum, gate and both starting weights too), through the answer and the
-    final weights and start weights, equals the token-by-token form, at T = 37 (not a whole chunk)."""
+    final weights and start weights, equals the token-by-token form, at T = 37 (not a whole chunk). Raw keys
+    (qk_l2norm=False) count a key's gradient along itself, which the normalization's Jacobian removes."""
     B, T, H, D = 2, 37, 2, 5
     q, k, v = make_qkv(B, T, H, D, D, requires_grad=True)
+    if keys == "raw":
+        k = (0.9 * l2(k.detach())).requires_grad_()
     theta = _rand(B, T, H, hi=0.2, requires_grad=True)
     momentum = _rand(B, T, H, lo=0.1, hi=0.9, seed=6, requires_grad=True)
     g = make_gate("scalar", B, T, H).detach().requires_grad_()
@@ -272,11 +276,45 @@ def test_chunks_of_minibatches_equal_recurrent_in_every_gradient(name, span):
         if name == "titans":
             leaves = [q, k, v, theta, momentum, g, S0, P0]
             o, state = ops.titans(q, k, v, theta, momentum, g, batch_size=4, chunk_size=span, mode=mode,
-                                  initial_state=(S0, P0), output_final_state=True, qk_l2norm=True)
+                                  initial_state=(S0, P0), output_final_state=True, qk_l2norm=keys == "unit")
         else:
             leaves = [q, k, v, theta, S0]
             o, state = ops.ttt_linear(q, k, v, theta, batch_size=4, chunk_size=span, mode=mode, initial_state=S0,
-                                      output_final_state=True, qk_l2norm=True)
+                                      output_final_state=True, qk_l2norm=keys == "unit")
+        loss = (o * w).sum() + sum((x * x).sum() for x in state.weights + state.start)
+        return [o, *state.weights, *state.start, *torch.autograd.grad(loss, leaves)]
+
+    for a, b in zip(run("chunk"), run("recurrent")):
+        assert max_rel(a, b) < 1e-12
+
+
+@pytest.mark.parametrize("layout", ["resumed", "packed"])
+@pytest.mark.parametrize("name", ["ttt_linear", "titans"])
+def test_chunks_of_minibatches_resumed_or_packed_equal_recurrent_in_every_gradient(name, layout):
+    """A call resumed inside a mini-batch (its first gradients at the start weights: the shift of the first
+    chunk's right-hand side) and packed rows ending inside different mini-batches, with raw keys: every gradient,
+    through both calls' answers, the final weights and the start weights, equals the token-by-token form."""
+    T, H, D = 37, 2, 5
+    q, k, v = make_qkv(1, T, H, D, D, requires_grad=True)
+    k = (0.9 * l2(k.detach())).requires_grad_()
+    theta = _rand(1, T, H, hi=0.2, requires_grad=True)
+    momentum = _rand(1, T, H, lo=0.1, hi=0.9, seed=6, requires_grad=True)
+    g = make_gate("scalar", 1, T, H).detach().requires_grad_()
+    w = torch.randn(1, T, H, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    leaves = [q, k, v, theta] + ([momentum, g] if name == "titans" else [])
+
+    def call(sl, mode, state=None, **kw):
+        rates = [theta[:, sl]] + ([momentum[:, sl], g[:, sl]] if name == "titans" else [])
+        return getattr(ops, name)(q[:, sl], k[:, sl], v[:, sl], *rates, batch_size=4, chunk_size=8, mode=mode,
+                                  initial_state=state, output_final_state=True, **kw)
+
+    def run(mode):
+        if layout == "resumed":  # 6 tokens: the second call starts inside the second mini-batch
+            o1, s1 = call(slice(0, 6), mode)
+            o2, state = call(slice(6, T), mode, s1)
+            o = torch.cat([o1, o2], 1)
+        else:
+            o, state = call(slice(0, T), mode, cu_seqlens=torch.tensor([0, 9, 23, T]))
         loss = (o * w).sum() + sum((x * x).sum() for x in state.weights + state.start)
         return [o, *state.weights, *state.start, *torch.autograd.grad(loss, leaves)]
 

@@ -56,7 +56,7 @@ from torch import Tensor
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking,
                        compute_dtype, is_int, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
-from ._chunk import decay_mask, dot, state_pass, to_chunks, written_out
+from ._chunk import causal_mask, decay_mask, dot, pass_backward, pass_forward, state_pass, to_chunks, written_out
 from ._varlen import check_cu_seqlens, padded_groups
 
 
@@ -284,66 +284,25 @@ def _one_batch(body):
 
 def _stale(batch_size: int, momentum: bool):
     """The chunk form of TTT-Linear and Titans over chunks of whole mini-batches (module docstring, Chunks of
-    mini-batches): (prepare, sweep) for _run. The chunks are q, k, v, theta (for Titans then g and log eta) and
-    the mask; the weights are S (and P with momentum), the start weights S_start."""
-    def prepare(chunks):
+    mini-batches): a sweep for _run, with no prepare. The chunks are q, k, v, theta (for Titans then g and log eta)
+    and the mask; the weights are S (and P with momentum), the start weights S_start. The chunks' algebra and the
+    pass over them run in _StaleChunks; here are a call resumed inside a mini-batch and the start weights of the
+    mini-batch holding each row's last token."""
+    def sweep(chunks, weights, start, last, per_span):
         q, k, v, theta, *gates, m = chunks
-        C = q.shape[-2]
-        GA = gates[0].cumsum(-1) if momentum else q.new_zeros(q.shape[:-1])
-        L_A = decay_mask(GA)
-        a = GA.exp()[..., None]                                      # weight of S_0 in S_t: [.., C, 1]
-        if momentum:
-            GE = gates[1].cumsum(-1)
-            L_E = decay_mask(GE)
-            L_Am = L_A * m[..., None, :]                             # P_s reaches the memory where m_s = 1
-            D, c = L_Am @ L_E, L_Am @ GE.exp()[..., None]           # weights of u_i and of P_0 in S_t
-        else:
-            D = L_A
-        # token i's gradient point: S after p(i), the last token before its mini-batch (S_start in the first)
-        p = torch.arange(C, device=q.device).div(batch_size, rounding_mode="floor") * batch_size - 1
-        first, at = (p < 0)[:, None], p.clamp_min(0)
-        ends = torch.arange(batch_size - 1, C, batch_size, device=q.device)  # each mini-batch's last token
-        eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        system = eye + theta[..., None] * (k @ k.transpose(-1, -2) * D[..., at, :].masked_fill(first, 0.0))
-        inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
-        tk = theta[..., None] * k
-        # U = U' - W X_0: one product gives U' and W, whose columns read S_0 (and P_0: [S; P] side by side);
-        # the first mini-batch's gradient point is S_start = S_0
-        sides = [theta[..., None] * v, a[..., at, :].masked_fill(first, 1.0) * tk]
-        read = a * q
-        if momentum:
-            sides.append(c[..., at, :].masked_fill(first, 0.0) * tk)
-            read = torch.cat([read, c * q], -1)
-        free, from_S = (inverse @ torch.cat(sides, -1)).split([v.shape[-1], read.shape[-1]], -1)
-        out = [free, from_S, inverse, tk.masked_fill(~first, 0.0), read,
-               q @ k.transpose(-1, -2) * D, a[..., ends, :, None], D[..., ends, :, None], k]  # D_ends k: u -> S_end
-        if momentum:
-            out += [c[..., ends, :, None], GE[..., -1, None, None].exp(), L_E[..., -1, :, None] * k]
-        return out
-
-    def sweep(pre, weights, start, last, per_span):
-        free, from_S, inverse, tk_first, read, scores, a_ends, D_ends, k, *with_P = pre
         (S, *_), (S_start,) = weights, start
-        G, H, N, C, Dv = free.shape
-        Dk = S.shape[-2]
-        if S_start is not S:  # a call that resumes inside a mini-batch: its first gradients are taken at S_start
-            fix = inverse[:, :, 0] @ (tk_first[:, :, 0] @ (S_start - S))
-            free = torch.cat([(free[:, :, 0] - fix)[:, :, None], free[:, :, 1:]], 2)
-        k_out, mix = D_ends[:, :, :, -1] * k, None                   # token i -> the chunk's end
-        if momentum:  # X = [S; P]: S_end = a S + c P + .., P_end = e P + ..
-            c_ends, decay_P, k_P = with_P
-            k_out = torch.cat([k_out, k_P], -1)
-            mix = torch.stack([a_ends[:, :, :, -1], c_ends[:, :, :, -1], decay_P], 3)
-        chunk_major = (None if x is None else x.movedim(2, 0).reshape(N * G * H, *x.shape[3:])
-                       for x in (free, from_S, k_out, mix))
-        X0 = torch.cat(weights, -2) if momentum else S
-        u, X, final = state_pass(*chunk_major, X0.flatten(0, 1))
-        u, X = u.view(N, G, H, C, Dv).movedim(0, 2), X.view(N, G, H, *X0.shape[-2:]).movedim(0, 2)
-        out = read @ X + scores @ u                                  # a_t q_t S_0 + c_t q_t P_0 + ...
-        final = final.view_as(X0)
-        final = [final[..., :Dk, :], final[..., Dk:, :]] if momentum else [final]  # [S, P] (sliced: writable views)
+        G, H, N, C, Dk = k.shape
         if N == 0:
-            return out.flatten(2, 3), final, [S_start]
+            return q.new_zeros(G, H, 0, v.shape[-1]), list(weights), [S_start]
+        shift = None
+        if S_start is not S:  # a call that resumes inside a mini-batch: its first gradients are taken at S_start
+            first = (torch.arange(C, device=q.device) < batch_size)[:, None]
+            shift = -((theta[:, :, 0, :, None] * k[:, :, 0]).masked_fill(~first, 0.0) @ (S_start - S))
+        X0 = torch.cat(weights, -2) if momentum else S
+        gA, log_eta = gates if momentum else (None, None)
+        o, u, X, final, a_ends, D_ends, c_ends = _StaleChunks.apply(q, k, v, theta, gA, log_eta,
+                                                                    m if momentum else None, X0, shift, batch_size)
+        final = [final[..., :Dk, :], final[..., Dk:, :]] if momentum else [final]  # [S, P] (sliced: writable views)
         # the start weights of the mini-batch holding each row's last token: S after mini-batch j - 1 of its chunk
         if isinstance(last, int):
             rows, n_l, j = slice(None), last // per_span, last % per_span
@@ -353,17 +312,189 @@ def _stale(batch_size: int, momentum: bool):
             n_l = last.div(per_span, rounding_mode="floor")
             before = (j - 1).clamp_min(0)
         X_l = X[rows, :, n_l]
-        k_l = D_ends[rows, :, n_l, before] * k[rows, :, n_l]         # [G, H, C, Dk]
-        S_l = a_ends[rows, :, n_l, before] * X_l[:, :, :Dk] + k_l.transpose(-1, -2) @ u[rows, :, n_l]
+        k_l = D_ends[rows, :, n_l, before][..., None] * k[rows, :, n_l]  # [G, H, C, Dk]
+        S_l = a_ends[rows, :, n_l, before][..., None, None] * X_l[:, :, :Dk] + k_l.transpose(-1, -2) @ u[rows, :, n_l]
         if momentum:
-            S_l = S_l + c_ends[rows, :, n_l, before] * X_l[:, :, Dk:]
+            S_l = S_l + c_ends[rows, :, n_l, before][..., None, None] * X_l[:, :, Dk:]
         if isinstance(last, int):
             ends_in = S_l if j else (S_start if n_l == 0 else X_l[:, :, :Dk])
         else:
             at_start = torch.where((n_l == 0)[:, None, None, None], S_start, X_l[:, :, :Dk])
             ends_in = torch.where((j == 0)[:, None, None, None], at_start, S_l)
-        return out.flatten(2, 3), final, [ends_in]
-    return prepare, sweep
+        return o.flatten(2, 3), final, [ends_in]
+    return None, sweep
+
+
+def _stale_forward(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, gA: Tensor | None, log_eta: Tensor | None,
+                   m: Tensor | None, X0: Tensor, shift: Tensor | None, b: int) -> tuple[tuple, dict]:
+    """_StaleChunks's forward, in autograd ops where grad mode is on (its reference for gradients of gradients):
+    chunks [G, H, N, C, ...] in, worked chunk-major ([N * G * H, C, ...], rows r). Returns (o, u, the chunks' start
+    states X, the final state, a, D and c at each mini-batch's last token, all [G, H, N, ...]) and what the written-out
+    backward reads."""
+    G, H, N, C, Dk = k.shape
+    R, Dv, momentum = N * G * H, v.shape[-1], gA is not None
+    qc, kc, vc, tc = (x.movedim(2, 0).reshape(R, *x.shape[3:]) for x in (q, k, v, theta))
+    steps = torch.arange(C, device=q.device)
+    at = (steps.div(b, rounding_mode="floor") * b - 1).clamp_min(0)  # token i's gradient point: the token before its
+    first = steps < b                                                 # mini-batch (the chunk's start in the first)
+    ends = steps[b - 1::b]
+    KK, QK = kc @ kc.transpose(-1, -2), qc @ kc.transpose(-1, -2)
+    if momentum:
+        GA, GE = (x.movedim(2, 0).reshape(R, C).cumsum(-1) for x in (gA, log_eta))
+        L_A, L_E, a, eE = decay_mask(GA), decay_mask(GE), GA.exp(), GE.exp()
+        L_Am = L_A * m.movedim(2, 0).reshape(R, 1, C)                # P_s reaches the memory where m_s = 1
+        D = L_Am @ L_E                                                # weights of u_i in S_t
+        c = (L_Am @ eE[..., None])[..., 0]                            # weight of P_0 in S_t
+        D_at = D[:, at].masked_fill(first[:, None], 0.0)
+        a_at, c_at = a[:, at].masked_fill(first, 1.0), c[:, at].masked_fill(first, 0.0)
+    else:
+        D = causal_mask(C, q.device).to(q.dtype)
+        D_at = D[at].masked_fill(first[:, None], 0.0)
+    Msys = KK * D_at                                                  # zero on and above the mini-batches' blocks
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    inverse = torch.linalg.solve_triangular(torch.addcmul(eye, Msys, tc[..., None]), eye, upper=False,
+                                            unitriangular=True)
+    tk = tc[..., None] * kc
+    v_side = tc[..., None] * vc
+    if shift is not None:
+        v_side = torch.cat([v_side[:G * H] + shift.reshape(G * H, C, Dv), v_side[G * H:]])
+    if momentum:  # U = U' - W [S_0; P_0]: the columns reading S_0 and P_0 side by side
+        rhs = torch.cat([v_side, a_at[..., None] * tk, c_at[..., None] * tk], -1)
+        read = torch.cat([a[..., None] * qc, c[..., None] * qc], -1)
+        k_out = torch.cat([D[:, -1, :, None] * kc, L_E[:, -1, :, None] * kc], -1)  # u_i -> S_C, P_C
+        mix = torch.stack([a[:, -1], c[:, -1], eE[:, -1]], 1)[..., None, None]  # [S; P] -> [a S + c P; e P]
+    else:
+        rhs, read, k_out, mix = torch.cat([v_side, tk], -1), qc, kc, None
+    scores = QK * D
+    uw = inverse @ rhs
+    Dx = read.shape[-1]
+    X0 = X0.reshape(G * H, Dx, Dv)
+    if torch.is_grad_enabled():
+        u, starts, final = state_pass(uw[..., :Dv], uw[..., Dv:], k_out, mix, X0)
+        states = None
+    else:
+        u, states = pass_forward(uw[..., :Dv], uw[..., Dv:], k_out, mix, X0)
+        starts, final = states[:-1], states[-1]
+    u = u.reshape(R, C, Dv)
+    o = torch.baddbmm(scores @ u, read, starts.reshape(R, Dx, Dv))
+
+    def back(x):
+        return x.reshape(N, G, H, *x.shape[1:]).movedim(0, 2)
+    ones = q.new_ones(()).expand(G, H, N, len(ends))
+    outs = (back(o), back(u), back(starts.reshape(R, Dx, Dv)), final.reshape(G, H, Dx, Dv).clone(),
+            back(a[:, ends]) if momentum else ones, back(D[:, ends]) if momentum else D[ends].expand(G, H, N, -1, -1),
+            back(c[:, ends]) if momentum else ones)
+    saved = dict(qc=qc, kc=kc, vc=vc, tc=tc, KK=KK, QK=QK, D=D, D_at=D_at, Msys=Msys, inverse=inverse, tk=tk,
+                 rhs=rhs, w=uw[..., Dv:], k_out=k_out, mix=mix, read=read, scores=scores, u=u, states=states)
+    if momentum:
+        saved.update(L_A=L_A, L_E=L_E, L_Am=L_Am, a=a, c=c, eE=eE, a_at=a_at, c_at=c_at,
+                     m=m.movedim(2, 0).reshape(R, 1, C))
+    return outs, saved
+
+
+def _stale_reference(*inputs) -> tuple:
+    """_StaleChunks in autograd ops (for gradients of gradients: written_out)."""
+    return _stale_forward(*inputs)[0]
+
+
+class _StaleChunks(torch.autograd.Function):
+    """TTT-Linear's and Titans' chunks (_stale_forward) with the backward written out. Past the pass and the
+    read-out (as the delta rule's, _DeltaChunks), the masks: with A = diag(theta) (K K^T * D') the system's lower
+    part and D' = D at the gradient points (the row of the token before each mini-batch),
+        dD' = diag(theta) dA * K K^T, summed over each mini-batch's rows into its gradient point's row of D,
+        dD += dscores * Q K^T,   D = L_A diag(m) L_E:  dL_A = (dD L_E^T + dc e^{G^E}^T) diag(m),  dL_E = (L_A diag(m))^T dD,
+    and each decay mask L = e^{G_t - G_s} gives dG_t by rows minus columns of dL * L; a, c and e^{G^E} add theirs."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, theta, gA, log_eta, m, X0, shift, b):
+        outs, saved = _stale_forward(q, k, v, theta, gA, log_eta, m, X0, shift, b)
+        ctx.names = list(saved)
+        ctx.save_for_backward(*saved.values())
+        ctx.inputs = q, k, v, theta, gA, log_eta, m, X0, shift, b
+        ctx.set_materialize_grads(False)
+        if gA is None:
+            ctx.mark_non_differentiable(*outs[4:])
+        return outs
+
+    @staticmethod
+    @written_out(_stale_reference)
+    def backward(ctx, do, du, dX, dfinal, da_ends, dD_ends, dc_ends):
+        s = dict(zip(ctx.names, ctx.saved_tensors))
+        q, k, v, theta, gA, log_eta, m, X0, shift, b = ctx.inputs
+        G, H, N, C, Dk = k.shape
+        R, GH, momentum = N * G * H, G * H, gA is not None
+        states, read, u, inverse, rhs = s["states"], s["read"], s["u"], s["inverse"], s["rhs"]
+        Dx, Dv = states.shape[-2:]
+        qc, kc, tc = s["qc"], s["kc"], s["tc"]
+
+        def cm(x):  # [G, H, N, ...] -> chunk-major
+            return x.movedim(2, 0).reshape(R, *x.shape[3:])
+
+        def back(x):
+            return x.reshape(N, G, H, *x.shape[1:]).movedim(0, 2)
+        doc = cm(do) if do is not None else u.new_zeros(R, C, Dv)
+        dR = torch.empty_like(states)                                 # the states' gradients, dX_n first
+        torch.bmm(read.transpose(-1, -2), doc, out=dR[:-1].view(R, Dx, Dv))
+        if dX is not None:
+            dR[:-1].view(R, Dx, Dv).add_(cm(dX))
+        dR[-1].copy_(dfinal.reshape(GH, Dx, Dv)) if dfinal is not None else dR[-1].zero_()
+        dU = torch.bmm(s["scores"].transpose(-1, -2), doc)
+        if du is not None:
+            dU.add_(cm(du))
+        dscores = torch.bmm(doc, u.transpose(-1, -2))
+        dread = torch.bmm(doc, states[:-1].view(R, Dx, Dv).transpose(-1, -2))
+        dfree, dw, dk_out, dmix, dX0 = pass_backward(s["w"], s["k_out"], s["mix"], u, states,
+                                                     dU.view(N, GH, C, Dv), dR)
+        inv_t = inverse.transpose(-1, -2)
+        dT = torch.bmm(dfree, rhs[..., :Dv].transpose(-1, -2)).baddbmm_(dw, rhs[..., Dv:].transpose(-1, -2))
+        d_v_side, d_x_side = torch.bmm(inv_t, dfree), torch.bmm(inv_t, dw)
+        dA = torch.bmm(torch.bmm(inv_t, dT), inv_t).neg_().tril_(-1)
+        dshift = None if shift is None else d_v_side[:GH].reshape(G, H, C, Dv).clone()
+        dtheta = dot(dA, s["Msys"]) + dot(d_v_side, s["vc"])
+        dMsys = dA.mul_(tc[..., None])
+        dv = d_v_side.mul_(tc[..., None])
+        D = s["D"]
+        dQK = dscores * D
+        if momentum:
+            tk, a, c = s["tk"], s["a"], s["c"]
+            d_xa, d_xc = d_x_side[..., :Dk], d_x_side[..., Dk:]
+            dtk = d_xa * s["a_at"][..., None] + d_xc * s["c_at"][..., None]
+            da_at, dc_at = dot(d_xa, tk), dot(d_xc, tk)
+            dread_a, dread_c = dread[..., :Dk], dread[..., Dk:]
+            dq = dread_a * a[..., None] + dread_c * c[..., None]
+            da, dc = dot(dread_a, qc), dot(dread_c, qc)
+            dko_S, dko_P = dk_out[..., :Dk], dk_out[..., Dk:]
+            dk = dko_S * D[:, -1, :, None] + dko_P * s["L_E"][:, -1, :, None]
+            ends = torch.arange(b - 1, C, b, device=q.device)
+            nb = len(ends)
+            dD = dscores.mul_(s["QK"])
+            dD[:, ends[:-1]] += (dMsys * s["KK"]).view(R, nb, b, C).sum(2)[:, 1:]
+            da[:, ends[:-1]] += da_at.view(R, nb, b).sum(-1)[:, 1:]
+            dc[:, ends[:-1]] += dc_at.view(R, nb, b).sum(-1)[:, 1:]
+            dD[:, -1] += dot(dko_S, kc)
+            da[:, -1] += dmix[:, 0, 0, 0]
+            dc[:, -1] += dmix[:, 1, 0, 0]
+            for grad, full in ((da_ends, da), (dD_ends, dD), (dc_ends, dc)):
+                if grad is not None:
+                    full[:, ends] += cm(grad)
+            L_A, L_E, L_Am, eE = s["L_A"], s["L_E"], s["L_Am"], s["eE"]
+            dL_A = torch.bmm(dD, L_E.transpose(-1, -2)).add_(dc[:, :, None] * eE[:, None, :]).mul_(s["m"])
+            dL_E = torch.bmm(L_Am.transpose(-1, -2), dD)
+            dL_E[:, -1] += dot(dko_P, kc)
+            deE = (L_Am.transpose(-1, -2) @ dc[..., None])[..., 0]
+            deE[:, -1] += dmix[:, 2, 0, 0]
+            through_A, through_E = dL_A.mul_(L_A), dL_E.mul_(L_E)
+            dGA = da * a + through_A.sum(-1) - through_A.sum(-2)
+            dGE = deE * eE + through_E.sum(-1) - through_E.sum(-2)
+            dgA, dlog_eta = (back(x.flip(-1).cumsum(-1).flip(-1)) for x in (dGA, dGE))
+        else:
+            dtk, dq, dk, dgA, dlog_eta = d_x_side, dread, dk_out.clone(), None, None
+        dtheta += dot(dtk, kc)
+        dk.addcmul_(dtk, tc[..., None])
+        dKK = dMsys.mul_(s["D_at"])
+        dk.baddbmm_(dKK + dKK.transpose(-1, -2), kc).baddbmm_(dQK.transpose(-1, -2), qc)
+        dq.baddbmm_(dQK, kc)
+        return (back(dq), back(dk), back(dv), back(dtheta), dgA, dlog_eta, None, dX0.view_as(X0), dshift, None)
 
 
 def ttt_linear(
