@@ -248,6 +248,33 @@ def pass_backward(w: Tensor, k_out: Tensor, mix: Tensor | None, u: Tensor, state
     return dU, dW, dKo, dmix, R[0]
 
 
+def solved_pass_backward(doc: Tensor, scores: Tensor, read: Tensor, inverse: Tensor, rhs: Tensor, w: Tensor,
+                         k_out: Tensor, mix: Tensor | None, u: Tensor, states: Tensor, dfinal: Tensor | None,
+                         du: Tensor | None = None, dstarts: Tensor | None = None) -> tuple[Tensor, ...]:
+    """The backward of the delta rule family's chunks past their masks (the written-out forms' shared part): T the
+    inverse of the unit lower-triangular system I + A, [U' | W'] = T rhs, u and the states X_n from the pass
+    (pass_forward), o = scores u + read X_n; all chunk-major, doc the answer's gradient [R, C, Dv]; du, dstarts
+    gradients reaching u and the start states directly (chunk-major) or None. Returns (dscores, dread, the gradients
+    of rhs's two sides (U''s columns, W''s), dA below the diagonal, dk_out, dmix, dX_0)."""
+    R, C, Dv = doc.shape
+    Dx = states.shape[-2]
+    dR = torch.empty_like(states)                                    # the states' gradients, dX_n first
+    torch.bmm(read.transpose(-1, -2), doc, out=dR[:-1].view(R, Dx, Dv))
+    if dstarts is not None:
+        dR[:-1].view(R, Dx, Dv).add_(dstarts)
+    dR[-1].copy_(dfinal.reshape(dR[-1].shape)) if dfinal is not None else dR[-1].zero_()
+    dU = torch.bmm(scores.transpose(-1, -2), doc)
+    if du is not None:
+        dU.add_(du)
+    dscores = torch.bmm(doc, u.view(R, C, Dv).transpose(-1, -2))
+    dread = torch.bmm(doc, states[:-1].view(R, Dx, Dv).transpose(-1, -2))
+    dfree, dw, dk_out, dmix, dX0 = pass_backward(w, k_out, mix, u, states, dU.view(-1, states.shape[1], C, Dv), dR)
+    inv_t = inverse.transpose(-1, -2)
+    dT = torch.bmm(dfree, rhs[..., :Dv].transpose(-1, -2)).baddbmm_(dw, rhs[..., Dv:].transpose(-1, -2))
+    dA = torch.bmm(torch.bmm(inv_t, dT), inv_t).neg_().tril_(-1)     # the diagonal of I + A is fixed
+    return dscores, dread, torch.bmm(inv_t, dfree), torch.bmm(inv_t, dw), dA, dk_out, dmix, dX0
+
+
 def _mix(X: Tensor, coef: Tensor, out: Tensor, transposed: bool = False) -> Tensor:
     """out = mix(X) (or its transpose): d X for a decay coef [BH, 1, 1]; [a S + c P; e P] (transposed: [a S; c S + e P])
     for X = [S; P] and coef (a, c, e) [BH, 3, 1, 1]."""

@@ -56,7 +56,8 @@ from torch import Tensor
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking,
                        compute_dtype, is_int, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
-from ._chunk import causal_mask, decay_mask, dot, pass_backward, pass_forward, state_pass, to_chunks, written_out
+from ._chunk import (causal_mask, decay_mask, dot, pass_forward, solved_pass_backward, state_pass, to_chunks,
+                     written_out)
 from ._varlen import check_cu_seqlens, padded_groups
 
 
@@ -402,7 +403,8 @@ class _StaleChunks(torch.autograd.Function):
     read-out (as the delta rule's, _DeltaChunks), the masks: with A = diag(theta) (K K^T * D') the system's lower
     part and D' = D at the gradient points (the row of the token before each mini-batch),
         dD' = diag(theta) dA * K K^T, summed over each mini-batch's rows into its gradient point's row of D,
-        dD += dscores * Q K^T,   D = L_A diag(m) L_E:  dL_A = (dD L_E^T + dc e^{G^E}^T) diag(m),  dL_E = (L_A diag(m))^T dD,
+        dD += dscores * Q K^T,   D = L_A diag(m) L_E:
+        dL_A = (dD L_E^T + dc e^{G^E}^T) diag(m),   dL_E = (L_A diag(m))^T dD,
     and each decay mask L = e^{G_t - G_s} gives dG_t by rows minus columns of dL * L; a, c and e^{G^E} add theirs."""
 
     @staticmethod
@@ -422,9 +424,8 @@ class _StaleChunks(torch.autograd.Function):
         s = dict(zip(ctx.names, ctx.saved_tensors))
         q, k, v, theta, gA, log_eta, m, X0, shift, b = ctx.inputs
         G, H, N, C, Dk = k.shape
-        R, GH, momentum = N * G * H, G * H, gA is not None
-        states, read, u, inverse, rhs = s["states"], s["read"], s["u"], s["inverse"], s["rhs"]
-        Dx, Dv = states.shape[-2:]
+        R, GH, momentum, u = N * G * H, G * H, gA is not None, s["u"]
+        Dv = u.shape[-1]
         qc, kc, tc = s["qc"], s["kc"], s["tc"]
 
         def cm(x):  # [G, H, N, ...] -> chunk-major
@@ -432,23 +433,10 @@ class _StaleChunks(torch.autograd.Function):
 
         def back(x):
             return x.reshape(N, G, H, *x.shape[1:]).movedim(0, 2)
-        doc = cm(do) if do is not None else u.new_zeros(R, C, Dv)
-        dR = torch.empty_like(states)                                 # the states' gradients, dX_n first
-        torch.bmm(read.transpose(-1, -2), doc, out=dR[:-1].view(R, Dx, Dv))
-        if dX is not None:
-            dR[:-1].view(R, Dx, Dv).add_(cm(dX))
-        dR[-1].copy_(dfinal.reshape(GH, Dx, Dv)) if dfinal is not None else dR[-1].zero_()
-        dU = torch.bmm(s["scores"].transpose(-1, -2), doc)
-        if du is not None:
-            dU.add_(cm(du))
-        dscores = torch.bmm(doc, u.transpose(-1, -2))
-        dread = torch.bmm(doc, states[:-1].view(R, Dx, Dv).transpose(-1, -2))
-        dfree, dw, dk_out, dmix, dX0 = pass_backward(s["w"], s["k_out"], s["mix"], u, states,
-                                                     dU.view(N, GH, C, Dv), dR)
-        inv_t = inverse.transpose(-1, -2)
-        dT = torch.bmm(dfree, rhs[..., :Dv].transpose(-1, -2)).baddbmm_(dw, rhs[..., Dv:].transpose(-1, -2))
-        d_v_side, d_x_side = torch.bmm(inv_t, dfree), torch.bmm(inv_t, dw)
-        dA = torch.bmm(torch.bmm(inv_t, dT), inv_t).neg_().tril_(-1)
+        dscores, dread, d_v_side, d_x_side, dA, dk_out, dmix, dX0 = solved_pass_backward(
+            cm(do) if do is not None else u.new_zeros(R, C, Dv), s["scores"], s["read"], s["inverse"], s["rhs"],
+            s["w"], s["k_out"], s["mix"], u, s["states"], dfinal, None if du is None else cm(du),
+            None if dX is None else cm(dX))
         dshift = None if shift is None else d_v_side[:GH].reshape(G, H, C, Dv).clone()
         dtheta = dot(dA, s["Msys"]) + dot(d_v_side, s["vc"])
         dMsys = dA.mul_(tc[..., None])

@@ -26,7 +26,7 @@ from torch import Tensor
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking, compute_dtype,
                        finite_answer, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
-from ._chunk import (check_chunk_size, decay_mask, dot, from_chunk_major, pass_backward, pass_forward, state_pass,
+from ._chunk import (check_chunk_size, decay_mask, dot, from_chunk_major, pass_forward, solved_pass_backward, state_pass,
                      to_chunk_major, written_out)
 from ._varlen import check_cu_seqlens, run_packed
 
@@ -187,21 +187,8 @@ class _DeltaChunks(torch.autograd.Function):
         qc, qe, kc, vc, bc, G, gamma, M, P, inverse, rhs, w, k_out, chunk_decay, u, states = ctx.saved_tensors
         q, _, _, _, g, s0, C = ctx.inputs
         B, T, H = q.shape[:3]
-        N, BH, Dk, Dv = states.shape[0] - 1, *states.shape[1:]
-        X = states[:-1].view(-1, Dk, Dv)
-        doc = to_chunk_major(do, C)
-        R = torch.empty_like(states)                                  # the states' gradients, dX_n first
-        torch.bmm(qe.transpose(-1, -2), doc, out=R[:-1].view(-1, Dk, Dv))
-        R[-1].copy_(dfinal.view(BH, Dk, Dv))
-        du = torch.bmm(P.transpose(-1, -2), doc)
-        dP = torch.bmm(doc, u.view(-1, C, Dv).transpose(-1, -2))
-        dqe = torch.bmm(doc, X.transpose(-1, -2))
-        du_free, dw, dk_out, dd, ds0 = pass_backward(w, k_out, chunk_decay, u, states, du.view(N, BH, C, Dv), R)
-        v_side, k_side = rhs[..., :Dv], rhs[..., Dv:]
-        dT = torch.bmm(du_free, v_side.transpose(-1, -2)).baddbmm_(dw, k_side.transpose(-1, -2))
-        inv_t = inverse.transpose(-1, -2)
-        d_v_side, d_k_side = torch.bmm(inv_t, du_free), torch.bmm(inv_t, dw)
-        dM = torch.bmm(torch.bmm(inv_t, dT), inv_t).neg_().tril_(-1)  # dA; the diagonal of I + A is fixed
+        dP, dqe, d_v_side, d_k_side, dM, dk_out, dd, ds0 = solved_pass_backward(
+            to_chunk_major(do, C), P, qe, inverse, rhs, w, k_out, chunk_decay, u, states, dfinal)
         from_k_side = dot(d_k_side, kc)                               # [NBH, C]: beta_t's and e^{G_t}'s share
         dbeta = dot(dM, M) + dot(d_v_side, vc)
         dM.mul_(bc)
