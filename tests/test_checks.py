@@ -110,7 +110,8 @@ COMPILED = {
 ENCODERS = ("soft_attention", "skyformer")  # non-causal: one form
 COMPILE_CASES = [(op, mode) for op in sorted(COMPILED) for mode in ("chunk", "recurrent")
                  if mode == "chunk" or op not in ENCODERS]
-FAST_COMPILE_CASES = [("linear_attention_vector", "chunk"), ("delta_rule", "recurrent"), ("titans", "chunk")]
+FAST_COMPILE_CASES = [("linear_attention_vector", "chunk"), ("delta_rule", "recurrent"), ("delta_rule", "chunk"),
+                      ("titans", "chunk"), ("ttt_linear", "chunk")]  # the written-out Functions among them
 
 
 @pytest.mark.parametrize("op,mode", [

@@ -301,8 +301,14 @@ def _stale(batch_size: int, momentum: bool):
             shift = -((theta[:, :, 0, :, None] * k[:, :, 0]).masked_fill(~first, 0.0) @ (S_start - S))
         X0 = torch.cat(weights, -2) if momentum else S
         gA, log_eta = gates if momentum else (None, None)
-        o, u, X, final, a_ends, D_ends, c_ends = _StaleChunks.apply(q, k, v, theta, gA, log_eta,
-                                                                    m if momentum else None, X0, shift, batch_size)
+        o, u, X, final, *at_ends = _StaleChunks.apply(q, k, v, theta, gA, log_eta, m if momentum else None, X0, shift,
+                                                      batch_size)
+        if momentum:
+            a_ends, D_ends, c_ends = at_ends
+        else:  # no decay: the memory's weights are 1
+            ends = torch.arange(batch_size - 1, C, batch_size, device=q.device)
+            a_ends = q.new_ones(()).expand(G, H, N, len(ends))
+            D_ends = causal_mask(C, q.device)[ends].to(q.dtype).expand(G, H, N, -1, -1)
         final = [final[..., :Dk, :], final[..., Dk:, :]] if momentum else [final]  # [S, P] (sliced: writable views)
         # the start weights of the mini-batch holding each row's last token: S after mini-batch j - 1 of its chunk
         if isinstance(last, int):
@@ -329,9 +335,9 @@ def _stale(batch_size: int, momentum: bool):
 def _stale_forward(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, gA: Tensor | None, log_eta: Tensor | None,
                    m: Tensor | None, X0: Tensor, shift: Tensor | None, b: int) -> tuple[tuple, dict]:
     """_StaleChunks's forward, in autograd ops where grad mode is on (its reference for gradients of gradients):
-    chunks [G, H, N, C, ...] in, worked chunk-major ([N * G * H, C, ...], rows r). Returns (o, u, the chunks' start
-    states X, the final state, a, D and c at each mini-batch's last token, all [G, H, N, ...]) and what the written-out
-    backward reads."""
+    chunks [G, H, N, C, ...] in, worked chunk-major ([N * G * H, C, ...]). Returns (o, u, the chunks' start states
+    X, the final state, and with momentum a, D and c at each mini-batch's last token, all [G, H, N, ...]) and what the
+    written-out backward reads."""
     G, H, N, C, Dk = k.shape
     R, Dv, momentum = N * G * H, v.shape[-1], gA is not None
     qc, kc, vc, tc = (x.movedim(2, 0).reshape(R, *x.shape[3:]) for x in (q, k, v, theta))
@@ -381,10 +387,9 @@ def _stale_forward(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, gA: Tensor | 
 
     def back(x):
         return x.reshape(N, G, H, *x.shape[1:]).movedim(0, 2)
-    ones = q.new_ones(()).expand(G, H, N, len(ends))
-    outs = (back(o), back(u), back(starts.reshape(R, Dx, Dv)), final.reshape(G, H, Dx, Dv).clone(),
-            back(a[:, ends]) if momentum else ones, back(D[:, ends]) if momentum else D[ends].expand(G, H, N, -1, -1),
-            back(c[:, ends]) if momentum else ones)
+    outs = (back(o), back(u), back(starts.reshape(R, Dx, Dv)), final.reshape(G, H, Dx, Dv).clone())
+    if momentum:
+        outs += (back(a[:, ends]), back(D[:, ends]), back(c[:, ends]))
     saved = dict(qc=qc, kc=kc, vc=vc, tc=tc, KK=KK, QK=QK, D=D, D_at=D_at, Msys=Msys, inverse=inverse, tk=tk,
                  rhs=rhs, w=uw[..., Dv:], k_out=k_out, mix=mix, read=read, scores=scores, u=u, states=states)
     if momentum:
@@ -414,13 +419,11 @@ class _StaleChunks(torch.autograd.Function):
         ctx.save_for_backward(*saved.values())
         ctx.inputs = q, k, v, theta, gA, log_eta, m, X0, shift, b
         ctx.set_materialize_grads(False)
-        if gA is None:
-            ctx.mark_non_differentiable(*outs[4:])
         return outs
 
     @staticmethod
     @written_out(_stale_reference)
-    def backward(ctx, do, du, dX, dfinal, da_ends, dD_ends, dc_ends):
+    def backward(ctx, do, du, dX, dfinal, *d_ends):
         s = dict(zip(ctx.names, ctx.saved_tensors))
         q, k, v, theta, gA, log_eta, m, X0, shift, b = ctx.inputs
         G, H, N, C, Dk = k.shape
@@ -462,7 +465,7 @@ class _StaleChunks(torch.autograd.Function):
             dD[:, -1] += dot(dko_S, kc)
             da[:, -1] += dmix[:, 0, 0, 0]
             dc[:, -1] += dmix[:, 1, 0, 0]
-            for grad, full in ((da_ends, da), (dD_ends, dD), (dc_ends, dc)):
+            for grad, full in zip(d_ends, (da, dD, dc)):
                 if grad is not None:
                     full[:, ends] += cm(grad)
             L_A, L_E, L_Am, eE = s["L_A"], s["L_E"], s["L_Am"], s["eE"]

@@ -169,9 +169,7 @@ class _DeltaChunks(torch.autograd.Function):
             chunk_decay = torch.exp(G[:, -1:])
         eye = torch.eye(C, dtype=q.dtype, device=q.device)
         inverse = torch.linalg.solve_triangular(torch.addcmul(eye, M, bc), eye, upper=False, unitriangular=True)
-        rhs = qc.new_empty(qc.shape[0], C, Dv + Dk)                  # [beta V | beta e^G K]: one product for U', W'
-        torch.mul(vc, bc, out=rhs[..., :Dv])
-        torch.mul(kc, bk, out=rhs[..., Dv:])
+        rhs = torch.cat([vc * bc, kc * bk], -1)                      # [beta V | beta e^G K]: one product for U', W'
         uw = inverse @ rhs
         w = uw[..., Dv:]
         state = q.new_zeros(B * H, Dk, Dv) if s0 is None else s0.reshape(B * H, Dk, Dv)
