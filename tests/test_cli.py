@@ -114,3 +114,32 @@ def test_bench_timing_interleaves_repeats_and_warns_of_a_loaded_machine():
     loaded = bench.BenchRow("la", "vector", 64, 16, 3.0, 2.0, None, None, 1.0, 4.0, None, spread=0.6)
     warning = bench.load_warning([quiet, loaded])
     assert "1 of 2 rows" in warning and "60%" in warning and "forward slower than its forward+backward" in warning
+
+
+def _kept_in_fresh_process(code: str, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "TTR_RELEASE_MEMORY"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_the_executable_keeps_freed_memory_and_the_library_does_not(monkeypatch):
+    """`ttr` (cli.run) asks glibc to keep what it frees; importing ttr and running an op leaves the host's
+    allocator alone; MALLOC_* settings of the user's own, or TTR_RELEASE_MEMORY=1, win."""
+    from ttr import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1))
+    assert cli.run(["zoo"]) == 0 and calls == [1]
+    library = ("import torch, ttr; from ttr._memory import freed_memory_kept; "
+               "ttr.ops.delta_rule(*torch.randn(3, 1, 8, 1, 4), torch.full((1, 8, 1), 0.5), qk_l2norm=True); print(freed_memory_kept())")
+    assert _kept_in_fresh_process(library) == "False"
+    keep = "from ttr._memory import keep_freed_memory, freed_memory_kept; print(keep_freed_memory(), freed_memory_kept())"
+    assert _kept_in_fresh_process(keep) == "True True"
+    assert _kept_in_fresh_process(keep, TTR_RELEASE_MEMORY="1") == "False False"
+    assert _kept_in_fresh_process(keep, MALLOC_ARENA_MAX="2") == "False False"

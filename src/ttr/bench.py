@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from . import ops
 from ._checks import checks
 from ._files import write_atomically
+from ._memory import freed_memory_kept
 from .features import get_feature_map, make_feature_map
 from .ops._varlen import Layout
 
@@ -631,6 +632,7 @@ def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[di
     device = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     payload = {
         "config": asdict(cfg), "device": device, "torch": torch.__version__, "matmul_gflops": matmul,
+        "freed_memory_kept": freed_memory_kept(),
         "rows": [asdict(r) | {"speedup_vs_recurrent": r.speedup, "sdpa_over_chunk": r.vs_sdpa, "ref_over_chunk": r.vs_ref}
                  for r in rows],
         "mesa_solvers": solvers or [],

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ._memory import freed_memory_kept, keep_freed_memory
+
 console = Console()
 
 
@@ -485,7 +487,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     path = Path(cfg.out)
     threads = f"{torch.get_num_threads()} threads" if cfg.device == "cpu" else cfg.device
     title = (f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch {bench.MINI_BATCH}), "
-             f"{threads}; matmul {matmul:.0f} GFLOP/s")
+             f"{threads}; matmul {matmul:.0f} GFLOP/s; freed memory {'kept' if freed_memory_kept() else 'released'}")
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
     for c in ("op", "g", "D", "T", "fwd", "chk", "f+b", "med", "spr", "xrec", "xsdpa", "GF/s", "%mm", "MB"):
         table.add_column(c, justify="left" if c == "op" else "right", no_wrap=True)
@@ -761,5 +763,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The `ttr` executable: main, in a process that keeps the memory it frees (ttr._memory)."""
+    keep_freed_memory()
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
