@@ -16,25 +16,46 @@ import ctypes
 import os
 import sys
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 _kept = False
+
+
+def _glibc():
+    """The process's C library where it is glibc (it has mallopt and malloc_trim), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):  # musl has neither
+        return None
+    return libc
 
 
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to serve every block from the heap (no mmap) and never trim it. Returns whether it did."""
     global _kept
-    if (not sys.platform.startswith("linux") or os.environ.get("TTR_RELEASE_MEMORY") == "1"
-            or any(name.startswith("MALLOC_") for name in os.environ)):
+    libc = _glibc()
+    if libc is None or os.environ.get("TTR_RELEASE_MEMORY") == "1" or any(k.startswith("MALLOC_") for k in os.environ):
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the process's C library; musl has no mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _kept = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    _kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
     return _kept
 
 
+def release_freed_memory() -> None:
+    """The opposite, for measuring memory by the resident set (ttr bench's peak): large blocks in mmap at a fixed
+    64 KiB threshold (returned to the system on free; glibc's own threshold rises after big frees and keeps them),
+    and every free page handed back now."""
+    libc = _glibc()
+    if libc is None:
+        return
+    libc.mallopt(_M_MMAP_MAX, 65536)  # glibc's default
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+    libc.malloc_trim(0)
+
+
 def freed_memory_kept() -> bool:
-    """Whether this process keeps freed memory (keep_freed_memory succeeded)."""
+    """Whether keep_freed_memory took effect in this process: what ttr bench's timings ran with (the memory it
+    measures after them, by release_freed_memory, leaves this as it is)."""
     return _kept

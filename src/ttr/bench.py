@@ -13,7 +13,6 @@ regression at a few landmark counts.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import statistics
 import time
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from . import ops
 from ._checks import checks
 from ._files import write_atomically
-from ._memory import freed_memory_kept
+from ._memory import freed_memory_kept, release_freed_memory
 from .features import get_feature_map, make_feature_map
 from .ops._varlen import Layout
 
@@ -223,17 +222,6 @@ def _rss_mb(field_name: str) -> float:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
-def _release_freed_memory() -> None:
-    """Make RSS follow live tensors: a fixed mmap threshold (glibc's default one rises after big frees and
-    keeps them resident) puts large blocks in mmap, returned to the OS on free; trim hands back the rest."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
-    libc.malloc_trim(0)
-
-
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Memory the call adds at its peak, in MiB (None where it cannot be measured)."""
     if device.type == "cuda":
@@ -244,7 +232,7 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     try:
-        _release_freed_memory()
+        release_freed_memory()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
         base = _rss_mb("VmRSS")
@@ -584,7 +572,7 @@ def grid(cfg: BenchConfig) -> list[tuple[str, str, int, int]]:
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         ) -> tuple[float, list[BenchRow], list[dict], list[dict], list[dict], list[dict]]:
     """All timings first, then all peak-memory measurements: on the CPU the latter change how the
-    allocator returns memory (see _release_freed_memory), which must not touch the timings.
+    allocator returns memory (release_freed_memory), which must not touch the timings.
     The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
     rows_to_time = grid(cfg)
     device = torch.device(cfg.device)
