@@ -57,9 +57,12 @@ def _identity(x: Tensor) -> Tensor:
     return x
 
 
+L2_FLOOR = 1e-6  # the smallest norm l2 divides by: a zero vector stays zero
+
+
 def _l2(x: Tensor) -> Tensor:
     """x / ||x||: unit keys keep the delta rule's step beta in (0, 2) a contraction."""
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(L2_FLOOR)
 
 
 def _elu_plus_one(x: Tensor) -> Tensor:

@@ -32,14 +32,21 @@ def from_chunks(x: Tensor, T: int) -> Tensor:
     return x.reshape(B, H, N * C, *x.shape[4:])[:, :, :T].movedim(2, 1)
 
 
-def to_chunk_major(x: Tensor, chunk: int) -> Tensor:
+def to_chunk_major(x: Tensor, chunk: int, factor: Tensor | float | None = None) -> Tensor:
     """[B, T, H, D] -> [N * B * H, C, D] contiguous, zero-padded to N * C tokens: chunk-major, so a pass over the
-    chunks steps through contiguous blocks [B * H, C, D] (the hand-written passes' layout)."""
+    chunks steps through contiguous blocks [B * H, C, D] (the hand-written passes' layout). factor (a number or
+    [B, T, H, 1]) scales x in the same pass (no autograd: for the written-out forms' forwards)."""
     B, T, H, D = x.shape
     N = -(-T // chunk)
     if N * chunk != T:
         x = F.pad(x, (0, 0, 0, 0, 0, N * chunk - T))
-    return x.reshape(B, N, chunk, H, D).permute(1, 0, 3, 2, 4).reshape(N * B * H, chunk, D)
+        factor = F.pad(factor, (0, 0, 0, 0, 0, N * chunk - T)) if isinstance(factor, Tensor) else factor
+    blocks = x.reshape(B, N, chunk, H, D).permute(1, 0, 3, 2, 4)
+    if factor is None:
+        return blocks.reshape(N * B * H, chunk, D)
+    if isinstance(factor, Tensor):
+        factor = factor.reshape(B, N, chunk, H, 1).permute(1, 0, 3, 2, 4)
+    return torch.mul(blocks, factor, out=x.new_empty(N, B, H, chunk, D)).view(N * B * H, chunk, D)
 
 
 def from_chunk_major(x: Tensor, B: int, T: int, H: int) -> Tensor:

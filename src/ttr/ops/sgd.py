@@ -25,9 +25,9 @@ from torch import Tensor
 
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking, compute_dtype,
                        finite_answer, log_gate_as, scale_or, vouch)
-from ..features import FEATURE_MAPS
-from ._chunk import (check_chunk_size, decay_mask, dot, from_chunk_major, pass_forward, solved_pass_backward, state_pass,
-                     to_chunk_major, written_out)
+from ..features import FEATURE_MAPS, L2_FLOOR
+from ._chunk import (check_chunk_size, decay_mask, dot, from_chunk_major, pass_forward, solved_pass_backward,
+                     state_pass, to_chunk_major, written_out)
 from ._varlen import check_cu_seqlens, run_packed
 
 
@@ -69,12 +69,14 @@ def delta_rule(
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
     q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
-    if qk_l2norm:
-        q, k = FEATURE_MAPS["l2"](q), FEATURE_MAPS["l2"](k)
-    q = q * scale_or(scale, Dk ** -0.5)
+    scale = scale_or(scale, Dk ** -0.5)
     g = log_gate_as(g, dt)
     s0 = None if initial_state is None else initial_state.to(dt)
-    core = _recurrent if mode == "recurrent" else functools.partial(_chunked, C=chunk_size)
+    if mode == "recurrent":
+        q, k = _unit(q, k, qk_l2norm, scale)
+        core = _recurrent
+    else:  # the chunk form normalizes and scales q and k as it lays them out
+        core = functools.partial(_chunked, C=chunk_size, normalize=qk_l2norm, scale=scale)
     if cu is None:
         o, state = core(q, k, v, beta, g, s0)
     else:  # zero beta and gates outside the sequences: no step, no decay
@@ -99,21 +101,29 @@ def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
     return torch.stack(outs, dim=1), state
 
 
+def _unit(q: Tensor, k: Tensor, normalize: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """q and k as the delta rule reads them: unit length where normalize (qk_l2norm), q scaled."""
+    if normalize:
+        q, k = FEATURE_MAPS["l2"](q), FEATURE_MAPS["l2"](k)
+    return q * scale, k
+
+
 def _chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0: Tensor | None,
-             C: int) -> tuple[Tensor, Tensor]:
+             C: int, normalize: bool = False, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """WY / UT form. Within a chunk starting from state S_0, write S_t = e^{G_t} S_0 + sum_{i<=t}
     e^{G_t - G_i} k_i u_i^T with u_t = beta_t (v_t - alpha_t S_{t-1}^T k_t). The u's solve one unit
     lower-triangular system per chunk,
         (I + diag(beta) (tril_{-1}(K K^T) * Gamma)) U = diag(beta) (V - diag(e^G) K S_0),  Gamma_ti = e^{G_t - G_i},
     so U = U' - W' S_0 with U', W' from one batched triangular solve for all chunks; only the chunk-to-chunk
     pass of the state is sequential (state_pass). Chunk-major layout (to_chunk_major): [N * B * H, C, D].
-    The backward is written out (_DeltaChunks)."""
-    return _DeltaChunks.apply(q, k, v, beta, g, s0, C)
+    The backward is written out (_DeltaChunks). q and k as given, unit length where normalize; q scaled."""
+    return _DeltaChunks.apply(q, k, v, beta, g, s0, C, normalize, scale)
 
 
 def _chunked_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0: Tensor | None,
-                       C: int) -> tuple[Tensor, Tensor]:
+                       C: int, normalize: bool, scale: float) -> tuple[Tensor, Tensor]:
     """_chunked in autograd ops (for gradients of gradients: written_out)."""
+    q, k = _unit(q, k, normalize, scale)
     B, T, H, Dk = k.shape
     Dv = v.shape[-1]
     qc, kc, vc = (to_chunk_major(x, C) for x in (q, k, v))
@@ -147,10 +157,17 @@ class _DeltaChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, s0: Tensor | None,
-                C: int) -> tuple[Tensor, Tensor]:
+                C: int, normalize: bool, scale: float) -> tuple[Tensor, Tensor]:
         B, T, H, Dk = k.shape
         Dv = v.shape[-1]
-        qc, kc, vc = (to_chunk_major(x, C) for x in (q, k, v))
+        norms = [None, None]
+        if normalize:  # laid out unit length (and q scaled) in one pass each
+            norms = [x.norm(dim=-1, keepdim=True) for x in (q, k)]
+            qc, kc = (to_chunk_major(x, C, s / n.clamp_min(L2_FLOOR)) for x, n, s in zip((q, k), norms, (scale, 1.0)))
+            norms = [to_chunk_major(n, C) for n in norms]
+        else:
+            qc, kc = to_chunk_major(q, C, scale), to_chunk_major(k, C)
+        vc = to_chunk_major(v, C)
         bc = to_chunk_major(beta[..., None], C)                      # [NBH, C, 1]; padding: beta = 0
         M, P = kc @ kc.transpose(-1, -2), qc @ kc.transpose(-1, -2)
         G = gamma = chunk_decay = None
@@ -175,15 +192,16 @@ class _DeltaChunks(torch.autograd.Function):
         state = q.new_zeros(B * H, Dk, Dv) if s0 is None else s0.reshape(B * H, Dk, Dv)
         u, states = pass_forward(uw[..., :Dv], w, k_out, chunk_decay, state)
         o = torch.bmm(P, u.view(-1, C, Dv)).baddbmm_(qe, states[:-1].view(-1, Dk, Dv))
-        ctx.save_for_backward(qc, qe, kc, vc, bc, G, gamma, M, P, inverse, rhs, w, k_out, chunk_decay, u, states)
-        ctx.inputs = q, k, v, beta, g, s0, C
+        ctx.save_for_backward(qc, qe, kc, vc, bc, G, gamma, M, P, inverse, rhs, w, k_out, chunk_decay, u, states,
+                              *norms)
+        ctx.inputs = q, k, v, beta, g, s0, C, normalize, scale
         return from_chunk_major(o, B, T, H), states[-1].view(B, H, Dk, Dv).clone()
 
     @staticmethod
     @written_out(_chunked_reference)
     def backward(ctx, do: Tensor, dfinal: Tensor) -> tuple[Tensor | None, ...]:
-        qc, qe, kc, vc, bc, G, gamma, M, P, inverse, rhs, w, k_out, chunk_decay, u, states = ctx.saved_tensors
-        q, _, _, _, g, s0, C = ctx.inputs
+        qc, qe, kc, vc, bc, G, gamma, M, P, inverse, rhs, w, k_out, chunk_decay, u, states, *norms = ctx.saved_tensors
+        q, _, _, _, g, s0, C, normalize, scale = ctx.inputs
         B, T, H = q.shape[:3]
         dP, dqe, d_v_side, d_k_side, dM, dk_out, dd, ds0 = solved_pass_backward(
             to_chunk_major(do, C), P, qe, inverse, rhs, w, k_out, chunk_decay, u, states, dfinal)
@@ -211,9 +229,20 @@ class _DeltaChunks(torch.autograd.Function):
             dq = dqe.mul_(decay_in)
         dk.baddbmm_(dM + dM.transpose(-1, -2), kc).baddbmm_(dP.transpose(-1, -2), qc)
         dq.baddbmm_(dP, kc)
+        if normalize:
+            dq, dk = (_unit_backward(d, x, n, s) for d, x, n, s in zip((dq, dk), (qc, kc), norms, (scale, 1.0)))
+        else:
+            dq.mul_(scale)
         grads = [from_chunk_major(x, B, T, H) for x in (dq, dk, dv, dbeta[..., None])]
         dg = None if dG is None else from_chunk_major(dG.flip(-1).cumsum(-1).flip(-1)[..., None], B, T, H)[..., 0]
-        return (*grads[:3], grads[3][..., 0], dg, None if s0 is None else ds0.view_as(s0), None)
+        return (*grads[:3], grads[3][..., 0], dg, None if s0 is None else ds0.view_as(s0), None, None, None)
+
+
+def _unit_backward(du: Tensor, u: Tensor, norm: Tensor, scale: float) -> Tensor:
+    """In place, du -> dx for u = scale x / max(||x||, L2_FLOOR) (norm = ||x||; chunk-major): scale / ||x|| times du
+    less its part along u, which a clamped norm does not take out."""
+    along = dot(du, u)[..., None] * ((norm > L2_FLOOR) / scale ** 2)
+    return du.addcmul_(u, along, value=-1).mul_(scale / norm.clamp_min(L2_FLOOR))
 
 
 def delta_product(
