@@ -112,14 +112,17 @@ def test_delta_rule_chunk_gradients_with_raw_keys_equal_recurrent(gated, T):
         assert max_rel(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("tiny", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
-def test_delta_rule_chunk_normalizes_zero_and_tiny_vectors_as_the_recurrent_form(gated):
+def test_delta_rule_chunk_normalizes_zero_and_tiny_vectors_as_the_recurrent_form(gated, tiny):
     """qk_l2norm in the chunk form is laid out with the chunks and differentiated by hand: rows of q and k that are
     zero or below the norm's floor (where l2 divides by the floor and takes no component out) give the recurrent
-    form's answer and gradients, with a scale that is not Dk^-1/2."""
+    form's answer and gradients, with a scale that is not Dk^-1/2 (and whose 1 / scale^2 float32 cannot hold:
+    without tiny rows, whose gradients would dwarf an error in the others)."""
     B, T, H, Dk, Dv = 2, 21, 2, 4, 3
     q, k, v = (x.detach() for x in make_qkv(B, T, H, Dk, Dv))
-    q[0, 3], k[1, 5], k[0, 7, 1], q[1, 9, 0] = 0.0, 0.0, 1e-8, 3e-7
+    if tiny:
+        q[0, 3], k[1, 5], k[0, 7, 1], q[1, 9, 0] = 0.0, 0.0, 1e-8, 3e-7
     leaves = [q.requires_grad_(), k.requires_grad_(), v.requires_grad_()]
     beta = _rand(B, T, H, lo=0.2, hi=1.8, requires_grad=True)
     g = make_gate("scalar", B, T, H, requires_grad=True) if gated else None
@@ -127,7 +130,7 @@ def test_delta_rule_chunk_normalizes_zero_and_tiny_vectors_as_the_recurrent_form
     w = torch.randn(B, T, H, Dv, dtype=torch.float64)
     got = {}
     for mode in ("chunk", "recurrent"):
-        o, _ = ops.delta_rule(q, k, v, beta, g, qk_l2norm=True, scale=0.3, mode=mode, chunk_size=8)
+        o, _ = ops.delta_rule(q, k, v, beta, g, qk_l2norm=True, scale=0.7, mode=mode, chunk_size=8)
         got[mode] = [o, *torch.autograd.grad((o * w).sum(), leaves)]
     for a, b in zip(got["chunk"], got["recurrent"]):
         assert max_rel(a, b) < 1e-10

@@ -241,7 +241,7 @@ class _DeltaChunks(torch.autograd.Function):
 def _unit_backward(du: Tensor, u: Tensor, norm: Tensor, scale: float) -> Tensor:
     """In place, du -> dx for u = scale x / max(||x||, L2_FLOOR) (norm = ||x||; chunk-major): scale / ||x|| times du
     less its part along u, which a clamped norm does not take out."""
-    along = dot(du, u)[..., None] * ((norm > L2_FLOOR) / scale ** 2)
+    along = dot(du, u)[..., None] * ((norm > L2_FLOOR).to(du.dtype) / scale ** 2)  # not bool / float: float32
     return du.addcmul_(u, along, value=-1).mul_(scale / norm.clamp_min(L2_FLOOR))
 
 
