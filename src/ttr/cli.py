@@ -601,7 +601,10 @@ def cmd_decode_bench(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttr", description="Test-time regression sequence layers: "
-                                     "the named systems, the single-forward-pass experiment, and benchmarks.")
+                                     "the named systems, the single-forward-pass experiment, and benchmarks.",
+                                     epilog="On glibc, ttr keeps the memory it frees, so each step reuses the "
+                                     "last one's pages (TTR_RELEASE_MEMORY=1 or your own MALLOC_* settings: "
+                                     "glibc's defaults).")
     sub = parser.add_subparsers(dest="command", required=True)
     shows_defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
