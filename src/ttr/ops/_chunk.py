@@ -255,6 +255,31 @@ def pass_backward(w: Tensor, k_out: Tensor, mix: Tensor | None, u: Tensor, state
     return dU, dW, dKo, dmix, R[0]
 
 
+def solved_pass(M: Tensor, rate: Tensor, rhs: Tensor, scores: Tensor, read: Tensor, k_out: Tensor, mix: Tensor | None,
+                X0: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor | None]]:
+    """The delta rule family's chunks past their masks, chunk-major: T = (I + diag(rate) M)^{-1} for M strictly
+    lower [R, C, C], [U' | W'] = T rhs (U' the columns before read's width), the pass u_n = U'_n - W'_n X_n over the
+    chunks from X_0, and o = scores u + read X_n. In autograd ops (state_pass) where grad mode is on (the references),
+    else through pass_forward (the written-out forms' forwards). Returns (o, u [R, C, Dv], the start states
+    X_0 .. X_{N-1}, X_N, and (T, W', the states' buffer or None) for solved_pass_backward)."""
+    R, C, _ = M.shape
+    Dx = read.shape[-1]
+    Dv = rhs.shape[-1] - Dx
+    eye = torch.eye(C, dtype=M.dtype, device=M.device)
+    inverse = torch.linalg.solve_triangular(torch.addcmul(eye, M, rate), eye, upper=False, unitriangular=True)
+    uw = inverse @ rhs                                               # one product for U' and W'
+    free, w = uw[..., :Dv], uw[..., Dv:]
+    states = None
+    if torch.is_grad_enabled():
+        u, starts, final = state_pass(free, w, k_out, mix, X0)
+    else:
+        u, states = pass_forward(free, w, k_out, mix, X0)
+        starts, final = states[:-1], states[-1]
+    u = u.reshape(R, C, Dv)
+    o = torch.bmm(scores, u).baddbmm_(read, starts.reshape(R, Dx, Dv))
+    return o, u, starts, final, (inverse, w, states)
+
+
 def solved_pass_backward(doc: Tensor, scores: Tensor, read: Tensor, inverse: Tensor, rhs: Tensor, w: Tensor,
                          k_out: Tensor, mix: Tensor | None, u: Tensor, states: Tensor, dfinal: Tensor | None,
                          du: Tensor | None = None, dstarts: Tensor | None = None) -> tuple[Tensor, ...]:

@@ -56,8 +56,7 @@ from torch import Tensor
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking,
                        compute_dtype, is_int, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS
-from ._chunk import (causal_mask, decay_mask, dot, pass_forward, solved_pass_backward, state_pass, to_chunks,
-                     written_out)
+from ._chunk import causal_mask, decay_mask, dot, solved_pass, solved_pass_backward, to_chunks, written_out
 from ._varlen import check_cu_seqlens, padded_groups
 
 
@@ -358,9 +357,6 @@ def _stale_forward(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, gA: Tensor | 
         D = causal_mask(C, q.device).to(q.dtype)
         D_at = D[at].masked_fill(first[:, None], 0.0)
     Msys = KK * D_at                                                  # zero on and above the mini-batches' blocks
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    inverse = torch.linalg.solve_triangular(torch.addcmul(eye, Msys, tc[..., None]), eye, upper=False,
-                                            unitriangular=True)
     tk = tc[..., None] * kc
     v_side = tc[..., None] * vc
     if shift is not None:
@@ -373,17 +369,9 @@ def _stale_forward(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, gA: Tensor | 
     else:
         rhs, read, k_out, mix = torch.cat([v_side, tk], -1), qc, kc, None
     scores = QK * D
-    uw = inverse @ rhs
     Dx = read.shape[-1]
-    X0 = X0.reshape(G * H, Dx, Dv)
-    if torch.is_grad_enabled():
-        u, starts, final = state_pass(uw[..., :Dv], uw[..., Dv:], k_out, mix, X0)
-        states = None
-    else:
-        u, states = pass_forward(uw[..., :Dv], uw[..., Dv:], k_out, mix, X0)
-        starts, final = states[:-1], states[-1]
-    u = u.reshape(R, C, Dv)
-    o = torch.baddbmm(scores @ u, read, starts.reshape(R, Dx, Dv))
+    o, u, starts, final, (inverse, w, states) = solved_pass(Msys, tc[..., None], rhs, scores, read, k_out, mix,
+                                                            X0.reshape(G * H, Dx, Dv))
 
     def back(x):
         return x.reshape(N, G, H, *x.shape[1:]).movedim(0, 2)
@@ -391,7 +379,7 @@ def _stale_forward(q: Tensor, k: Tensor, v: Tensor, theta: Tensor, gA: Tensor | 
     if momentum:
         outs += (back(a[:, ends]), back(D[:, ends]), back(c[:, ends]))
     saved = dict(qc=qc, kc=kc, vc=vc, tc=tc, KK=KK, QK=QK, D=D, D_at=D_at, Msys=Msys, inverse=inverse, tk=tk,
-                 rhs=rhs, w=uw[..., Dv:], k_out=k_out, mix=mix, read=read, scores=scores, u=u, states=states)
+                 rhs=rhs, w=w, k_out=k_out, mix=mix, read=read, scores=scores, u=u, states=states)
     if momentum:
         saved.update(L_A=L_A, L_E=L_E, L_Am=L_Am, a=a, c=c, eE=eE, a_at=a_at, c_at=c_at,
                      m=m.movedim(2, 0).reshape(R, 1, C))

@@ -26,8 +26,8 @@ from torch import Tensor
 from .._checks import (blame, check_log_gate, check_mode, check_qkv, check_state, check_step, checking, compute_dtype,
                        finite_answer, log_gate_as, scale_or, vouch)
 from ..features import FEATURE_MAPS, L2_FLOOR
-from ._chunk import (check_chunk_size, decay_mask, dot, from_chunk_major, pass_forward, solved_pass_backward,
-                     state_pass, to_chunk_major, written_out)
+from ._chunk import (check_chunk_size, decay_mask, dot, from_chunk_major, solved_pass, solved_pass_backward,
+                     to_chunk_major, written_out)
 from ._varlen import check_cu_seqlens, run_packed
 
 
@@ -130,17 +130,13 @@ def _chunked_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor 
     bc = to_chunk_major(beta[..., None], C)                          # [NBH, C, 1]; padding: beta = 0
     G = to_chunk_major(g[..., None], C).cumsum(-2) if g is not None else bc.new_zeros(bc.shape)
     gamma = decay_mask(G[..., 0])                                    # [NBH, C, C], e^{G_t - G_i}, i <= t
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    system = eye + bc * (kc @ kc.transpose(-1, -2) * gamma).tril(-1)
-    inverse = torch.linalg.solve_triangular(system, eye, upper=False, unitriangular=True)
     decay_in = torch.exp(G)                                          # e^{G_t}: start state -> token t
-    u_free = inverse @ (bc * vc)                                     # U = u_free - w @ S_0
-    w = inverse @ (bc * decay_in * kc)
     k_out = kc * torch.exp(G[:, -1:] - G)                            # token i -> end of chunk
     chunk_decay = None if g is None else torch.exp(G[:, -1:])        # [NBH, 1, 1]
     state = q.new_zeros(B * H, Dk, Dv) if s0 is None else s0.reshape(B * H, Dk, Dv)
-    us, starts, final = state_pass(u_free, w, k_out, chunk_decay, state)
-    o = torch.baddbmm((qc @ kc.transpose(-1, -2) * gamma) @ us, qc * decay_in, starts.view(-1, Dk, Dv))
+    o, _, _, final, _ = solved_pass((kc @ kc.transpose(-1, -2) * gamma).tril(-1), bc,
+                                    torch.cat([bc * vc, bc * decay_in * kc], -1), qc @ kc.transpose(-1, -2) * gamma,
+                                    qc * decay_in, k_out, chunk_decay, state)
     return from_chunk_major(o, B, T, H), final.view(B, H, Dk, Dv)
 
 
@@ -184,14 +180,9 @@ class _DeltaChunks(torch.autograd.Function):
             qe, bk = qc * decay_in, bc * decay_in
             k_out = kc * torch.exp(G[:, -1:] - G)
             chunk_decay = torch.exp(G[:, -1:])
-        eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        inverse = torch.linalg.solve_triangular(torch.addcmul(eye, M, bc), eye, upper=False, unitriangular=True)
-        rhs = torch.cat([vc * bc, kc * bk], -1)                      # [beta V | beta e^G K]: one product for U', W'
-        uw = inverse @ rhs
-        w = uw[..., Dv:]
+        rhs = torch.cat([vc * bc, kc * bk], -1)                      # [beta V | beta e^G K]
         state = q.new_zeros(B * H, Dk, Dv) if s0 is None else s0.reshape(B * H, Dk, Dv)
-        u, states = pass_forward(uw[..., :Dv], w, k_out, chunk_decay, state)
-        o = torch.bmm(P, u.view(-1, C, Dv)).baddbmm_(qe, states[:-1].view(-1, Dk, Dv))
+        o, u, _, _, (inverse, w, states) = solved_pass(M, bc, rhs, P, qe, k_out, chunk_decay, state)
         ctx.save_for_backward(qc, qe, kc, vc, bc, G, gamma, M, P, inverse, rhs, w, k_out, chunk_decay, u, states,
                               *norms)
         ctx.inputs = q, k, v, beta, g, s0, C, normalize, scale
