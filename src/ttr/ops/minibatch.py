@@ -575,7 +575,9 @@ class _MLPPass(torch.autograd.Function):
         dpre = gelu'(pre) (do W2 - dmix a),  dq = dpre W1,  dscores = -dpre s1^T,
         ds1 = -scores^T dpre - k R1^T,  dr = gelu'(z) ds1,  ds2 = -mix^T do - a R2^T + dr W2^T,  de = eta ds2,
         da = -dmix^T h - s2 R2 + de W2,  dz = gelu''(z) r ds1 + gelu'(z) da,  dk = dz W1 - s1 R1,
-        R1 <- R1 + dz^T k + dpre^T q,  R2 <- R2 + s2^T dr + de^T a + do^T h."""
+        R1 <- R1 + dz^T k + dpre^T q,  R2 <- R2 + s2^T dr + de^T a + do^T h.
+    The forward keeps gelu'(z), which the backward reads twice; gelu''(z) r is formed for all mini-batches at once.
+    The loops index pre-split views (unbind): a Python index per tensor per step costs as much as a small product."""
 
     @staticmethod
     def forward(ctx, k: Tensor, q: Tensor, v: Tensor, lr: Tensor, scores: Tensor, W1: Tensor, W2: Tensor
@@ -587,24 +589,28 @@ class _MLPPass(torch.autograd.Function):
         W2s[0].copy_(W2)
         kq = torch.cat([k, q], -2)
         zp = k.new_empty(N, BH, 2 * b, Dh)  # [z; p], one product
-        a, h, pre, r, s1 = (k.new_empty(N, BH, b, Dh) for _ in range(5))  # contiguous: gelu's out= (float32)
+        a, h, pre, r, s1, gz = (k.new_empty(N, BH, b, Dh) for _ in range(6))  # contiguous: gelu's out= (float32)
         e, s2, o = (v.new_empty(N, BH, b, Dv) for _ in range(3))
         mix = k.new_empty(N, BH, b, b)
-        for n in range(N):
-            W1_, W2_, z = W1s[n], W2s[n], zp[n, :, :b]
-            torch.bmm(kq[n], W1_.transpose(-1, -2), out=zp[n])
-            torch.ops.aten.gelu.out(z, out=a[n])
-            torch.baddbmm(v[n], a[n], W2_.transpose(-1, -2), beta=-1, out=e[n])
-            torch.mul(e[n], lr[n], out=s2[n])
-            torch.bmm(s2[n], W2_, out=r[n])
-            torch.ops.aten.gelu_backward.grad_input(r[n], z, grad_input=s1[n])
-            torch.baddbmm(zp[n, :, b:], scores[n], s1[n], alpha=-1, out=pre[n])
-            torch.ops.aten.gelu.out(pre[n], out=h[n])
-            torch.bmm(h[n], a[n].transpose(-1, -2), out=mix[n]).tril_()
-            torch.bmm(h[n], W2_.transpose(-1, -2), out=o[n]).baddbmm_(mix[n], s2[n], alpha=-1)
-            torch.baddbmm(W1_, s1[n].transpose(-1, -2), k[n], alpha=-1, out=W1s[n + 1])
-            torch.baddbmm(W2_, s2[n].transpose(-1, -2), a[n], alpha=-1, out=W2s[n + 1])
-        ctx.save_for_backward(kq, lr, scores, W1s, W2s, zp, a, h, pre, r, s1, e, s2, mix)
+        one = k.new_ones(()).expand(BH, b, Dh)
+        steps = zip(*(x.unbind(0) for x in (W1s[:N], W2s[:N], W1s[1:], W2s[1:], k, v, lr, scores, kq, zp, a, h, pre,
+                                             r, s1, gz, e, s2, o, mix)))
+        for W1_, W2_, W1n, W2n, k_, v_, lr_, scores_, kq_, zp_, a_, h_, pre_, r_, s1_, gz_, e_, s2_, o_, mix_ in steps:
+            z = zp_[:, :b]
+            torch.bmm(kq_, W1_.transpose(-1, -2), out=zp_)
+            torch.ops.aten.gelu.out(z, out=a_)
+            torch.ops.aten.gelu_backward.grad_input(one, z, grad_input=gz_)
+            torch.baddbmm(v_, a_, W2_.transpose(-1, -2), beta=-1, out=e_)
+            torch.mul(e_, lr_, out=s2_)
+            torch.bmm(s2_, W2_, out=r_)
+            torch.mul(r_, gz_, out=s1_)
+            torch.baddbmm(zp_[:, b:], scores_, s1_, alpha=-1, out=pre_)
+            torch.ops.aten.gelu.out(pre_, out=h_)
+            torch.bmm(h_, a_.transpose(-1, -2), out=mix_).tril_()
+            torch.bmm(h_, W2_.transpose(-1, -2), out=o_).baddbmm_(mix_, s2_, alpha=-1)
+            torch.baddbmm(W1_, s1_.transpose(-1, -2), k_, alpha=-1, out=W1n)
+            torch.baddbmm(W2_, s2_.transpose(-1, -2), a_, alpha=-1, out=W2n)
+        ctx.save_for_backward(kq, lr, scores, W1s, W2s, zp, a, h, pre, r, s1, gz, e, s2, mix)
         ctx.inputs = k, q, v, lr, scores, W1, W2
         ctx.set_materialize_grads(False)  # the start weights' gradients are mostly absent: no zeros the size of W1s
         return o, W1s[:N], W2s[:N], W1s[N].clone(), W2s[N].clone()
@@ -613,43 +619,45 @@ class _MLPPass(torch.autograd.Function):
     @written_out(_mlp_reference)
     def backward(ctx, do: Tensor | None, dW1s: Tensor | None, dW2s: Tensor | None, dW1: Tensor | None,
                  dW2: Tensor | None) -> tuple[Tensor | None, ...]:
-        kq, lr, scores, W1s, W2s, zp, a, h, pre, r, s1, e, s2, mix = ctx.saved_tensors
+        kq, lr, scores, W1s, W2s, zp, a, h, pre, r, s1, gz, e, s2, mix = ctx.saved_tensors
         N, BH, b2, Dv = *kq.shape[:3], s2.shape[-1]
         b = b2 // 2
         R1 = dW1.clone() if dW1 is not None else W1s.new_zeros(W1s.shape[1:])
         R2 = dW2.clone() if dW2 is not None else W2s.new_zeros(W2s.shape[1:])
         do = s2.new_zeros(s2.shape) if do is None else do
+        curve = _gelu_curvature(zp[:, :, :b]).mul_(r)  # gelu''(z) r
         dkq, dscores, ds2, de = (torch.empty_like(x) for x in (kq, scores, s2, e))
         dzp = zp.new_empty(zp.shape[1:])  # [dz; dpre]
+        dz, dpre = dzp[:, :b], dzp[:, b:]
         ds1, dr, da, dhidden = (r.new_empty(r.shape[1:]) for _ in range(4))
-        sR1 = kq.new_empty(BH, b, kq.shape[-1])
         dmix = mix.new_empty(mix.shape[1:])
-        for n in range(N - 1, -1, -1):  # R1, R2: the gradients reaching W1_{n+1}, W2_{n+1}
-            W1_, W2_, k, z, dz, dpre = W1s[n], W2s[n], kq[n, :, :b], zp[n, :, :b], dzp[:, :b], dzp[:, b:]
-            torch.bmm(do[n], s2[n].transpose(-1, -2), out=dmix).tril_()
-            torch.bmm(do[n], W2_, out=dhidden).baddbmm_(dmix, a[n], alpha=-1)
-            torch.ops.aten.gelu_backward.grad_input(dhidden, pre[n], grad_input=dpre)
-            torch.bmm(dpre, s1[n].transpose(-1, -2), out=dscores[n]).neg_()
-            torch.bmm(scores[n].transpose(-1, -2), dpre, out=ds1).baddbmm_(k, R1.transpose(-1, -2), beta=-1, alpha=-1)
-            torch.bmm(mix[n].transpose(-1, -2), do[n], out=ds2[n]).baddbmm_(a[n], R2.transpose(-1, -2), beta=-1,
-                                                                              alpha=-1)
-            torch.bmm(dmix.transpose(-1, -2), h[n], out=da).baddbmm_(s2[n], R2, beta=-1, alpha=-1)
-            torch.ops.aten.gelu_backward.grad_input(ds1, z, grad_input=dr)
-            ds2[n].baddbmm_(dr, W2_.transpose(-1, -2))
-            torch.mul(ds2[n], lr[n], out=de[n])
-            da.baddbmm_(de[n], W2_)
-            torch.ops.aten.gelu_backward.grad_input(da, z, grad_input=dz)
-            dz.addcmul_(_gelu_curvature(z).mul_(r[n]), ds1)
-            torch.bmm(s1[n], R1, out=sR1)
-            torch.bmm(dzp, W1_, out=dkq[n])
-            dkq[n, :, :b].sub_(sR1)
-            R1.baddbmm_(dzp.transpose(-1, -2), kq[n])
-            R2.baddbmm_(de[n].transpose(-1, -2), a[n]).baddbmm_(do[n].transpose(-1, -2), h[n])
-            R2.baddbmm_(s2[n].transpose(-1, -2), dr)
-            if dW1s is not None:
-                R1.add_(dW1s[n])
-            if dW2s is not None:
-                R2.add_(dW2s[n])
+        none = (None,) * N
+        steps = zip(*(x.unbind(0) for x in (W1s[:N], W2s[:N], kq, do, lr, scores, a, h, pre, r, s1, gz, curve, s2,
+                                             mix, dkq, dscores, ds2, de)),
+                    none if dW1s is None else dW1s.unbind(0), none if dW2s is None else dW2s.unbind(0))
+        for (W1_, W2_, kq_, do_, lr_, scores_, a_, h_, pre_, r_, s1_, gz_, curve_, s2_, mix_, dkq_, dscores_, ds2_,
+             de_, dW1_, dW2_) in reversed(list(steps)):  # R1, R2: the gradients reaching W1_{n+1}, W2_{n+1}
+            k_ = kq_[:, :b]
+            torch.bmm(do_, s2_.transpose(-1, -2), out=dmix).tril_()
+            torch.bmm(do_, W2_, out=dhidden).baddbmm_(dmix, a_, alpha=-1)
+            torch.ops.aten.gelu_backward.grad_input(dhidden, pre_, grad_input=dpre)
+            torch.bmm(dpre, s1_.transpose(-1, -2), out=dscores_).neg_()
+            torch.bmm(scores_.transpose(-1, -2), dpre, out=ds1).baddbmm_(k_, R1.transpose(-1, -2), beta=-1, alpha=-1)
+            torch.bmm(mix_.transpose(-1, -2), do_, out=ds2_).baddbmm_(a_, R2.transpose(-1, -2), beta=-1, alpha=-1)
+            torch.bmm(dmix.transpose(-1, -2), h_, out=da).baddbmm_(s2_, R2, beta=-1, alpha=-1)
+            torch.mul(ds1, gz_, out=dr)
+            ds2_.baddbmm_(dr, W2_.transpose(-1, -2))
+            torch.mul(ds2_, lr_, out=de_)
+            da.baddbmm_(de_, W2_)
+            dz.copy_(da).mul_(gz_).addcmul_(curve_, ds1)  # dz is a view: compile refuses it as out=
+            torch.bmm(dzp, W1_, out=dkq_)[:, :b].baddbmm_(s1_, R1, alpha=-1)
+            R1.baddbmm_(dzp.transpose(-1, -2), kq_)
+            R2.baddbmm_(de_.transpose(-1, -2), a_).baddbmm_(do_.transpose(-1, -2), h_)
+            R2.baddbmm_(s2_.transpose(-1, -2), dr)
+            if dW1_ is not None:
+                R1.add_(dW1_)
+            if dW2_ is not None:
+                R2.add_(dW2_)
         dk, dq = dkq.split(b, -2)
         return dk, dq, de.neg_(), dot(ds2, e)[..., None], dscores, R1, R2
 
