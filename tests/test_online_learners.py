@@ -407,6 +407,28 @@ def test_ttt_mlp_float32_answer_and_gradients_agree_with_float64():
         assert max_rel(a.double(), b) < 1e-5  # float32 rounding: about 3e-7 here
 
 
+def test_ttt_mlp_backward_leaves_the_callers_gradients_alone():
+    """The written-out pass accumulates the gradients reaching each mini-batch's weights in place: it must start
+    from copies of the ones it is handed (the final weights' gradients, views of the caller's), so that they come
+    back unchanged and a second backward with them gives the same gradients."""
+    B, T, H, D, Dh = 1, 12, 2, 4, 8
+    q, k, v = make_qkv(B, T, H, D, D, requires_grad=True)
+    lr = _rand(B, T, H, hi=0.3, requires_grad=True)
+    gen = torch.Generator().manual_seed(1)
+    W1 = torch.randn(B, H, Dh, D, generator=gen, dtype=torch.float64).requires_grad_()
+    W2 = (torch.randn(B, H, D, Dh, generator=gen, dtype=torch.float64) / Dh ** 0.5).requires_grad_()
+    o, state = ops.ttt_mlp(q, k, v, lr, initial_state=(W1, W2), batch_size=4, qk_l2norm=True,
+                           output_final_state=True)
+    outs = [o, *state.weights]
+    given = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in outs]
+    kept = [x.clone() for x in given]
+    leaves = [q, k, v, lr, W1, W2]
+    first = torch.autograd.grad(outs, leaves, given, retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(given, kept))
+    second = torch.autograd.grad(outs, leaves, given)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_ttt_linear_with_batch_one_is_deltanet():
     q, k, v = make_qkv(2, 17, 2, 6, 6)
     lr = _rand(2, 17, 2, hi=1.5)

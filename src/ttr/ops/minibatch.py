@@ -576,7 +576,7 @@ class _MLPPass(torch.autograd.Function):
         ds1 = -scores^T dpre - k R1^T,  dr = gelu'(z) ds1,  ds2 = -mix^T do - a R2^T + dr W2^T,  de = eta ds2,
         da = -dmix^T h - s2 R2 + de W2,  dz = gelu''(z) r ds1 + gelu'(z) da,  dk = dz W1 - s1 R1,
         R1 <- R1 + dz^T k + dpre^T q,  R2 <- R2 + s2^T dr + de^T a + do^T h.
-    The forward keeps gelu'(z), which the backward reads twice; gelu''(z) r is formed for all mini-batches at once.
+    The forward keeps gelu'(z), which the backward reads twice.
     The loops index pre-split views (unbind): a Python index per tensor per step costs as much as a small product."""
 
     @staticmethod
@@ -625,19 +625,18 @@ class _MLPPass(torch.autograd.Function):
         R1 = dW1.clone() if dW1 is not None else W1s.new_zeros(W1s.shape[1:])
         R2 = dW2.clone() if dW2 is not None else W2s.new_zeros(W2s.shape[1:])
         do = s2.new_zeros(s2.shape) if do is None else do
-        curve = _gelu_curvature(zp[:, :, :b]).mul_(r)  # gelu''(z) r
         dkq, dscores, ds2, de = (torch.empty_like(x) for x in (kq, scores, s2, e))
         dzp = zp.new_empty(zp.shape[1:])  # [dz; dpre]
         dz, dpre = dzp[:, :b], dzp[:, b:]
         ds1, dr, da, dhidden = (r.new_empty(r.shape[1:]) for _ in range(4))
         dmix = mix.new_empty(mix.shape[1:])
         none = (None,) * N
-        steps = zip(*(x.unbind(0) for x in (W1s[:N], W2s[:N], kq, do, lr, scores, a, h, pre, r, s1, gz, curve, s2,
-                                             mix, dkq, dscores, ds2, de)),
+        steps = zip(*(x.unbind(0) for x in (W1s[:N], W2s[:N], kq, zp, do, lr, scores, a, h, pre, r, s1, gz, s2, mix,
+                                             dkq, dscores, ds2, de)),
                     none if dW1s is None else dW1s.unbind(0), none if dW2s is None else dW2s.unbind(0))
-        for (W1_, W2_, kq_, do_, lr_, scores_, a_, h_, pre_, r_, s1_, gz_, curve_, s2_, mix_, dkq_, dscores_, ds2_,
+        for (W1_, W2_, kq_, zp_, do_, lr_, scores_, a_, h_, pre_, r_, s1_, gz_, s2_, mix_, dkq_, dscores_, ds2_,
              de_, dW1_, dW2_) in reversed(list(steps)):  # R1, R2: the gradients reaching W1_{n+1}, W2_{n+1}
-            k_ = kq_[:, :b]
+            k_, z = kq_[:, :b], zp_[:, :b]
             torch.bmm(do_, s2_.transpose(-1, -2), out=dmix).tril_()
             torch.bmm(do_, W2_, out=dhidden).baddbmm_(dmix, a_, alpha=-1)
             torch.ops.aten.gelu_backward.grad_input(dhidden, pre_, grad_input=dpre)
@@ -649,7 +648,7 @@ class _MLPPass(torch.autograd.Function):
             ds2_.baddbmm_(dr, W2_.transpose(-1, -2))
             torch.mul(ds2_, lr_, out=de_)
             da.baddbmm_(de_, W2_)
-            dz.copy_(da).mul_(gz_).addcmul_(curve_, ds1)  # dz is a view: compile refuses it as out=
+            dz.copy_(da).mul_(gz_).addcmul_(_gelu_curvature(z).mul_(r_), ds1)  # torch.mul(out=view): compile refuses
             torch.bmm(dzp, W1_, out=dkq_)[:, :b].baddbmm_(s1_, R1, alpha=-1)
             R1.baddbmm_(dzp.transpose(-1, -2), kq_)
             R2.baddbmm_(de_.transpose(-1, -2), a_).baddbmm_(do_.transpose(-1, -2), h_)
