@@ -53,7 +53,7 @@ def test_bench_small_grid_writes_json(tmp_path):
                  "--conditioning-length", "300", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["matmul_gflops"] > 0
-    from ttr.bench import CASES, NYSTROM_LANDMARKS, has_recurrent, has_reference
+    from ttr.bench import CASES, NYSTROM_LANDMARKS, RATIO_PAIRS, has_recurrent, has_reference
 
     assert len(res["rows"]) == 2 * sum(len(g) for g in CASES.values())  # every op and gate (or variant), 2 lengths
     assert {r["op"] for r in res["rows"]} == set(CASES)
@@ -73,10 +73,12 @@ def test_bench_small_grid_writes_json(tmp_path):
     assert errors["exact float32"] < 1e-4 and errors["cg 32"] < errors["cg 1"]  # CG converges towards exact
     assert errors["cg default"] < 1e-4
     assert len(res["mesa_conditioning"]) == 4
-    fb = {(r["op"], r["gate"], r["T"]): r["chunk_fwdbwd_ms"] for r in res["rows"]}
-    ratios = {(x["gate"], x["T"]): x["ratio"] for x in res["mesa_over_gated_delta"]}
-    assert set(ratios) == {(g, T) for g in ("none", "scalar") for T in (64, 100)}
-    assert ratios["scalar", 100] == pytest.approx(fb["mesa", "scalar", 100] / fb["delta_rule", "scalar", 100])
+    # every pair of the speed targets, at both lengths, timed again in alternation
+    ratios = {(x["row"], x["over"], x["T"]): x for x in res["ratios"]}
+    assert set(ratios) == {(" ".join(a), " ".join(b), T) for a, b in RATIO_PAIRS for T in (64, 100)}
+    for x in ratios.values():
+        assert x["min_ratio"] == pytest.approx(x["row_min_ms"] / x["over_min_ms"])
+        assert x["median_ratio"] == pytest.approx(x["row_median_ms"] / x["over_median_ms"])
     assert all(c["chunk_rel_error"] < 1e-2 and c["recurrent_rel_error"] < 1e-5 for c in res["mesa_conditioning"])
 
 

@@ -381,11 +381,17 @@ def _no_grad(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
     return run
 
 
-def time_sdpa(cfg: BenchConfig, T: int, D: int, device: torch.device, causal: bool = True) -> dict[str, Timing]:
-    """scaled_dot_product_attention, forward ("fwd") and forward+backward ("fwdbwd"): the quadratic reference."""
+def _sdpa(cfg: BenchConfig, T: int, D: int, device: torch.device, causal: bool = True
+          ) -> tuple[Callable[[], torch.Tensor], list[torch.Tensor]]:
+    """scaled_dot_product_attention's forward on fresh inputs (leaves with gradients): the quadratic reference."""
     qs, ks, vs = (torch.randn(cfg.batch, cfg.heads, T, D, device=device, requires_grad=True) for _ in range(3))
-    sdpa = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)  # noqa: E731
-    return interleaved({"fwd": _no_grad(sdpa), "fwdbwd": _fwd_bwd(sdpa, [qs, ks, vs])}, device, cfg.repeats)
+    return lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal), [qs, ks, vs]
+
+
+def time_sdpa(cfg: BenchConfig, T: int, D: int, device: torch.device, causal: bool = True) -> dict[str, Timing]:
+    """SDPA's forward ("fwd") and forward+backward ("fwdbwd")."""
+    sdpa, leaves = _sdpa(cfg, T, D, device, causal)
+    return interleaved({"fwd": _no_grad(sdpa), "fwdbwd": _fwd_bwd(sdpa, leaves)}, device, cfg.repeats)
 
 
 def time_op(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.device,
@@ -479,12 +485,39 @@ def mesa_conditioning(cfg: BenchConfig, device: torch.device) -> list[dict]:
     return rows
 
 
-def mesa_over_gated_delta(rows: list[BenchRow]) -> list[dict]:
-    """The exact memory's chunk forward+backward over the chunk gated delta rule's (delta_rule, scalar gate),
-    measured in the same run, for every size where both were timed: the second-order memory's price."""
-    gdn = {(r.D, r.T): r.chunk_fwdbwd_ms for r in rows if r.op == "delta_rule" and r.gate == "scalar"}
-    return [{"gate": r.gate, "D": r.D, "T": r.T, "ratio": r.chunk_fwdbwd_ms / gdn[r.D, r.T]}
-            for r in rows if r.op == "mesa" and (r.D, r.T) in gdn]
+SDPA = ("sdpa", "causal")  # the quadratic reference, as a pair's second member
+# the ratios the speed targets are stated in (what a gate, a mini-batch learner, the exact memory, local linear
+# attention cost over its baseline): (row, over row) by (op, gate)
+RATIO_PAIRS = (
+    (("linear_attention", "vector"), ("linear_attention", "none")),
+    (("ttt_linear", "none"), ("delta_rule", "scalar")),
+    (("titans", "scalar"), ("delta_rule", "scalar")),
+    (("ttt_mlp", "none"), ("delta_rule", "scalar")),
+    (("mesa", "none"), ("delta_rule", "scalar")),
+    (("mesa", "scalar"), ("delta_rule", "scalar")),
+    (("local_linear", "none"), SDPA),
+)
+
+
+def paired_ratios(cfg: BenchConfig, device: torch.device, rows: list[BenchRow]) -> list[dict]:
+    """Each pair of RATIO_PAIRS whose rows this run timed, at each size where it timed both: the two chunk
+    forward+backwards timed again in interleaved rounds, so that a change in the machine's load falls on both alike
+    (rows are timed minutes apart). The ratios of their minimums and of their medians."""
+    timed = {(r.op, r.gate, r.D, r.T) for r in rows}
+    out = []
+    for a, b in RATIO_PAIRS:
+        for D, T in sorted({(r.D, r.T) for r in rows}):
+            if (*a, D, T) not in timed or (b != SDPA and (*b, D, T) not in timed):
+                continue
+            forms = {}
+            for name, (op, gate) in (("a", a), ("b", b)):
+                call, leaves = _sdpa(cfg, T, D, device) if (op, gate) == SDPA else _problem(cfg, op, gate, T, D, device)
+                forms[name] = _fwd_bwd(call if (op, gate) == SDPA else call("chunk"), leaves)
+            t = interleaved(forms, device, cfg.repeats)
+            out.append({"row": " ".join(a), "over": " ".join(b), "D": D, "T": T, "min_ratio": t["a"].min / t["b"].min,
+                        "median_ratio": t["a"].median / t["b"].median, "row_min_ms": t["a"].min,
+                        "over_min_ms": t["b"].min, "row_median_ms": t["a"].median, "over_median_ms": t["b"].median})
+    return out
 
 
 def nystrom_errors(cfg: BenchConfig, device: torch.device) -> list[dict]:
@@ -570,7 +603,7 @@ def grid(cfg: BenchConfig) -> list[tuple[str, str, int, int]]:
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
-        ) -> tuple[float, list[BenchRow], list[dict], list[dict], list[dict], list[dict]]:
+        ) -> tuple[float, list[BenchRow], list[dict], list[dict], list[dict], list[dict], list[dict]]:
     """All timings first, then all peak-memory measurements: on the CPU the latter change how the
     allocator returns memory (release_freed_memory), which must not touch the timings.
     The JSON is rewritten after every row, so an interrupted run keeps what it measured (--resume)."""
@@ -595,6 +628,10 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
             row = time_op(cfg, op, gate, T, D, device, sdpa[key])
         rows.append(row)
         save(cfg, mm, rows + kept)
+    if progress is not None:
+        progress("ratios, interleaved")
+    ratios = paired_ratios(cfg, device, rows)
+    save(cfg, mm, rows + kept, ratios=ratios)
     solvers = mesa_solvers(cfg, device) if "mesa" in cfg.ops else []
     conditioning = mesa_conditioning(cfg, device) if "mesa" in cfg.ops else []
     nystrom = nystrom_errors(cfg, device) if "noncausal" in cfg.ops else []
@@ -607,14 +644,14 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         if row.peak_mb is None:
             call, leaves = _problem(cfg, row.op, row.gate, row.T, row.D, device)
             row.peak_mb = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
-            save(cfg, mm, rows + kept, solvers, conditioning, varlen, nystrom)
-    save(cfg, mm, rows + kept, solvers, conditioning, varlen, nystrom)
-    return mm, rows, solvers, conditioning, varlen, nystrom
+            save(cfg, mm, rows + kept, solvers, conditioning, varlen, nystrom, ratios)
+    save(cfg, mm, rows + kept, solvers, conditioning, varlen, nystrom, ratios)
+    return mm, rows, ratios, solvers, conditioning, varlen, nystrom
 
 
 def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[dict] | None = None,
          conditioning: list[dict] | None = None, varlen: list[dict] | None = None,
-         nystrom: list[dict] | None = None) -> Path:
+         nystrom: list[dict] | None = None, ratios: list[dict] | None = None) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name() if cfg.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
@@ -625,7 +662,7 @@ def save(cfg: BenchConfig, matmul: float, rows: list[BenchRow], solvers: list[di
                  for r in rows],
         "mesa_solvers": solvers or [],
         "mesa_conditioning": conditioning or [],
-        "mesa_over_gated_delta": mesa_over_gated_delta(rows),
+        "ratios": ratios or [],
         "packed_sequences": varlen or [],
         "nystrom_error": nystrom or [],
     }

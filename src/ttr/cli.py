@@ -475,7 +475,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                             conditioning_length=args.conditioning_length, out=args.out, resume=args.resume,
                             threads=args.threads)
     _writable(Path(cfg.out).parent)
-    total = 2 * len(bench.grid(cfg)) + 1  # timing and memory per row, and the packed sequences
+    total = 2 * len(bench.grid(cfg)) + 2  # timing and memory per row, the paired ratios, the packed sequences
     with _progress() as bar:
         task = bar.add_task("bench", total=total)
 
@@ -483,7 +483,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             bar.update(task, description=desc)
             bar.advance(task)
 
-        matmul, rows, solvers, conditioning, varlen, nystrom = bench.run(cfg, progress=step)
+        matmul, rows, ratios, solvers, conditioning, varlen, nystrom = bench.run(cfg, progress=step)
     path = Path(cfg.out)
     threads = f"{torch.get_num_threads()} threads" if cfg.device == "cpu" else cfg.device
     title = (f"B={cfg.batch}, H={cfg.heads}, float32, chunk {cfg.chunk_size} (mini-batch {bench.MINI_BATCH}), "
@@ -513,14 +513,19 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if nystrom:
         for line in bench.nystrom_table(nystrom):
             console.print(line, highlight=False)
-    ratios = bench.mesa_over_gated_delta(rows)
     if ratios:
-        ratio_table = Table(title="mesa over the gated delta rule, chunk f+b",
+        ratio_table = Table(title="f+b over a baseline, the two timed in\nalternation: ratios of min and median",
                             box=box.SIMPLE_HEAD, padding=(0, 1))
-        for c in ("mesa gate", "D", "T", "ratio"):
-            ratio_table.add_column(c, justify="right")
+        for c in ("op", "g", "over", "D", "T", "min", "med"):
+            ratio_table.add_column(c, justify="left" if c in ("op", "over") else "right", no_wrap=True)
+
+        def short(name: str) -> str:
+            op, gate = name.split()
+            return "sdpa" if op == "sdpa" else f"{_OP_SHORT.get(op, op)} {gate[0]}"
         for x in ratios:
-            ratio_table.add_row(x["gate"], str(x["D"]), str(x["T"]), f"{x['ratio']:.2f}")
+            op, gate = x["row"].split()
+            ratio_table.add_row(_OP_SHORT.get(op, op), gate[0], short(x["over"]), str(x["D"]), str(x["T"]),
+                                f"{x['min_ratio']:.2f}", f"{x['median_ratio']:.2f}")
         console.print(ratio_table)
     if solvers:
         solver_table = Table(title=f"mesa, gated, T={solvers[0]['T']}, D={solvers[0]['D']}, H={cfg.heads}: "
