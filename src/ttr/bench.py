@@ -499,6 +499,14 @@ RATIO_PAIRS = (
 )
 
 
+def _chunk_fwd_bwd(cfg: BenchConfig, op: str, gate: str, T: int, D: int, device: torch.device) -> Callable[[], None]:
+    """A row's chunk forward+backward on fresh inputs (SDPA's for SDPA)."""
+    if (op, gate) == SDPA:
+        return _fwd_bwd(*_sdpa(cfg, T, D, device))
+    call, leaves = _problem(cfg, op, gate, T, D, device)
+    return _fwd_bwd(call("chunk"), leaves)
+
+
 def paired_ratios(cfg: BenchConfig, device: torch.device, rows: list[BenchRow]) -> list[dict]:
     """Each pair of RATIO_PAIRS whose rows this run timed, at each size where it timed both: the two chunk
     forward+backwards timed again in interleaved rounds, so that a change in the machine's load falls on both alike
@@ -509,11 +517,8 @@ def paired_ratios(cfg: BenchConfig, device: torch.device, rows: list[BenchRow]) 
         for D, T in sorted({(r.D, r.T) for r in rows}):
             if (*a, D, T) not in timed or (b != SDPA and (*b, D, T) not in timed):
                 continue
-            forms = {}
-            for name, (op, gate) in (("a", a), ("b", b)):
-                call, leaves = _sdpa(cfg, T, D, device) if (op, gate) == SDPA else _problem(cfg, op, gate, T, D, device)
-                forms[name] = _fwd_bwd(call if (op, gate) == SDPA else call("chunk"), leaves)
-            t = interleaved(forms, device, cfg.repeats)
+            t = interleaved({"a": _chunk_fwd_bwd(cfg, *a, T, D, device), "b": _chunk_fwd_bwd(cfg, *b, T, D, device)},
+                            device, cfg.repeats)
             out.append({"row": " ".join(a), "over": " ".join(b), "D": D, "T": T, "min_ratio": t["a"].min / t["b"].min,
                         "median_ratio": t["a"].median / t["b"].median, "row_min_ms": t["a"].min,
                         "over_min_ms": t["b"].min, "row_median_ms": t["a"].median, "over_median_ms": t["b"].median})
@@ -642,8 +647,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None
         if progress is not None:
             progress(f"memory {row.op} g={row.gate} D={row.D} T={row.T}")
         if row.peak_mb is None:
-            call, leaves = _problem(cfg, row.op, row.gate, row.T, row.D, device)
-            row.peak_mb = peak_mb(_fwd_bwd(call("chunk"), leaves), device)
+            row.peak_mb = peak_mb(_chunk_fwd_bwd(cfg, row.op, row.gate, row.T, row.D, device), device)
             save(cfg, mm, rows + kept, solvers, conditioning, varlen, nystrom, ratios)
     save(cfg, mm, rows + kept, solvers, conditioning, varlen, nystrom, ratios)
     return mm, rows, ratios, solvers, conditioning, varlen, nystrom
