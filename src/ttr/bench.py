@@ -512,9 +512,9 @@ def paired_ratios(cfg: BenchConfig, device: torch.device, rows: list[BenchRow]) 
     forward+backwards timed again in interleaved rounds, so that a change in the machine's load falls on both alike
     (rows are timed minutes apart). The ratios of their minimums and of their medians."""
     timed = {(r.op, r.gate, r.D, r.T) for r in rows}
-    out = []
+    sizes, out = sorted({(r.D, r.T) for r in rows}), []
     for a, b in RATIO_PAIRS:
-        for D, T in sorted({(r.D, r.T) for r in rows}):
+        for D, T in sizes:
             if (*a, D, T) not in timed or (b != SDPA and (*b, D, T) not in timed):
                 continue
             t = interleaved({"a": _chunk_fwd_bwd(cfg, *a, T, D, device), "b": _chunk_fwd_bwd(cfg, *b, T, D, device)},

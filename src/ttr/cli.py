@@ -55,6 +55,12 @@ _OP_SHORT = {"linear_attention": "la", "delta_rule": "dr", "longhorn": "lh", "de
              "local_linear": "ll"}
 
 
+def _short_row(name: str) -> str:
+    """A bench row named "op gate" as the tables write it: "dr s"; SDPA as "sdpa"."""
+    op, gate = name.split()
+    return "sdpa" if op == "sdpa" else f"{_OP_SHORT.get(op, op)} {gate[0]}"
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}" if x < 10 else f"{x:.0f}"
 
@@ -516,15 +522,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if ratios:
         ratio_table = Table(title="f+b over a baseline, the two timed in\nalternation: ratios of min and median",
                             box=box.SIMPLE_HEAD, padding=(0, 1))
-        for c in ("op", "g", "over", "D", "T", "min", "med"):
+        for c in ("op", "over", "D", "T", "min", "med"):
             ratio_table.add_column(c, justify="left" if c in ("op", "over") else "right", no_wrap=True)
-
-        def short(name: str) -> str:
-            op, gate = name.split()
-            return "sdpa" if op == "sdpa" else f"{_OP_SHORT.get(op, op)} {gate[0]}"
         for x in ratios:
-            op, gate = x["row"].split()
-            ratio_table.add_row(_OP_SHORT.get(op, op), gate[0], short(x["over"]), str(x["D"]), str(x["T"]),
+            ratio_table.add_row(_short_row(x["row"]), _short_row(x["over"]), str(x["D"]), str(x["T"]),
                                 f"{x['min_ratio']:.2f}", f"{x['median_ratio']:.2f}")
         console.print(ratio_table)
     if solvers:
